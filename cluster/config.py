@@ -1,0 +1,146 @@
+"""The cluster's one configuration model.
+
+The same model validates the YAML given to `loraretriever up --config`, the args of
+`deployments.app:build_app` and the args in the Kubernetes manifests (k8s/), so a
+field unknown to it is rejected everywhere.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.schemas import CompositionMode, Weighting
+
+DEFAULT_INSTRUCTION = "Represent the sentence for similar task retrieval: "
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseModelConfig(Section):
+    path: str = Field(
+        "demo",
+        description="Hugging Face model folder of the shared base model; 'demo' = the "
+        "SmolLM2-135M-Instruct folder that `loraretriever demo build` converts",
+    )
+    dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$", description="weights dtype")
+    device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu' or 'cuda[:N]'")
+
+
+class AdapterStoreConfig(Section):
+    path: str = Field("var/adapters", description="directory (or mounted volume) holding adapter versions")
+    allow_unsafe_pickle: bool = Field(False, description="accept .bin (pickle) adapter weights; never in production")
+
+
+class EmbedderConfig(Section):
+    model_path: str | None = Field(
+        None, description="sentence-transformers model folder; None = packaged all-MiniLM-L6-v2"
+    )
+    instruction: str = Field(DEFAULT_INSTRUCTION, description="prefix added to every text before embedding; may be empty")
+    batch_size: int = Field(32, ge=1, le=1024, description="texts per encoding batch")
+
+
+class QdrantConfig(Section):
+    url: str | None = Field(None, description="Qdrant server URL; None = embedded mode")
+    path: str = Field(":memory:", description="embedded mode only: ':memory:' or a directory (one process per directory)")
+    collection: str = Field("adapters", description="collection name")
+    api_key_env: str | None = Field(None, description="name of the env var holding the Qdrant API key")
+
+
+class RedisConfig(Section):
+    url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (state: registry, placement, tenants)")
+    password_env: str | None = Field(None, description="name of the env var holding the Redis password")
+    start_local: bool = Field(True, description="`up` starts and owns a redis-server on the URL's port")
+
+
+class RetrievalConfig(Section):
+    top_k: int = Field(3, ge=1, le=16, description="adapters retrieved per prompt")
+    min_similarity: float = Field(0.0, ge=-1.0, le=1.0, description="below this cosine no adapter fits: base model")
+    scoring: str = Field("centroid", pattern="^(centroid|samples)$", description="adapter = mean of card samples, or best card sample")
+
+
+class CompositionConfig(Section):
+    mode: CompositionMode = Field(CompositionMode.mixture, description="default composition")
+    weighting: Weighting = Field(Weighting.uniform, description="default adapter weights")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature for weighting=softmax")
+    max_adapters_per_request: int = Field(4, ge=1, le=16, description="K: adapter slots per batch row")
+    max_rank: int = Field(64, ge=1, le=256, description="largest LoRA rank accepted")
+    device_slots: int = Field(32, ge=1, description="adapters resident on the model's device")
+    cpu_slots: int = Field(128, ge=0, description="adapters kept in CPU memory after eviction")
+    max_batch_size: int = Field(32, ge=1, description="rows in one batched forward")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long to wait to fill a batch")
+    max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
+    max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted")
+
+
+class AutoscalingConfig(Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="per replica; the composer's queue depth target")
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+    def to_serve(self) -> dict:
+        """Ray Serve's autoscaling_config dict."""
+        out = {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+        }
+        if self.initial_replicas is not None:
+            out["initial_replicas"] = self.initial_replicas
+        return out
+
+
+class DeploymentConfig(Section):
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (1 for composers on a GPU cluster)")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica accepts at once")
+
+
+class DeploymentsConfig(Section):
+    ingress: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    retriever: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    composer: DeploymentConfig = Field(default_factory=DeploymentConfig)
+
+
+class ServerConfig(Section):
+    host: str = Field("127.0.0.1", description="HTTP bind address")
+    port: int = Field(8000, ge=1, le=65535)
+    request_timeout_s: float = Field(60.0, gt=0, description="a request past this gets 504")
+    admin_key_env: str = Field("LORARETRIEVER_ADMIN_KEY", description="env var holding the admin API key")
+
+
+class AppConfig(Section):
+    """Everything `build_app` needs. Every field has a default for a local run."""
+
+    base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    adapter_store: AdapterStoreConfig = Field(default_factory=AdapterStoreConfig)
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    qdrant: QdrantConfig = Field(default_factory=QdrantConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    composition: CompositionConfig = Field(default_factory=CompositionConfig)
+    deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+
+def load_config(path: str | Path | None) -> AppConfig:
+    """Read a YAML config; None gives the defaults."""
+    if path is None:
+        return AppConfig()
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return AppConfig.model_validate(data)

@@ -1,0 +1,44 @@
+"""Start Ray on this machine so that it touches loopback only.
+
+Ray otherwise binds the machine's outward address and its dashboard probes a cloud
+metadata address; both are off-limits for local runs and tests.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+RAY_HOME = Path(os.environ.get("LORARETRIEVER_HOME", Path.home() / ".cache" / "loraretriever")) / "ray-home"
+
+
+def loopback_ray_env() -> dict[str, str]:
+    """Environment a local Ray needs; also handed to its workers."""
+    RAY_HOME.mkdir(parents=True, exist_ok=True)
+    (RAY_HOME / "ray_bootstrap_config.yaml").write_text("provider: {type: local}\n")
+    return {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "HOME": str(RAY_HOME),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def init_local_ray(num_cpus: int = 2, **kwargs):
+    """ray.init on 127.0.0.1 with no dashboard; idempotent."""
+    import ray
+
+    env = loopback_ray_env()
+    os.environ.update(env)
+    if ray.is_initialized():
+        return ray
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": env},
+        log_to_driver=kwargs.pop("log_to_driver", False),
+        **kwargs,
+    )
+    return ray

@@ -1,0 +1,32 @@
+"""Fixtures shared by all tests: offline model loading, a real Redis server, a tiny Llama."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# No model hub here: every load must come from local folders.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    """A real redis-server on a free loopback port, one per test module."""
+    from cluster.redis_server import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    """A client on a flushed database."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.flushdb()
+    yield client
+    client.close()
