@@ -15,6 +15,18 @@ from cluster import commands
 from cluster.errors import UserError
 
 
+def command_group(subparsers, name: str, help: str):
+    """The sub-parser set of a command group (`eval`, `adapters`, ...), created once.
+
+    Several modules may add commands to one group, whichever registers first."""
+    existing = subparsers.choices.get(name)
+    if existing is None:
+        existing = subparsers.add_parser(name, help=help)
+        existing.set_defaults(func=lambda args: existing.print_help() or 2)
+        existing._group_subparsers = existing.add_subparsers(dest=f"{name}_command")
+    return existing._group_subparsers
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraretriever", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
