@@ -26,6 +26,7 @@ class BaseModelConfig(Section):
         description="Hugging Face model folder of the shared base model; 'demo' = the "
         "SmolLM2-135M-Instruct folder that `loraretriever demo build` converts",
     )
+    name: str | None = Field(None, description="id clients use for the base model; None = the folder's name")
     dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$", description="weights dtype")
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu' or 'cuda[:N]'")
 

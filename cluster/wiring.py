@@ -1,0 +1,61 @@
+"""Build the engines' collaborators (Redis, registry, placement, index) from the config.
+
+One place, so the deployments, the command line and the tests wire them identically."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import redis
+
+from cluster.config import AppConfig
+from cluster.errors import UserError
+
+DEMO_BASE_NAME = "SmolLM2-135M-Instruct"
+
+
+def redis_client(cfg: AppConfig) -> redis.Redis:
+    password = os.environ.get(cfg.redis.password_env) if cfg.redis.password_env else None
+    return redis.Redis.from_url(cfg.redis.url, password=password, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+
+def base_model_path(cfg: AppConfig) -> Path:
+    """The base model folder; 'demo' = the SmolLM2 folder `loraretriever demo build` writes."""
+    if cfg.base_model.path == "demo":
+        from cluster.demo.zoo import default_root
+
+        path = default_root() / "base"
+    else:
+        path = Path(cfg.base_model.path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"base model folder {path} has no config.json (for the demo: `loraretriever demo build`)")
+    return path
+
+
+def base_model_name(cfg: AppConfig) -> str:
+    """The id clients use for the base model (and adapters record as their base)."""
+    if cfg.base_model.name:
+        return cfg.base_model.name
+    return DEMO_BASE_NAME if cfg.base_model.path == "demo" else Path(cfg.base_model.path).name
+
+
+def make_placement(cfg: AppConfig):
+    from services.registry.placement import PlacementStore
+
+    return PlacementStore(redis_client(cfg))
+
+
+def make_registry_reader(cfg: AppConfig):
+    """A registry handle for reads (snapshot, generation, card embeddings)."""
+    from services.registry.registry import AdapterRegistry
+    from services.registry.store import AdapterStore
+
+    return AdapterRegistry(redis_client(cfg), AdapterStore(cfg.adapter_store.path), base_model=base_model_name(cfg))
+
+
+def make_index(cfg: AppConfig, dim: int):
+    from services.retrieval.index import AdapterIndex
+
+    api_key = os.environ.get(cfg.qdrant.api_key_env) if cfg.qdrant.api_key_env else None
+    return AdapterIndex(dim, url=cfg.qdrant.url, path=cfg.qdrant.path, collection=cfg.qdrant.collection,
+                        scoring=cfg.retrieval.scoring, api_key=api_key)

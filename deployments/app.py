@@ -1,0 +1,37 @@
+"""The Serve application: `serve run deployments.app:build_app` or KubeRay's serveConfigV2.
+
+`build_app` validates its args with cluster.config.AppConfig (the same model that checks
+the YAML of `loraretriever up` and the args in k8s/), then wires the three deployments."""
+from __future__ import annotations
+
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from cluster.config import AppConfig, DeploymentConfig
+from deployments.composer import Composer
+from deployments.ingress import Ingress
+from deployments.retriever import Retriever
+
+ROUTER_CLASS = "deployments.router:AdapterAffinityRouter"
+
+
+def deployment_options(dep: DeploymentConfig) -> dict:
+    return {
+        "autoscaling_config": dep.autoscaling.to_serve(),
+        "ray_actor_options": {"num_cpus": dep.num_cpus, "num_gpus": dep.num_gpus},
+        "max_ongoing_requests": dep.max_ongoing_requests,
+    }
+
+
+def build_app(args: dict | AppConfig | None = None) -> Application:
+    cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
+    config = cfg.model_dump(mode="json")
+    deps = cfg.deployments
+    composer = Composer.options(
+        **deployment_options(deps.composer),
+        request_router_config=RequestRouterConfig(
+            request_router_class=ROUTER_CLASS, request_routing_stats_period_s=2.0, request_routing_stats_timeout_s=5.0
+        ),
+    ).bind(config)
+    retriever = Retriever.options(**deployment_options(deps.retriever)).bind(config)
+    return Ingress.options(**deployment_options(deps.ingress)).bind(config, retriever, composer)

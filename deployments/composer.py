@@ -1,0 +1,59 @@
+"""Composer replicas: the shared base model, the adapter pool, dynamic batching, streaming."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ray import serve
+
+from cluster.config import AppConfig
+from cluster.wiring import base_model_path, make_placement
+from services.serving.composer_service import ComposeJob, ComposerService
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="Composer")
+class Composer:
+    def __init__(self, config: dict, engine=None):
+        """`engine` may be injected (tests); otherwise the configured base model is loaded."""
+        from services.lora.engine import CompositionEngine
+
+        cfg = AppConfig.model_validate(config)
+        comp = cfg.composition
+        if engine is None:
+            engine = CompositionEngine.from_pretrained(
+                base_model_path(cfg), device=cfg.base_model.device, dtype=cfg.base_model.dtype,
+                max_adapters_per_row=comp.max_adapters_per_request, device_slots=comp.device_slots,
+                cpu_slots=comp.cpu_slots, max_rank=comp.max_rank,
+                allow_unsafe_pickle=cfg.adapter_store.allow_unsafe_pickle,
+            )
+        self.service = ComposerService(
+            engine, cfg.adapter_store.path, max_batch_size=comp.max_batch_size,
+            wait_timeout_s=comp.batch_wait_timeout_s, max_prompt_tokens=comp.max_prompt_tokens,
+        )
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.placement = make_placement(cfg)
+
+    async def generate(self, job: dict):
+        """Streams text pieces (str), then the GenerationResult as a dict."""
+        async for item in self.service.generate(ComposeJob.model_validate(job)):
+            yield item if isinstance(item, str) else dataclasses.asdict(item)
+
+    def record_routing_stats(self) -> dict:
+        """Called by Serve every few seconds: feeds the affinity router and the placement heartbeat."""
+        resident = self.service.resident()
+        try:
+            self.placement.heartbeat(self.replica_id, resident, queue_len=self.service.batcher.queue_len)
+        except Exception as err:  # placement is advisory; routing must not depend on Redis
+            log.warning("placement heartbeat failed: %s", err)
+        return {"resident": resident}
+
+    def status(self) -> dict:
+        return {
+            "replica_id": self.replica_id,
+            "resident": self.service.resident(),
+            "queue_len": self.service.batcher.queue_len,
+            "pool": self.service.engine.pool_stats(),
+            "batches": dataclasses.asdict(self.service.batcher.stats),
+        }

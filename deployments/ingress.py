@@ -1,0 +1,228 @@
+"""Ingress: the OpenAI-compatible HTTP API (FastAPI inside Ray Serve).
+
+Validates, plans each prompt's composition (retrieval or named adapters), fans prompts
+out to the composer group and streams or collects the answers. Business logic lives in
+services/serving; this class is glue."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.handle import DeploymentHandle
+
+from cluster.config import AppConfig
+from cluster.wiring import base_model_name, make_registry_reader
+from services.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    CompositionPlan,
+    RetrievalResult,
+    RetrieveRequest,
+)
+from services.serving import openai_format as fmt
+from services.serving.catalog import AdapterUnavailable, CatalogCache
+from services.serving.composer_service import ComposeJob
+from services.serving.errors import BadRequest, NotFound, ServingError, Timeout
+from services.serving.planner import AUTO_MODEL, PlanDefaults, needs_retrieval, plan_composition
+
+log = logging.getLogger("ray.serve")
+REQUEST_ID_HEADER = "X-Request-Id"
+
+app = FastAPI(title="LoraRetriever", version="0.1.0",
+              description="OpenAI-compatible completions with input-aware LoRA retrieval and composition")
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0] if err.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request body")
+    return JSONResponse(fmt.error_body(message, param=where or None), status_code=400)
+
+
+@app.exception_handler(ServingError)
+async def _serving_error(request: Request, err: ServingError) -> JSONResponse:
+    return JSONResponse(fmt.error_body(err.message, type=err.type, param=err.param), status_code=err.status)
+
+
+def unwrap(err: BaseException) -> BaseException:
+    """The ServingError a replica raised, out of Ray's wrapper."""
+    if isinstance(err, RayTaskError) and isinstance(err.cause, ServingError):
+        return err.cause
+    return err
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, config: dict, retriever: DeploymentHandle, composer: DeploymentHandle):
+        self.cfg = AppConfig.model_validate(config)
+        self.retriever = retriever
+        self.composer = composer
+        self.catalog = CatalogCache(make_registry_reader(self.cfg))
+        self.base_name = base_model_name(self.cfg)
+        r, c = self.cfg.retrieval, self.cfg.composition
+        self.defaults = PlanDefaults(top_k=r.top_k, composition=c.mode, weighting=c.weighting,
+                                     temperature=c.temperature, min_similarity=r.min_similarity)
+
+    # ---- health ----------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            await asyncio.wait_for(asyncio.gather(self.retriever.status.remote(), self.composer.status.remote()), 10)
+        except Exception as err:
+            return JSONResponse({"status": "not ready", "reason": str(err)[:200]}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    # ---- catalog ---------------------------------------------------------
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        now = int(time.time())
+        entries = [{"id": self.base_name, "object": "model", "created": now, "owned_by": "base"},
+                   {"id": AUTO_MODEL, "object": "model", "created": now, "owned_by": "loraretriever"}]
+        for rec in self.catalog.get().visible(tenant=None):
+            entries.append({"id": rec.name, "object": "model", "created": now, "owned_by": rec.owner_tenant or "shared",
+                            "version": rec.active_version, "domain": rec.domain})
+        return {"object": "list", "data": entries}
+
+    @app.post("/v1/retrieve")
+    async def retrieve(self, body: RetrieveRequest, request: Request) -> JSONResponse:
+        request_id = self._request_id(request)
+        prompts = self._checked(body.prompts)
+        results = await self._with_timeout(asyncio.gather(*(self._retrieve(p, body.lora) for p in prompts)))
+        return JSONResponse({"object": "list", "data": [{"index": i, **r} for i, r in enumerate(results)]},
+                            headers={REQUEST_ID_HEADER: request_id})
+
+    # ---- generation ------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        prompts = self._checked(body.prompts)
+        return await self._generate(body, request, [{"prompt": p} for p in prompts], prompts, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        text = self._checked(body.retrieval_text)
+        return await self._generate(body, request, [{"messages": body.messages}], [text], chat=True)
+
+    async def _generate(self, body, request: Request, inputs: list[dict], texts: list[str], *, chat: bool):
+        request_id = self._request_id(request)
+        stops = self._checked(body.stop_list)
+        if body.max_tokens > self.cfg.composition.max_tokens_limit:
+            raise BadRequest(f"max_tokens may be at most {self.cfg.composition.max_tokens_limit}", param="max_tokens")
+        plans = await self._with_timeout(asyncio.gather(
+            *(self._plan(body.model, body.lora, text, request_id) for text in texts)))
+        jobs = [ComposeJob(request_id=request_id, plan=plan, max_tokens=body.max_tokens, temperature=body.temperature,
+                           top_p=body.top_p, stop=stops, seed=body.seed, **inp).model_dump()
+                for inp, plan in zip(inputs, plans)]
+        streams = [self.composer.options(stream=True).generate.remote(job) for job in jobs]
+        headers = {REQUEST_ID_HEADER: request_id}
+        if body.stream:
+            firsts = await self._with_timeout(asyncio.gather(*(self._next(s) for s in streams)))
+            events = self._sse(request_id, body.model, streams, firsts, plans, chat)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        results = await self._with_timeout(asyncio.gather(*(self._collect(s) for s in streams)))
+        return JSONResponse(fmt.completion_body(request_id, body.model, results, plans, chat=chat), headers=headers)
+
+    async def _sse(self, request_id, model, streams, firsts, plans, chat):
+        """Interleave the prompts' streams as OpenAI chunks; each choice's first chunk names its adapters."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, stream, first):
+            try:
+                item = first
+                while item is not None:
+                    await queue.put((i, item))
+                    item = await self._next(stream)
+            except Exception as err:
+                await queue.put((i, unwrap(err)))
+            await queue.put((i, None))
+
+        tasks = [asyncio.ensure_future(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
+        started, open_streams = set(), len(streams)
+        deadline = time.monotonic() + self.cfg.server.request_timeout_s
+        try:
+            while open_streams:
+                i, item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+                plan = None if i in started else plans[i]
+                if item is None:
+                    open_streams -= 1
+                elif isinstance(item, BaseException):
+                    yield f"data: {json.dumps(fmt.error_body(str(item)[:500], type='server_error'))}\n\n"
+                elif isinstance(item, str):
+                    yield fmt.stream_chunk(request_id, model, i, chat=chat, text=item, plan=plan, first=plan is not None)
+                    started.add(i)
+                else:
+                    yield fmt.stream_chunk(request_id, model, i, chat=chat, finish_reason=item["finish_reason"],
+                                           plan=plan, first=plan is not None)
+                    started.add(i)
+            yield fmt.STREAM_DONE
+        except asyncio.TimeoutError:
+            yield f"data: {json.dumps(fmt.error_body('request timed out', type='timeout_error'))}\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    # ---- helpers ---------------------------------------------------------
+    async def _plan(self, model: str, opts, text: str, request_id: str) -> CompositionPlan:
+        catalog = self.catalog.get()
+        retrieved = None
+        if needs_retrieval(model, opts):
+            retrieved = RetrievalResult.model_validate(await self._retrieve(text, opts))
+        try:
+            return plan_composition(model=model, base_model_id=self.base_name, opts=opts, defaults=self.defaults,
+                                    catalog=catalog, tenant=None, request_id=request_id, retrieved=retrieved)
+        except AdapterUnavailable as err:
+            raise NotFound(str(err), param="model") from err
+
+    async def _retrieve(self, text: str, opts) -> dict:
+        min_sim = opts.min_similarity if opts.min_similarity is not None else self.defaults.min_similarity
+        return await self.retriever.retrieve.remote(
+            text, top_k=opts.top_k or self.defaults.top_k, exclude=list(opts.exclude), min_similarity=min_sim)
+
+    @staticmethod
+    async def _next(stream):
+        """The stream's next item, None at its end, replica errors unwrapped."""
+        try:
+            return await stream.__anext__()
+        except StopAsyncIteration:
+            return None
+        except RayTaskError as err:
+            raise unwrap(err) from None
+
+    async def _collect(self, stream) -> dict:
+        result = None
+        while (item := await self._next(stream)) is not None:
+            if isinstance(item, dict):
+                result = item
+        return result
+
+    async def _with_timeout(self, awaitable):
+        try:
+            return await asyncio.wait_for(awaitable, self.cfg.server.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise Timeout(f"no answer within {self.cfg.server.request_timeout_s:g} s") from None
+
+    @staticmethod
+    def _checked(fn):
+        """Call a schema method whose ValueError means a bad request."""
+        try:
+            return fn()
+        except ValueError as err:
+            raise BadRequest(str(err)) from err
+
+    @staticmethod
+    def _request_id(request: Request) -> str:
+        given = request.headers.get(REQUEST_ID_HEADER, "")
+        return given if 0 < len(given) <= 128 and given.isprintable() else f"req-{uuid.uuid4().hex}"

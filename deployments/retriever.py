@@ -1,0 +1,31 @@
+"""Retriever replicas: embed prompts in batches, search the adapter index kept in step with the registry."""
+from __future__ import annotations
+
+from ray import serve
+
+from cluster.config import AppConfig
+from cluster.wiring import make_index, make_registry_reader
+from services.retrieval.embedder import Embedder
+from services.serving.index_sync import IndexSync
+
+
+@serve.deployment(name="Retriever")
+class Retriever:
+    def __init__(self, config: dict):
+        cfg = AppConfig.model_validate(config)
+        self.embedder = Embedder(cfg.embedder.model_path, cfg.embedder.instruction, batch_size=cfg.embedder.batch_size)
+        self.sync = IndexSync(make_registry_reader(cfg), make_index(cfg, self.embedder.dim))
+        self.sync.refresh(force=True)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _embed(self, texts: list[str]) -> list:
+        return list(self.embedder.encode(texts))  # one (dim,) row per caller
+
+    async def retrieve(self, text: str, **search: object) -> dict:
+        """RetrievalResult as a dict; `search` holds AdapterIndex.search keywords."""
+        index = self.sync.refresh()
+        vector = await self._embed(text)
+        return index.search(vector[None, :], **search)[0].model_dump()
+
+    def status(self) -> dict:
+        return {"adapters": len(self.sync.index.names()), "generation": self.sync.generation}

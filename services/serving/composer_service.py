@@ -1,0 +1,95 @@
+"""What a composer replica does, without Ray: resolve adapter versions to files, load them
+into the engine's pool on first use, tokenize, and feed the dynamic batcher."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import AsyncIterator
+
+from pydantic import Field
+
+from services.lora.adapter_files import AdapterValidationError
+from services.lora.generation import GenerationRequest, GenerationResult
+from services.schemas import ChatMessage, CompositionPlan, Strict
+from services.serving.batcher import DynamicBatcher
+from services.serving.errors import BadRequest, NotFound
+
+log = logging.getLogger(__name__)
+
+
+class ComposeJob(Strict):
+    """One prompt with its composition plan and sampling parameters (ingress -> composer)."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    plan: CompositionPlan = Field(default_factory=CompositionPlan)
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class ComposerService:
+    def __init__(self, engine, store_root: str | Path, *, max_batch_size: int, wait_timeout_s: float,
+                 max_prompt_tokens: int):
+        self.engine = engine
+        self.store_root = Path(store_root)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.batcher = DynamicBatcher(engine.generate, max_batch_size=max_batch_size, wait_timeout_s=wait_timeout_s)
+
+    def adapter_path(self, key: str) -> Path:
+        name, _, version = key.partition("@")
+        return self.store_root / name / version
+
+    def ensure_loaded(self, keys: list[str]) -> None:
+        """Load each name@version the engine does not hold yet; a failed load changes nothing.
+
+        Runs on the batch thread (see `generate`), so loads never overlap a forward."""
+        for key in keys:
+            if self.engine.has_adapter(key):
+                continue
+            path = self.adapter_path(key)
+            if not path.is_dir():
+                raise NotFound(f"adapter '{key}' has no files in the adapter store")
+            try:
+                self.engine.load_adapter(key, path)
+            except AdapterValidationError as err:
+                raise BadRequest(f"adapter '{key}' cannot be loaded: {err}") from err
+            log.info("loaded adapter %s from %s", key, path)
+
+    def tokenize(self, job: ComposeJob) -> list[int]:
+        tok = self.engine.tokenizer
+        if job.messages is not None:
+            ids = tok.apply_chat_template([m.model_dump() for m in job.messages], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False)
+        else:
+            ids = tok(job.prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:
+            raise BadRequest(f"prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}", param="prompt")
+        return list(ids)
+
+    def to_request(self, job: ComposeJob) -> GenerationRequest:
+        return GenerationRequest(
+            prompt_ids=self.tokenize(job),
+            adapters=job.plan.keys(),
+            weights=[a.weight for a in job.plan.adapters],
+            mode=job.plan.composition,
+            max_tokens=job.max_tokens,
+            temperature=job.temperature,
+            top_p=job.top_p,
+            stop=list(job.stop),
+            seed=job.seed,
+        )
+
+    async def generate(self, job: ComposeJob) -> AsyncIterator[str | GenerationResult]:
+        """Text pieces, then the result; loads the plan's adapters first."""
+        keys = job.plan.keys()
+        if not all(self.engine.has_adapter(k) for k in keys):
+            await self.batcher.run_exclusive(self.ensure_loaded, keys)
+        async for item in self.batcher.submit(self.to_request(job)):
+            yield item
+
+    def resident(self) -> list[str]:
+        return self.engine.resident_adapters()

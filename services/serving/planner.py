@@ -1,0 +1,94 @@
+"""Turn a request's `model` and `lora` options plus retrieval results into a composition plan.
+
+Plain functions: the ingress deployment calls them, the tests call them without Ray.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from services.schemas import (
+    CompositionMode,
+    CompositionPlan,
+    LoraOptions,
+    RetrievalResult,
+    UsedAdapter,
+    Weighting,
+)
+from services.serving.catalog import Catalog
+
+AUTO_MODEL = "auto"
+
+
+@dataclass(frozen=True)
+class PlanDefaults:
+    """Server-side defaults a request's `lora` object overrides."""
+
+    top_k: int
+    composition: CompositionMode
+    weighting: Weighting
+    temperature: float
+    min_similarity: float
+
+
+def composition_weights(scores: list[float], weighting: Weighting, temperature: float) -> list[float]:
+    """Weights summing to 1: uniform (the paper's 1/k) or softmax(score / temperature)."""
+    if not scores:
+        return []
+    if weighting is Weighting.uniform:
+        return [1.0 / len(scores)] * len(scores)
+    top = max(scores)
+    exps = [math.exp((s - top) / temperature) for s in scores]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def needs_retrieval(model: str, opts: LoraOptions) -> bool:
+    return model == AUTO_MODEL and opts.adapters is None and opts.composition is not CompositionMode.none
+
+
+def plan_composition(
+    *,
+    model: str,
+    base_model_id: str,
+    opts: LoraOptions,
+    defaults: PlanDefaults,
+    catalog: Catalog,
+    tenant: str | None,
+    request_id: str,
+    retrieved: RetrievalResult | None = None,
+) -> CompositionPlan:
+    """The adapters (resolved to versions), weights and mode for one prompt.
+
+    Raises catalog.AdapterUnavailable (404) for an adapter the caller may not use."""
+    mode = opts.composition or defaults.composition
+    if mode is CompositionMode.none or (model == base_model_id and opts.adapters is None):
+        return CompositionPlan()
+
+    if opts.adapters is not None:
+        refs, scores = list(opts.adapters), [None] * len(opts.adapters)
+    elif model == AUTO_MODEL:
+        assert retrieved is not None, "auto needs retrieval results"
+        hits = [a for a in retrieved.adapters if catalog.is_visible(a.name, tenant)]
+        refs, scores = [a.name for a in hits], [a.score for a in hits]
+    else:
+        refs, scores, mode = [model], [None], CompositionMode.selection
+
+    if not refs:
+        return CompositionPlan()
+    if mode is CompositionMode.selection:
+        refs, scores = refs[:1], scores[:1]
+    resolved = [catalog.resolve(ref, tenant=tenant, request_id=request_id) for ref in refs]
+    weighting = opts.weighting or defaults.weighting
+    if any(s is None for s in scores):
+        weighting = Weighting.uniform  # explicitly named adapters have no scores to soften
+    weights = composition_weights(
+        [s or 0.0 for s in scores], weighting, opts.temperature or defaults.temperature
+    )
+    return CompositionPlan(
+        adapters=[
+            UsedAdapter(name=name, version=version, weight=w, score=s)
+            for (name, version), w, s in zip(resolved, weights, scores)
+        ],
+        composition=mode,
+    )

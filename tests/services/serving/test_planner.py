@@ -1,0 +1,91 @@
+"""Composition planning: named adapters, retrieval results, weights, visibility, canaries."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from services.schemas import CompositionMode, LoraOptions, RetrievalResult, RetrievedAdapter, Weighting
+from services.serving.catalog import AdapterUnavailable, Catalog, canary_bucket
+from services.serving.planner import PlanDefaults, composition_weights, needs_retrieval, plan_composition
+
+DEFAULTS = PlanDefaults(top_k=3, composition=CompositionMode.mixture, weighting=Weighting.uniform,
+                        temperature=1.0, min_similarity=0.0)
+
+
+def record(name, active="1", versions=("1",), tenant=None, visibility="shared", canary=None):
+    return SimpleNamespace(name=name, active_version=active, versions={v: {} for v in versions},
+                           owner_tenant=tenant, visibility=visibility, canary=canary, base_model="b", domain="d")
+
+
+CATALOG = Catalog.of([
+    record("upper", versions=("1", "2")),
+    record("lower"),
+    record("secret", tenant="acme", visibility="private"),
+])
+
+
+def plan(model="auto", opts=None, retrieved=None, tenant=None, request_id="r1", catalog=CATALOG):
+    return plan_composition(model=model, base_model_id="base", opts=opts or LoraOptions(), defaults=DEFAULTS,
+                            catalog=catalog, tenant=tenant, request_id=request_id, retrieved=retrieved)
+
+
+def hits(*pairs):
+    return RetrievalResult(adapters=[RetrievedAdapter(name=n, score=s) for n, s in pairs])
+
+
+def test_softmax_weights_match_a_direct_formula():
+    scores, t = [0.9, 0.5, 0.1], 0.5
+    denom = sum(math.exp(s / t) for s in scores)
+    expected = [math.exp(s / t) / denom for s in scores]
+    assert composition_weights(scores, Weighting.softmax, t) == pytest.approx(expected)
+    assert composition_weights(scores, Weighting.uniform, t) == pytest.approx([1 / 3] * 3)
+
+
+def test_auto_mixture_uses_retrieved_adapters_with_active_versions():
+    p = plan(retrieved=hits(("upper", 0.8), ("lower", 0.6)))
+    assert p.composition is CompositionMode.mixture
+    assert p.keys() == ["upper@1", "lower@1"]
+    assert [a.weight for a in p.adapters] == pytest.approx([0.5, 0.5])
+    assert [a.score for a in p.adapters] == [0.8, 0.6]
+
+
+def test_selection_keeps_top1_and_empty_retrieval_means_base_model():
+    p = plan(opts=LoraOptions(composition="selection"), retrieved=hits(("lower", 0.7), ("upper", 0.6)))
+    assert p.keys() == ["lower@1"] and p.adapters[0].weight == 1.0
+    assert plan(retrieved=hits()).composition is CompositionMode.none
+
+
+def test_named_adapter_and_version_and_base_model():
+    assert plan(model="upper").keys() == ["upper@1"]
+    assert plan(model="upper@2").keys() == ["upper@2"]
+    assert plan(model="upper@2").composition is CompositionMode.selection
+    assert plan(model="base").adapters == []
+    explicit = plan(model="auto", opts=LoraOptions(adapters=["upper", "lower"], composition="fusion"))
+    assert explicit.composition is CompositionMode.fusion and explicit.keys() == ["upper@1", "lower@1"]
+    assert not needs_retrieval("auto", LoraOptions(adapters=["upper"]))
+
+
+@pytest.mark.parametrize("ref", ["missing", "upper@9", "secret"])
+def test_unavailable_adapters_are_indistinguishable(ref):
+    with pytest.raises(AdapterUnavailable, match="does not exist or is not available"):
+        plan(model=ref)
+
+
+def test_private_adapters_only_for_their_tenant():
+    assert plan(model="secret", tenant="acme").keys() == ["secret@1"]
+    # retrieval results naming another tenant's adapter are dropped, not served
+    p = plan(retrieved=hits(("secret", 0.9), ("lower", 0.5)), tenant="other")
+    assert p.keys() == ["lower@1"]
+
+
+def test_canary_split_is_deterministic_per_request():
+    canary = SimpleNamespace(version="2", percent=30)
+    cat = Catalog.of([record("upper", versions=("1", "2"), canary=canary)])
+    ids = [f"req-{i}" for i in range(400)]
+    chosen = {rid: plan(model="upper", request_id=rid, catalog=cat).keys()[0] for rid in ids}
+    assert chosen == {rid: plan(model="upper", request_id=rid, catalog=cat).keys()[0] for rid in ids}
+    share = sum(v == "upper@2" for v in chosen.values()) / len(ids)
+    assert 0.2 < share < 0.4
+    assert all((chosen[r] == "upper@2") == (canary_bucket(r, "upper") < 30) for r in ids)
