@@ -4,9 +4,9 @@ from __future__ import annotations
 from ray import serve
 
 from cluster.config import AppConfig
-from cluster.wiring import make_index, make_registry_reader
+from cluster.wiring import make_index, make_registry_reader, redis_client
 from services.retrieval.embedder import Embedder
-from services.serving.index_sync import IndexSync
+from services.serving.index_sync import REBUILD_EPOCH_KEY, IndexSync
 
 
 @serve.deployment(name="Retriever")
@@ -14,7 +14,9 @@ class Retriever:
     def __init__(self, config: dict):
         cfg = AppConfig.model_validate(config)
         self.embedder = Embedder(cfg.embedder.model_path, cfg.embedder.instruction, batch_size=cfg.embedder.batch_size)
-        self.sync = IndexSync(make_registry_reader(cfg), make_index(cfg, self.embedder.dim))
+        redis = redis_client(cfg)
+        self.sync = IndexSync(make_registry_reader(cfg), make_index(cfg, self.embedder.dim),
+                              rebuild_epoch=lambda: redis.get(REBUILD_EPOCH_KEY))
         self.sync.refresh(force=True)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
+
+# A Redis key operators bump (`loraretriever index rebuild`) to make every replica rebuild.
+REBUILD_EPOCH_KEY = "lr:index:rebuild-epoch"
 
 log = logging.getLogger(__name__)
 
@@ -16,9 +20,12 @@ def index_fields(record) -> tuple:
 
 
 class IndexSync:
-    def __init__(self, registry, index, min_interval_s: float = 0.5):
+    def __init__(self, registry, index, *, rebuild_epoch: Callable[[], object] = lambda: None,
+                 min_interval_s: float = 0.5):
         self.registry = registry
         self.index = index
+        self.rebuild_epoch = rebuild_epoch
+        self.epoch = None
         self.min_interval_s = min_interval_s
         self.generation = -1
         self._indexed: dict[str, tuple] = {}
@@ -31,6 +38,11 @@ class IndexSync:
             return self.index
         self._checked_at = now
         try:
+            epoch = self.rebuild_epoch()
+            # An operator asked for a rebuild, or the index lost entries (a restarted Qdrant).
+            if epoch != self.epoch or set(self.index.names()) != set(self._indexed):
+                self._clear()
+                self.epoch, force = epoch, True
             generation = self.registry.generation()
             if force or generation != self.generation:
                 self._apply(self.registry.snapshot())
@@ -41,11 +53,14 @@ class IndexSync:
 
     def rebuild(self) -> int:
         """Drop everything and index the registry afresh; returns the adapter count."""
+        self._clear()
+        self.refresh(force=True)
+        return len(self._indexed)
+
+    def _clear(self) -> None:
         for name in self.index.names():
             self.index.remove(name)
         self._indexed.clear()
-        self.refresh(force=True)
-        return len(self._indexed)
 
     def _apply(self, records) -> None:
         live = {r.name: r for r in records if r.active_version is not None}

@@ -1,0 +1,169 @@
+"""`loraretriever up`: everything on this machine, loopback only.
+
+Order: Redis (owned), Ray (local, no dashboard), the Serve app on 127.0.0.1, then the
+demo adapters registered one by one as the zoo build finishes them, so the first
+requests are answered by the base model while training goes on."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+from cluster.config import AppConfig
+from cluster.errors import UserError
+from cluster.local_ray import RAY_HOME, init_local_ray
+from cluster.redis_server import RedisServer
+
+log = logging.getLogger("loraretriever.up")
+APP_NAME = "loraretriever"
+STATE_FILE = RAY_HOME.parent / "up.json"
+
+
+def read_state() -> dict | None:
+    try:
+        return json.loads(STATE_FILE.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+class LocalCluster:
+    def __init__(self, cfg: AppConfig, *, demo: bool = True):
+        self.cfg = cfg
+        self.demo = demo and cfg.base_model.path == "demo"
+        self.redis: RedisServer | None = None
+        self.build: subprocess.Popen | None = None
+        self._stop = threading.Event()
+
+    # ---- start -----------------------------------------------------------
+    def start(self) -> None:
+        self._start_redis()
+        if self.demo:
+            self._start_demo_build()
+        init_local_ray(num_cpus=max(2, os.cpu_count() or 2))
+        from ray import serve
+
+        from deployments.app import build_app
+
+        host, port = self.cfg.server.host, self.cfg.server.port
+        serve.start(http_options={"host": host, "port": port})
+        log.info("deploying the Serve app (loads the base model and the embedder)")
+        serve.run(build_app(self.cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        self._wait_ready()
+        STATE_FILE.write_text(json.dumps({"pid": os.getpid(), "url": self.url, "redis": self.cfg.redis.url}))
+        log.info("serving on %s", self.url)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cfg.server.host}:{self.cfg.server.port}"
+
+    def _start_redis(self) -> None:
+        if not self.cfg.redis.start_local:
+            return
+        parsed = urlparse(self.cfg.redis.url)
+        if parsed.hostname not in ("127.0.0.1", "localhost"):
+            raise UserError(f"redis.start_local needs a loopback redis.url, not {self.cfg.redis.url}")
+        data_dir = RAY_HOME.parent / "redis"
+        self.redis = RedisServer(port=parsed.port or 6379, data_dir=data_dir).start()
+        log.info("redis-server on %s", self.redis.url)
+
+    def _start_demo_build(self) -> None:
+        from cluster.demo.zoo import default_root
+
+        base = default_root() / "base" / "config.json"
+        logfile = open(RAY_HOME.parent / "demo-build.log", "ab")
+        self.build = subprocess.Popen([sys.executable, "-m", "cluster.cli", "demo", "build"],
+                                      stdout=logfile, stderr=subprocess.STDOUT)
+        log.info("demo zoo build running in the background (log: %s)", logfile.name)
+        while not base.is_file():
+            if self.build.poll() not in (None, 0):
+                raise UserError(f"the demo build failed; see {logfile.name}")
+            time.sleep(1)
+
+    def _wait_ready(self, timeout_s: float = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise UserError(f"the cluster did not become ready within {timeout_s:.0f} s")
+
+    # ---- demo adapters -----------------------------------------------------
+    def register_demo_adapters(self) -> list[str]:
+        """Register every finished demo adapter the registry lacks; returns the new names."""
+        from cluster.adapter_admin import AdapterAdmin
+        from cluster.demo.zoo import default_root, load_zoo
+
+        zoo = load_zoo(default_root())
+        admin = AdapterAdmin.from_config(self.cfg)
+        known = {r.name for r in admin.registry.snapshot()}
+        added = []
+        for card in zoo.cards:
+            path = zoo.adapters.get(card.model_name)
+            if path is None or card.model_name in known:
+                continue
+            admin.add(card.model_name, path, card, actor="loraretriever-up")
+            added.append(card.model_name)
+        return added
+
+    def run_until_stopped(self) -> None:
+        """Register demo adapters as they appear; return on SIGTERM/SIGINT."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        while not self._stop.is_set():
+            if self.demo:
+                for name in self.register_demo_adapters():
+                    log.info("registered demo adapter %s", name)
+            self._stop.wait(5)
+
+    # ---- stop --------------------------------------------------------------
+    def stop(self) -> None:
+        if self.build and self.build.poll() is None:
+            self.build.terminate()
+        try:
+            from ray import serve
+
+            serve.shutdown()
+            import ray
+
+            ray.shutdown()
+        finally:
+            if self.redis:
+                self.redis.stop()
+            STATE_FILE.unlink(missing_ok=True)
+        log.info("stopped")
+
+
+def sample_request(url: str, prompt: str) -> dict:
+    """One completion with retrieval, as a newcomer's first request would be."""
+    body = {"model": "auto", "prompt": prompt, "max_tokens": 24}
+    resp = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def stop_running(timeout_s: float = 60) -> bool:
+    """`down`: signal the `up` process and wait for it to finish stopping."""
+    state = read_state()
+    if state is None:
+        return False
+    try:
+        os.kill(state["pid"], signal.SIGTERM)
+    except ProcessLookupError:
+        STATE_FILE.unlink(missing_ok=True)
+        return False
+    deadline = time.monotonic() + timeout_s
+    while STATE_FILE.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return not STATE_FILE.exists()
