@@ -18,19 +18,10 @@ class AdapterAdmin:
 
     @classmethod
     def from_config(cls, cfg: AppConfig) -> "AdapterAdmin":
-        from transformers import AutoConfig
-
-        from cluster.wiring import base_model_name, base_model_path, redis_client
-        from services.registry.registry import AdapterRegistry
-        from services.registry.store import AdapterStore
+        from cluster.wiring import make_registry
         from services.retrieval.embedder import Embedder
 
-        registry = AdapterRegistry(
-            redis_client(cfg), AdapterStore(cfg.adapter_store.path),
-            base_config=AutoConfig.from_pretrained(base_model_path(cfg)), base_model=base_model_name(cfg),
-            max_rank=cfg.composition.max_rank, allow_unsafe_pickle=cfg.adapter_store.allow_unsafe_pickle,
-        )
-        return cls(registry, lambda: Embedder(cfg.embedder.model_path, cfg.embedder.instruction,
+        return cls(make_registry(cfg), lambda: Embedder(cfg.embedder.model_path, cfg.embedder.instruction,
                                               batch_size=cfg.embedder.batch_size))
 
     @cached_property

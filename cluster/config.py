@@ -123,6 +123,7 @@ class ServerConfig(Section):
     port: int = Field(8000, ge=1, le=65535)
     request_timeout_s: float = Field(60.0, gt=0, description="a request past this gets 504")
     admin_key_env: str = Field("LORARETRIEVER_ADMIN_KEY", description="env var holding the admin API key")
+    auth_enabled: bool = Field(True, description="every request needs a tenant API key (Authorization: Bearer)")
 
 
 class AppConfig(Section):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from cluster.config import AppConfig
-from cluster.wiring import make_placement, make_registry_reader, redis_client
+from cluster.wiring import make_placement, make_registry, redis_client
 from services.serving.index_sync import REBUILD_EPOCH_KEY
 
 
@@ -38,7 +38,7 @@ def serve_status() -> dict:
 
 
 def collect_status(cfg: AppConfig) -> dict:
-    registry = make_registry_reader(cfg)
+    registry = make_registry(cfg)
     records = registry.snapshot()
     placement = make_placement(cfg).replicas()
     return {
@@ -86,5 +86,5 @@ def rebuild_index(cfg: AppConfig) -> str:
     from services.serving.index_sync import IndexSync
 
     dim = Embedder(cfg.embedder.model_path, cfg.embedder.instruction).dim
-    count = IndexSync(make_registry_reader(cfg), make_index(cfg, dim)).rebuild()
+    count = IndexSync(make_registry(cfg), make_index(cfg, dim)).rebuild()
     return f"rebuilt the index at {cfg.qdrant.url}: {count} adapters"

@@ -45,12 +45,18 @@ def make_placement(cfg: AppConfig):
     return PlacementStore(redis_client(cfg))
 
 
-def make_registry_reader(cfg: AppConfig):
-    """A registry handle for reads (snapshot, generation, card embeddings)."""
+def make_registry(cfg: AppConfig):
+    """The adapter registry over the configured Redis and adapter store."""
+    from transformers import AutoConfig
+
     from services.registry.registry import AdapterRegistry
     from services.registry.store import AdapterStore
 
-    return AdapterRegistry(redis_client(cfg), AdapterStore(cfg.adapter_store.path), base_model=base_model_name(cfg))
+    return AdapterRegistry(
+        redis_client(cfg), AdapterStore(cfg.adapter_store.path),
+        base_config=AutoConfig.from_pretrained(base_model_path(cfg)), base_model=base_model_name(cfg),
+        max_rank=cfg.composition.max_rank, allow_unsafe_pickle=cfg.adapter_store.allow_unsafe_pickle,
+    )
 
 
 def make_index(cfg: AppConfig, dim: int):

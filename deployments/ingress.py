@@ -1,8 +1,8 @@
 """Ingress: the OpenAI-compatible HTTP API (FastAPI inside Ray Serve).
 
-Validates, plans each prompt's composition (retrieval or named adapters), fans prompts
-out to the composer group and streams or collects the answers. Business logic lives in
-services/serving; this class is glue."""
+Authenticates the tenant, validates, plans each prompt's composition (retrieval or named
+adapters) against one registry snapshot, fans prompts out to the composer group and
+streams or collects the answers. Business logic lives in services/; this class is glue."""
 from __future__ import annotations
 
 import asyncio
@@ -11,15 +11,16 @@ import logging
 import time
 import uuid
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import AppConfig
-from cluster.wiring import base_model_name, make_registry_reader
+from cluster.wiring import base_model_name, make_registry, redis_client
+from deployments.admin_api import AdminRoutes
+from deployments.http_app import REQUEST_ID_HEADER, app, unwrap
 from services.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -28,46 +29,30 @@ from services.schemas import (
     RetrieveRequest,
 )
 from services.serving import openai_format as fmt
-from services.serving.catalog import AdapterUnavailable, CatalogCache
+from services.serving.catalog import AdapterUnavailable, Catalog, CatalogCache
 from services.serving.composer_service import ComposeJob
-from services.serving.errors import BadRequest, NotFound, ServingError, Timeout
+from services.serving.errors import BadRequest, NotFound, Timeout
 from services.serving.planner import AUTO_MODEL, PlanDefaults, needs_retrieval, plan_composition
+from services.tenancy.gate import TenantGate
+from services.tenancy.limits import TenantLimiter
+from services.tenancy.tenants import Tenant, TenantStore
 
 log = logging.getLogger("ray.serve")
-REQUEST_ID_HEADER = "X-Request-Id"
-
-app = FastAPI(title="LoraRetriever", version="0.1.0",
-              description="OpenAI-compatible completions with input-aware LoRA retrieval and composition")
-
-
-@app.exception_handler(RequestValidationError)
-async def _invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
-    first = err.errors()[0] if err.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request body")
-    return JSONResponse(fmt.error_body(message, param=where or None), status_code=400)
-
-
-@app.exception_handler(ServingError)
-async def _serving_error(request: Request, err: ServingError) -> JSONResponse:
-    return JSONResponse(fmt.error_body(err.message, type=err.type, param=err.param), status_code=err.status)
-
-
-def unwrap(err: BaseException) -> BaseException:
-    """The ServingError a replica raised, out of Ray's wrapper."""
-    if isinstance(err, RayTaskError) and isinstance(err.cause, ServingError):
-        return err.cause
-    return err
 
 
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
-class Ingress:
+class Ingress(AdminRoutes):
     def __init__(self, config: dict, retriever: DeploymentHandle, composer: DeploymentHandle):
         self.cfg = AppConfig.model_validate(config)
         self.retriever = retriever
         self.composer = composer
-        self.catalog = CatalogCache(make_registry_reader(self.cfg))
+        self.registry = make_registry(self.cfg)
+        self.catalog = CatalogCache(self.registry)
+        redis = redis_client(self.cfg)
+        self.tenants = TenantStore(redis)
+        self.limiter = TenantLimiter(redis)
+        self.gate = TenantGate(self.tenants, self.limiter, enabled=self.cfg.server.auth_enabled)
         self.base_name = base_model_name(self.cfg)
         r, c = self.cfg.retrieval, self.cfg.composition
         self.defaults = PlanDefaults(top_k=r.top_k, composition=c.mode, weighting=c.weighting,
@@ -88,22 +73,23 @@ class Ingress:
 
     # ---- catalog ---------------------------------------------------------
     @app.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request) -> dict:
+        tenant = self._tenant_name(self.gate.authenticate(request.headers.get("authorization")))
         now = int(time.time())
         entries = [{"id": self.base_name, "object": "model", "created": now, "owned_by": "base"},
                    {"id": AUTO_MODEL, "object": "model", "created": now, "owned_by": "loraretriever"}]
-        for rec in self.catalog.get().visible(tenant=None):
+        for rec in self.catalog.get().visible(tenant):
             entries.append({"id": rec.name, "object": "model", "created": now, "owned_by": rec.owner_tenant or "shared",
                             "version": rec.active_version, "domain": rec.domain})
         return {"object": "list", "data": entries}
 
     @app.post("/v1/retrieve")
     async def retrieve(self, body: RetrieveRequest, request: Request) -> JSONResponse:
-        request_id = self._request_id(request)
+        tenant = self._tenant_name(self.gate.authenticate(request.headers.get("authorization")))
         prompts = self._checked(body.prompts)
-        results = await self._with_timeout(asyncio.gather(*(self._retrieve(p, body.lora) for p in prompts)))
+        results = await self._with_timeout(asyncio.gather(*(self._retrieve(p, body.lora, tenant) for p in prompts)))
         return JSONResponse({"object": "list", "data": [{"index": i, **r} for i, r in enumerate(results)]},
-                            headers={REQUEST_ID_HEADER: request_id})
+                            headers={REQUEST_ID_HEADER: self._request_id(request)})
 
     # ---- generation ------------------------------------------------------
     @app.post("/v1/completions")
@@ -118,24 +104,38 @@ class Ingress:
 
     async def _generate(self, body, request: Request, inputs: list[dict], texts: list[str], *, chat: bool):
         request_id = self._request_id(request)
+        tenant = self.gate.authenticate(request.headers.get("authorization"))
         stops = self._checked(body.stop_list)
         if body.max_tokens > self.cfg.composition.max_tokens_limit:
             raise BadRequest(f"max_tokens may be at most {self.cfg.composition.max_tokens_limit}", param="max_tokens")
-        plans = await self._with_timeout(asyncio.gather(
-            *(self._plan(body.model, body.lora, text, request_id) for text in texts)))
-        jobs = [ComposeJob(request_id=request_id, plan=plan, max_tokens=body.max_tokens, temperature=body.temperature,
-                           top_p=body.top_p, stop=stops, seed=body.seed, **inp).model_dump()
-                for inp, plan in zip(inputs, plans)]
-        streams = [self.composer.options(stream=True).generate.remote(job) for job in jobs]
-        headers = {REQUEST_ID_HEADER: request_id}
-        if body.stream:
-            firsts = await self._with_timeout(asyncio.gather(*(self._next(s) for s in streams)))
-            events = self._sse(request_id, body.model, streams, firsts, plans, chat)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        results = await self._with_timeout(asyncio.gather(*(self._collect(s) for s in streams)))
-        return JSONResponse(fmt.completion_body(request_id, body.model, results, plans, chat=chat), headers=headers)
+        lease = self._checked(lambda: self.gate.admit(tenant, request_id, body.max_tokens))
+        started, usage, streaming = time.perf_counter(), {}, False
+        try:
+            catalog = self.catalog.get()  # one snapshot per request: one version per adapter throughout
+            plans = await self._with_timeout(asyncio.gather(
+                *(self._plan(body.model, body.lora, text, request_id, catalog, self._tenant_name(tenant))
+                  for text in texts)))
+            jobs = [ComposeJob(request_id=request_id, plan=plan, max_tokens=body.max_tokens,
+                               temperature=body.temperature, top_p=body.top_p, stop=stops, seed=body.seed,
+                               **inp).model_dump()
+                    for inp, plan in zip(inputs, plans)]
+            streams = [self.composer.options(stream=True).generate.remote(job) for job in jobs]
+            headers = {REQUEST_ID_HEADER: request_id}
+            if body.stream:
+                firsts = await self._with_timeout(asyncio.gather(*(self._next(s) for s in streams)))
+                events = self._sse(request_id, body.model, streams, firsts, plans, chat, tenant, lease)
+                streaming = True  # the stream releases the lease when it ends
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            results = await self._with_timeout(asyncio.gather(*(self._collect(s) for s in streams)))
+            reply = fmt.completion_body(request_id, body.model, results, plans, chat=chat)
+            usage = {k: reply["usage"][k] for k in ("prompt_tokens", "completion_tokens")}
+            self._log_request(request_id, tenant, plans, usage, started)
+            return JSONResponse(reply, headers=headers)
+        finally:
+            if not streaming:
+                self.gate.finish(tenant, lease, requests=1, **usage)
 
-    async def _sse(self, request_id, model, streams, firsts, plans, chat):
+    async def _sse(self, request_id, model, streams, firsts, plans, chat, tenant, lease):
         """Interleave the prompts' streams as OpenAI chunks; each choice's first chunk names its adapters."""
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -150,7 +150,7 @@ class Ingress:
             await queue.put((i, None))
 
         tasks = [asyncio.ensure_future(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
-        started, open_streams = set(), len(streams)
+        started, open_streams, completion_tokens = set(), len(streams), 0
         deadline = time.monotonic() + self.cfg.server.request_timeout_s
         try:
             while open_streams:
@@ -158,38 +158,42 @@ class Ingress:
                 plan = None if i in started else plans[i]
                 if item is None:
                     open_streams -= 1
-                elif isinstance(item, BaseException):
+                    continue
+                if isinstance(item, BaseException):
                     yield f"data: {json.dumps(fmt.error_body(str(item)[:500], type='server_error'))}\n\n"
-                elif isinstance(item, str):
+                    continue
+                if isinstance(item, str):
                     yield fmt.stream_chunk(request_id, model, i, chat=chat, text=item, plan=plan, first=plan is not None)
-                    started.add(i)
                 else:
+                    completion_tokens += item["completion_tokens"]
                     yield fmt.stream_chunk(request_id, model, i, chat=chat, finish_reason=item["finish_reason"],
                                            plan=plan, first=plan is not None)
-                    started.add(i)
+                started.add(i)
             yield fmt.STREAM_DONE
         except asyncio.TimeoutError:
             yield f"data: {json.dumps(fmt.error_body('request timed out', type='timeout_error'))}\n\n"
         finally:
             for t in tasks:
                 t.cancel()
+            self.gate.finish(tenant, lease, requests=1, completion_tokens=completion_tokens)
 
     # ---- helpers ---------------------------------------------------------
-    async def _plan(self, model: str, opts, text: str, request_id: str) -> CompositionPlan:
-        catalog = self.catalog.get()
+    async def _plan(self, model: str, opts, text: str, request_id: str, catalog: Catalog,
+                    tenant: str | None) -> CompositionPlan:
         retrieved = None
         if needs_retrieval(model, opts):
-            retrieved = RetrievalResult.model_validate(await self._retrieve(text, opts))
+            retrieved = RetrievalResult.model_validate(await self._retrieve(text, opts, tenant))
         try:
             return plan_composition(model=model, base_model_id=self.base_name, opts=opts, defaults=self.defaults,
-                                    catalog=catalog, tenant=None, request_id=request_id, retrieved=retrieved)
+                                    catalog=catalog, tenant=tenant, request_id=request_id, retrieved=retrieved)
         except AdapterUnavailable as err:
             raise NotFound(str(err), param="model") from err
 
-    async def _retrieve(self, text: str, opts) -> dict:
+    async def _retrieve(self, text: str, opts, tenant: str | None) -> dict:
         min_sim = opts.min_similarity if opts.min_similarity is not None else self.defaults.min_similarity
         return await self.retriever.retrieve.remote(
-            text, top_k=opts.top_k or self.defaults.top_k, exclude=list(opts.exclude), min_similarity=min_sim)
+            text, top_k=opts.top_k or self.defaults.top_k, exclude=list(opts.exclude), min_similarity=min_sim,
+            tenant=tenant)
 
     @staticmethod
     async def _next(stream):
@@ -213,6 +217,17 @@ class Ingress:
             return await asyncio.wait_for(awaitable, self.cfg.server.request_timeout_s)
         except asyncio.TimeoutError:
             raise Timeout(f"no answer within {self.cfg.server.request_timeout_s:g} s") from None
+
+    def _log_request(self, request_id: str, tenant: Tenant | None, plans, usage: dict, started: float) -> None:
+        log.info(json.dumps({
+            "event": "request", "request_id": request_id, "tenant": self._tenant_name(tenant),
+            "adapters": [p.keys() for p in plans], "composition": [p.composition.value for p in plans],
+            "completion_tokens": usage["completion_tokens"], "seconds": round(time.perf_counter() - started, 4),
+        }))
+
+    @staticmethod
+    def _tenant_name(tenant: Tenant | None) -> str | None:
+        return tenant.name if tenant else None
 
     @staticmethod
     def _checked(fn):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ray import serve
 
 from cluster.config import AppConfig
-from cluster.wiring import make_index, make_registry_reader, redis_client
+from cluster.wiring import make_index, make_registry, redis_client
 from services.retrieval.embedder import Embedder
 from services.serving.index_sync import REBUILD_EPOCH_KEY, IndexSync
 
@@ -15,7 +15,7 @@ class Retriever:
         cfg = AppConfig.model_validate(config)
         self.embedder = Embedder(cfg.embedder.model_path, cfg.embedder.instruction, batch_size=cfg.embedder.batch_size)
         redis = redis_client(cfg)
-        self.sync = IndexSync(make_registry_reader(cfg), make_index(cfg, self.embedder.dim),
+        self.sync = IndexSync(make_registry(cfg), make_index(cfg, self.embedder.dim),
                               rebuild_epoch=lambda: redis.get(REBUILD_EPOCH_KEY))
         self.sync.refresh(force=True)
 
@@ -28,6 +28,10 @@ class Retriever:
         index = self.sync.refresh()
         vector = await self._embed(text)
         return index.search(vector[None, :], **search)[0].model_dump()
+
+    async def embed(self, texts: list[str]):
+        """Card embeddings for the admin API: (n, dim) float32."""
+        return self.embedder.encode(texts)
 
     def status(self) -> dict:
         return {"adapters": len(self.sync.index.names()), "generation": self.sync.generation}
