@@ -7,7 +7,8 @@ import logging
 from ray import serve
 
 from cluster.config import AppConfig
-from cluster.wiring import base_model_path, make_placement
+from cluster.wiring import base_model_path, make_placement, make_registry
+from services.serving.catalog import CatalogCache
 from services.serving.composer_service import ComposeJob, ComposerService
 
 log = logging.getLogger("ray.serve")
@@ -34,14 +35,23 @@ class Composer:
         )
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.placement = make_placement(cfg)
+        self.catalog = CatalogCache(make_registry(cfg))
+        self._synced_generation = None
 
     async def generate(self, job: dict):
         """Streams text pieces (str), then the GenerationResult as a dict."""
         async for item in self.service.generate(ComposeJob.model_validate(job)):
             yield item if isinstance(item, str) else dataclasses.asdict(item)
 
-    def record_routing_stats(self) -> dict:
-        """Called by Serve every few seconds: feeds the affinity router and the placement heartbeat."""
+    async def record_routing_stats(self) -> dict:
+        """Called by Serve every few seconds: feeds the affinity router and the placement heartbeat,
+        and drops adapter versions the registry has rolled away from."""
+        catalog = self.catalog.get()
+        if catalog.generation != self._synced_generation:
+            dropped = await self.service.batcher.run_exclusive(self.service.sync_with_catalog, catalog)
+            self._synced_generation = catalog.generation
+            if dropped:
+                log.info("dropped stale adapter versions %s", dropped)
         resident = self.service.resident()
         try:
             self.placement.heartbeat(self.replica_id, resident, queue_len=self.service.batcher.queue_len)

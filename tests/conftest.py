@@ -30,3 +30,11 @@ def redis_client(redis_server):
     client.flushdb()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """A demo zoo built on a tiny random Llama: base/, 3 PEFT adapters, cards.json, queries.json."""
+    from cluster.demo.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("tiny_zoo"), tiny=True, progress=False)

@@ -91,5 +91,27 @@ class ComposerService:
         async for item in self.batcher.submit(self.to_request(job)):
             yield item
 
+    def sync_with_catalog(self, catalog) -> list[str]:
+        """Drop loaded versions the registry no longer serves (neither active nor canary) and
+        pin or unpin by the registry's flag; runs between batches. Returns the dropped keys.
+        A request still naming a dropped version reloads it from the store."""
+        live, pinned = set(), set()
+        for rec in catalog.records.values():
+            if rec.active_version is not None:
+                live.add(f"{rec.name}@{rec.active_version}")
+                if rec.pinned:
+                    pinned.add(f"{rec.name}@{rec.active_version}")
+            if rec.canary is not None:
+                live.add(f"{rec.name}@{rec.canary.version}")
+        dropped = [k for k in self.engine.loaded_adapters() if k not in live]
+        for key in dropped:
+            self.engine.unload_adapter(key)
+        for key in self.engine.loaded_adapters():
+            if key in pinned:
+                self.engine.pin(key)
+            else:
+                self.engine.unpin(key)
+        return dropped
+
     def resident(self) -> list[str]:
         return self.engine.resident_adapters()
