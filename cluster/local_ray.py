@@ -12,13 +12,16 @@ RAY_HOME = Path(os.environ.get("LORARETRIEVER_HOME", Path.home() / ".cache" / "l
 
 
 def loopback_ray_env() -> dict[str, str]:
-    """Environment a local Ray needs; also handed to its workers."""
+    """Environment a local Ray needs; also handed to its workers, with the LORARETRIEVER_*
+    variables of this process (admin key, home) so replicas see what the driver sees."""
     RAY_HOME.mkdir(parents=True, exist_ok=True)
     (RAY_HOME / "ray_bootstrap_config.yaml").write_text("provider: {type: local}\n")
-    return {
+    own = {k: v for k, v in os.environ.items() if k.startswith("LORARETRIEVER_")}
+    return own | {
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "HOME": str(RAY_HOME),
+        "LORARETRIEVER_HOME": str(RAY_HOME.parent),  # replicas find the demo zoo under the real home
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
