@@ -1,0 +1,133 @@
+"""One base model serving many LoRA adapters, each batch row with its own composition."""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from services.lora.adapter_files import LoraAdapterWeights, check_adapter_name, read_adapter
+from services.lora.batch_meta import CompositionError, RowComposition, build_batch_meta
+from services.lora.generation import GenerationRequest, GenerationResult, generate_batch
+from services.lora.layers import LoraContext, linear_shapes, wrap_model
+from services.lora.pool import AdapterPool
+from services.schemas import CompositionMode
+
+log = logging.getLogger(__name__)
+
+Row = tuple[list[str], list[float], CompositionMode]  # adapters best first, weights, mode
+
+
+class CompositionEngine:
+    def __init__(self, model, tokenizer, *, max_adapters_per_row: int = 4, device_slots: int = 32,
+                 cpu_slots: int = 128, max_rank: int = 64, allow_unsafe_pickle: bool = False,
+                 base_model: str | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_adapters_per_row, self.max_rank = max_adapters_per_row, max_rank
+        self.allow_unsafe_pickle, self.base_model = allow_unsafe_pickle, base_model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.pool = AdapterPool(linear_shapes(model), device=self.device, dtype=self.dtype,
+                                device_slots=device_slots, cpu_slots=cpu_slots, reload=self.read)
+        self.context = LoraContext(self.pool)
+        wrap_model(model, self.context)
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad if pad is not None else 0
+
+    @classmethod
+    def from_pretrained(cls, path, *, device="auto", dtype="float32", **kw) -> "CompositionEngine":
+        """A Hugging Face folder (or a .gguf file, dequantized) and its tokenizer."""
+        path = Path(path)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        gguf = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+        folder = path.parent if gguf else path
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **gguf).to(device)
+        return cls(model, AutoTokenizer.from_pretrained(folder, **gguf), **kw)
+
+    # -- adapters ---------------------------------------------------------
+    def read(self, key: str, path) -> LoraAdapterWeights:
+        return read_adapter(path, base_config=self.model.config, base_model=self.base_model, max_rank=self.max_rank,
+                            allow_unsafe_pickle=self.allow_unsafe_pickle, name=key.partition("@")[0])
+
+    def load_adapter(self, key: str, path) -> LoraAdapterWeights:
+        """Validate the folder and put the adapter in the CPU tier; a refused one changes nothing."""
+        check_adapter_name(key)
+        weights = self.read(key, path)
+        self.pool.add(key, weights, Path(path))
+        return weights
+
+    def unload_adapter(self, key: str) -> None:
+        self.pool.remove(key)
+
+    def has_adapter(self, key: str) -> bool:
+        return self.pool.contains(key)
+
+    def pin(self, key: str) -> None:
+        self.pool.pin(key)
+
+    def unpin(self, key: str) -> None:
+        self.pool.unpin(key)
+
+    def resident_adapters(self) -> list[str]:
+        """Adapters on the model's device now."""
+        return self.pool.resident()
+
+    def pool_stats(self) -> dict:
+        return self.pool.stats()
+
+    # -- forward ----------------------------------------------------------
+    @contextmanager
+    def composed(self, rows: list[Row]):
+        """Acquire the rows' adapters on the device and install the batch metadata for the forwards
+        inside; the adapters cannot be evicted until the block ends."""
+        for adapters, weights, mode in rows:
+            if len(adapters) > self.max_adapters_per_row:
+                raise CompositionError(f"a row uses {len(adapters)} adapters; the limit is {self.max_adapters_per_row}")
+            if mode is not CompositionMode.none and len(weights) != len(adapters):
+                raise CompositionError(f"a row has {len(adapters)} adapters but {len(weights)} weights")
+        keys = [key for adapters, _, mode in rows if mode is not CompositionMode.none for key in adapters]
+        slot_of = self.pool.acquire(keys)
+        try:
+            self.context.meta = build_batch_meta(
+                [RowComposition([slot_of[a] for a in adapters], list(weights), mode)
+                 if mode is not CompositionMode.none else RowComposition([], [], mode)
+                 for adapters, weights, mode in rows],
+                dtype=self.dtype, device=self.device)
+            yield
+        finally:
+            self.context.meta = None
+            self.pool.release(keys)
+
+    @torch.inference_mode()
+    def forward_logits(self, input_ids, attention_mask, rows: list[Row]) -> torch.Tensor:
+        """Logits (batch, seq, vocab) of one forward with each row composed as given (no cache)."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        with self.composed(rows):
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).logits
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """One heterogeneous batch: every row its own adapters, mode and sampling."""
+        if not requests:
+            return []
+        rows = [(list(r.adapters), list(r.weights) or uniform(len(r.adapters)), r.mode) for r in requests]
+        with self.composed(rows):
+            return generate_batch(self.step, self.tokenizer, requests, pad_id=self.pad_id, eos_ids=self.eos_ids,
+                                  device=self.device)
+
+    def step(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]  # (batch, vocab)
+
+
+def uniform(k: int) -> list[float]:
+    """The paper's default weight 1/k."""
+    return [1.0 / k] * k if k else []
