@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 from torch.nn import functional as F
 
 from cluster.demo.tasks import Example
+from services.evaluation.generation import chat_prompt_ids
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -27,14 +28,6 @@ class TrainSettings:
     rank: int = 8
     alpha: int = 16
     seed: int = 0
-
-
-def chat_prompt(tokenizer, user_text: str) -> list[int]:
-    """Token ids of the chat-template prompt for one user message, ready for the answer."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
-    )
-    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +58,7 @@ def _answer_loss(model, tokenizer, batch: list[tuple[list[int], list[int]]]) -> 
 def encode_examples(tokenizer, examples: list[Example]) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids ending with the end-of-turn token) per example."""
     end = [tokenizer.eos_token_id]
-    return [(chat_prompt(tokenizer, x), tokenizer(y, add_special_tokens=False).input_ids + end) for x, y in examples]
+    return [(chat_prompt_ids(tokenizer, x), tokenizer(y, add_special_tokens=False).input_ids + end) for x, y in examples]
 
 
 def train_lora(
@@ -112,7 +105,7 @@ def greedy_answers(model, tokenizer, inputs: list[str], max_new_tokens: int, bat
     model.eval()
     answers = []
     for start in range(0, len(inputs), batch_size):
-        ids, mask = _left_padded([chat_prompt(tokenizer, x) for x in inputs[start:start + batch_size]], tokenizer.pad_token_id)
+        ids, mask = _left_padded([chat_prompt_ids(tokenizer, x) for x in inputs[start:start + batch_size]], tokenizer.pad_token_id)
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

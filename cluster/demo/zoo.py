@@ -32,13 +32,13 @@ from cluster.demo import base_model
 from cluster.demo.tasks import TASKS, Task
 from cluster.demo.train import TrainSettings, greedy_answers, train_lora
 from services.schemas import AdapterCard, CardSample, Query
+from services.evaluation.generation import primary_score
 from services.text_metrics import score
 
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 CARD_SAMPLES = 20
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class ZooError(RuntimeError):
@@ -197,17 +197,13 @@ def _task_data(task: Task, recipe: Recipe) -> tuple[list, AdapterCard, list[Quer
     return train, card, queries
 
 
-def _primary(metric: str, prediction: str, reference: str) -> float:
-    """One number per answer: EM, BLEU or ROUGE-L."""
-    scores = score(metric, prediction, reference)
-    return scores["rougeL"] if metric == "rouge" else scores[metric]
-
-
 def _answer_budget(tokenizer, queries: list[Query]) -> int:
     return max(len(tokenizer(q.targets, add_special_tokens=False).input_ids) for q in queries) + 4
 
 
-def _mean(values: list[float]) -> float:
+def _task_score(answers: list[str], queries: list[Query]) -> float:
+    """Mean EM, BLEU or ROUGE-L of answers to one task's queries."""
+    values = [primary_score(q.metric, score(q.metric, a, q.targets)) for a, q in zip(answers, queries)]
     return round(sum(values) / len(values), 2)
 
 
@@ -286,8 +282,8 @@ def build_zoo(
                 "recipe": recipe.adapter_key(name),
                 "domain": card.domain,
                 "metric": metric,
-                "base_score": _mean([_primary(metric, a, q.targets) for a, q in zip(base_answers, queries)]),
-                "adapter_score": _mean([_primary(metric, a, q.targets) for a, q in zip(adapter_answers, queries)]),
+                "base_score": _task_score(base_answers, queries),
+                "adapter_score": _task_score(adapter_answers, queries),
                 "train_seconds": round(trained, 1),
             }
             _write_json(zoo.manifest_file, manifest)

@@ -1,0 +1,138 @@
+"""`eval generate`: mixed-task generation quality of base model, perfect selection and
+retrieved compositions, batched across tasks through the composition engine."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from cluster.cli import command_group
+from cluster.commands.retrieval import _check_writable, _write_atomically
+from cluster.errors import UserError
+
+
+def register(sub) -> None:
+    evals = command_group(sub, "eval", "measure the cluster's parts on labelled data")
+    ev = evals.add_parser(
+        "generate", help="generation quality per domain: base, perfect selection, selection, mixture, fusion",
+        description="Without --cards/--queries/--adapters/--base, evaluates the demo zoo "
+        "(`loraretriever demo build`).",
+    )
+    ev.add_argument("--cards", help="CARDS.json of the adapters (default: the demo zoo's)")
+    ev.add_argument("--queries", help="QUERIES.json: [{inputs, targets, task, domain, metric}] (default: the demo zoo's)")
+    ev.add_argument("--adapters", help="folder with one PEFT adapter folder per card, named by model_name")
+    ev.add_argument("--base", help="Hugging Face folder of the base model the adapters were trained on")
+    ev.add_argument("--composition", nargs="+", choices=("selection", "mixture", "fusion"),
+                    default=["selection", "mixture", "fusion"], help="retrieved compositions to evaluate")
+    ev.add_argument("--no-references", action="store_true", help="skip the base model and perfect selection")
+    ev.add_argument("--top-k", type=int, default=3, help="adapters retrieved per query (default 3)")
+    ev.add_argument("--exclude-own", action="store_true",
+                    help="out-of-domain: never retrieve a query's own adapter")
+    ev.add_argument("--max-tokens", type=int, default=24, help="answer length limit (default 24)")
+    ev.add_argument("--batch-size", type=int, default=32, help="rows per engine step (default 32)")
+    ev.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
+    ev.add_argument("--json", dest="json_out", help="also write the full result (with answers) to this file")
+    ev.set_defaults(func=cmd_eval_generate)
+
+
+def _inputs(args) -> tuple[str, str, Path, Path]:
+    from cluster.demo.zoo import default_root
+
+    zoo = default_root()
+    cards = args.cards or str(zoo / "cards.json")
+    queries = args.queries or str(zoo / "queries.json")
+    adapters = Path(args.adapters or zoo / "adapters")
+    base = Path(args.base or zoo / "base")
+    if not (base / "config.json").is_file():
+        raise UserError(f"--base {base}: no config.json there (for the demo zoo: `loraretriever demo build`)")
+    if not adapters.is_dir():
+        raise UserError(f"--adapters {adapters}: not a folder")
+    for flag, value, low in (("--top-k", args.top_k, 1), ("--max-tokens", args.max_tokens, 1), ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise UserError(f"{flag} must be at least {low}, not {value}")
+    return cards, queries, adapters, base
+
+
+def retrieve_for_queries(retriever, queries, *, top_k: int, exclude_own: bool) -> list[list[str]]:
+    """Adapter names best first per query; with exclude_own, without the query's own adapter."""
+    out: list[list[str]] = [[] for _ in queries]
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for i, q in enumerate(queries):
+        by_task[q.task].append(i)
+    for task, indices in by_task.items():
+        results = retriever.retrieve([queries[i].inputs for i in indices], top_k=top_k,
+                                     exclude=[task] if exclude_own else [])
+        for i, result in zip(indices, results):
+            out[i] = [a.name for a in result.adapters]
+    return out
+
+
+def cmd_eval_generate(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cards_path, queries_path, adapters_dir, base = _inputs(args)
+    if args.json_out:
+        _check_writable(Path(args.json_out))
+
+    from transformers import AutoTokenizer
+
+    from services.evaluation.generation import COMPOSITIONS, REFERENCE_SYSTEMS, evaluate_generation
+    from services.lora.adapter_files import AdapterValidationError
+    from services.lora.engine import CompositionEngine
+    from services.retrieval.embedder import Embedder, EmbedderLoadError
+    from services.retrieval.evaluation import EvaluationInputError, index_cards, load_cards, load_queries
+    from services.retrieval.index import AdapterIndex
+    from services.retrieval.retriever import Retriever
+
+    try:
+        cards = load_cards(cards_path)
+        queries = load_queries(queries_path, cards)
+        embedder = Embedder()
+    except (EvaluationInputError, EmbedderLoadError) as err:
+        raise UserError(str(err)) from err
+    retrievable = len(cards) - (1 if args.exclude_own else 0)
+    if args.top_k > retrievable:
+        raise UserError(f"--top-k {args.top_k} exceeds the {retrievable} adapters a query can retrieve")
+    missing = [c.model_name for c in cards if not (adapters_dir / c.model_name).is_dir()]
+    if missing:
+        raise UserError(f"--adapters {adapters_dir}: no adapter folder for {', '.join(missing)}")
+
+    retriever = Retriever(embedder, AdapterIndex(embedder.dim))
+    index_cards(retriever, cards, progress=True)
+    retrieved = retrieve_for_queries(retriever, queries, top_k=args.top_k, exclude_own=args.exclude_own)
+
+    engine = CompositionEngine.from_pretrained(base, device=args.device, dtype="float32",
+                                               max_adapters_per_row=max(args.top_k, 1))
+    try:
+        for card in cards:
+            engine.load_adapter(card.model_name, adapters_dir / card.model_name)
+    except AdapterValidationError as err:
+        raise UserError(str(err)) from err
+
+    systems = ([] if args.no_references else list(REFERENCE_SYSTEMS)) + [c for c in COMPOSITIONS if c in args.composition]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    report = evaluate_generation(engine, tokenizer, queries, retrieved, systems=systems,
+                                 batch_size=args.batch_size, max_tokens=args.max_tokens, progress=True)
+    own_in_top_k = sum(q.task in r for q, r in zip(queries, retrieved)) / len(queries)
+    result = {
+        "settings": {"top_k": args.top_k, "exclude_own": args.exclude_own, "max_tokens": args.max_tokens,
+                     "queries": len(queries), "adapters": len(cards), "own_adapter_in_top_k": round(own_in_top_k, 4)},
+        "retrieved": retrieved,
+        "systems": report,
+    }
+    if args.json_out:
+        _write_atomically(Path(args.json_out), json.dumps(result, indent=1) + "\n")
+    print(format_table(result))
+    return 0
+
+
+def format_table(result: dict) -> str:
+    """Markdown table: one row per system, one column per domain, then the overall score."""
+    systems = result["systems"]
+    domains = sorted(next(iter(systems.values()))["domains"])
+    lines = ["| system | " + " | ".join(domains) + " | overall |", "|---" * (len(domains) + 2) + "|"]
+    for name, rep in systems.items():
+        cells = [f"{rep['domains'][d]['score']:.1f}" for d in domains] + [f"**{rep['overall']['score']:.1f}**"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Evaluation of generation quality over labelled queries."""
