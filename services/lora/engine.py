@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.lora.adapter_files import LoraAdapterWeights, check_adapter_name, read_adapter
 from services.lora.batch_meta import CompositionError, RowComposition, build_batch_meta
-from services.lora.generation import GenerationRequest, GenerationResult, generate_batch
+from services.lora.generation import GenerationRequest, GenerationResult, check_request, generate_batch
 from services.lora.layers import LoraContext, linear_shapes, wrap_model
 from services.lora.pool import AdapterPool
 from services.schemas import CompositionMode
@@ -117,6 +117,8 @@ class CompositionEngine:
         """One heterogeneous batch: every row its own adapters, mode and sampling."""
         if not requests:
             return []
+        for request in requests:
+            check_request(request)
         rows = [(list(r.adapters), list(r.weights) or uniform(len(r.adapters)), r.mode) for r in requests]
         with self.composed(rows):
             return generate_batch(self.step, self.tokenizer, requests, pad_id=self.pad_id, eos_ids=self.eos_ids,

@@ -127,9 +127,8 @@ def generate_batch(forward: ForwardFn, tokenizer, requests: list[GenerationReque
                    eos_ids: set[int], device) -> list[GenerationResult]:
     """Prefill every prompt at once, then decode one token per row per step until each row stops.
 
-    Finished rows keep feeding padding so the batch keeps one shape; they no longer sample."""
-    for request in requests:
-        check_request(request)
+    Finished rows keep feeding padding so the batch keeps one shape; they no longer sample.
+    The requests must have passed check_request."""
     ids, mask = left_pad([r.prompt_ids for r in requests], pad_id, device)
     pos = positions(mask)
     cache = DynamicCache()
