@@ -262,3 +262,9 @@ def test_dashboard_ray_serve_metrics_exist_in_the_installed_ray():
     used = {m for e in exprs() for m in re.findall(r"\bray_serve_[a-z0-9_]+", e)}
     assert {"ray_serve_deployment_request_counter_total", "ray_serve_deployment_replica_healthy"} <= used
     assert used <= serve_builtin_names(), f"unknown Ray Serve metrics: {sorted(used - serve_builtin_names())}"
+
+
+def test_the_observability_doc_lists_every_metric_under_its_exported_name():
+    doc = (DASHBOARD.parents[2] / "docs" / "observability.md").read_text()
+    missing = [s.name for s in SPECS.values() if f"`{s.exported_names()[0].removesuffix('_bucket')}`" not in doc]
+    assert missing == [], f"docs/observability.md does not list {missing}"
