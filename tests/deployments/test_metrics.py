@@ -214,7 +214,10 @@ def dashboard() -> dict:
 
 
 def exprs() -> list[str]:
-    return [t["expr"] for p in dashboard()["panels"] for t in p.get("targets", [])]
+    """Every PromQL text of the dashboard: panel targets and template variable queries."""
+    dash = dashboard()
+    return ([t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+            + [v["definition"] for v in dash["templating"]["list"] if "definition" in v])
 
 
 def serve_builtin_names() -> set[str]:
