@@ -79,3 +79,19 @@ def test_redis_dying_between_staging_and_commit(tmp_path, adapter_dir, monkeypat
         assert tree_state(store.root) == before_files
     finally:
         server.stop()
+
+
+def test_serving_snapshot_outlives_redis(own_server, tmp_path, adapter_dir):
+    """The serving side's catalog keeps resolving known adapters while Redis is away."""
+    from services.serving.catalog import CatalogCache
+
+    registry = registry_on(own_server, AdapterStore(tmp_path / "store"))
+    registry.add_version("a", adapter_dir(0), card("a"), embeddings())
+    registry.add_version("a", adapter_dir(1), card("a"), embeddings(), activate=False)
+    registry.set_canary("a", "v2", 50)
+    cache = CatalogCache(registry, min_interval_s=0)
+    assert cache.get().generation == registry.generation()
+    own_server.stop()
+    catalog = cache.get()
+    served = {catalog.resolve("a", tenant=None, request_id=f"req{i}")[1] for i in range(40)}
+    assert served == {"v1", "v2"}  # active and canary both still served
