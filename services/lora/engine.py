@@ -74,6 +74,10 @@ class CompositionEngine:
     def unpin(self, key: str) -> None:
         self.pool.unpin(key)
 
+    def loaded_adapters(self) -> list[str]:
+        """Every adapter the pool knows (device, CPU tier or re-readable from its folder)."""
+        return list(self.pool.paths)
+
     def resident_adapters(self) -> list[str]:
         """Adapters on the model's device now."""
         return self.pool.resident()
