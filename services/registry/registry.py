@@ -140,11 +140,6 @@ class AdapterRegistry:
                     backoff(attempt)
                     continue
                 try:
-                    duplicate = next((v.version for v in (current.versions.values() if current else [])
-                                      if v.checksum == checksum), None)
-                    if duplicate:
-                        raise VersionConflict(f"adapter '{name}' already has these exact files as version "
-                                              f"'{duplicate}'")
                     now = time.time()
                     vrec = VersionRecord(
                         version=version, checksum=checksum, rank=weights.rank, scaling=weights.scaling,
@@ -152,11 +147,7 @@ class AdapterRegistry:
                         path=str(staged), card=card, embedding_shape=embeddings.shape)
                     record = current or AdapterRecord(name=name, base_model=self.base_model, owner_tenant=tenant,
                                                       visibility=visibility, created_at=now, updated_at=now)
-                    record = record.model_copy(update={"versions": {**record.versions, version: vrec}})
-                    if activate:
-                        record = with_active(record, version)
-                    elif record.active_version is None:
-                        record = record.model_copy(update={"domain": card.domain})
+                    record = with_version(record, vrec, activate)
                     pipe.multi()
                     pipe.set(embedding_key(name, version), embeddings.tobytes())
                     pipe.hset(VERSION_SEQ_KEY, name, number)
@@ -269,10 +260,13 @@ class AdapterRegistry:
             raise InvalidAdapter(f"card model_name '{card.model_name}' does not match adapter name '{name}'")
         check_visibility(name, visibility, tenant)
 
-    @staticmethod
-    def _check_fits_adapter(current: AdapterRecord | None, name: str, tenant: str | None, visibility: str) -> None:
+    def _check_fits_adapter(self, current: AdapterRecord | None, name: str, tenant: str | None,
+                            visibility: str) -> None:
         if current is None:
             return
+        if current.base_model != self.base_model:
+            raise VersionConflict(f"adapter '{name}' was registered for base model '{current.base_model}', "
+                                  f"not '{self.base_model}'")
         if tenant != current.owner_tenant:
             owner = f"tenant '{current.owner_tenant}'" if current.owner_tenant else "the operator (no tenant)"
             raise AccessDenied(f"adapter '{name}' belongs to {owner}, not {tenant or 'the operator'}")
@@ -367,6 +361,18 @@ class _OutcomeUnknown(RegistryUnavailable):
 
 def parse_record(raw: bytes | None) -> AdapterRecord | None:
     return None if raw is None else AdapterRecord.model_validate_json(raw)
+
+
+def with_version(record: AdapterRecord, vrec: VersionRecord, activate: bool) -> AdapterRecord:
+    duplicate = next((v.version for v in record.versions.values() if v.checksum == vrec.checksum), None)
+    if duplicate:
+        raise VersionConflict(f"adapter '{record.name}' already has these exact files as version '{duplicate}'")
+    record = record.model_copy(update={"versions": {**record.versions, vrec.version: vrec}})
+    if activate:
+        return with_active(record, vrec.version)
+    if record.active_version is None:
+        return record.model_copy(update={"domain": vrec.card.domain})
+    return record
 
 
 def with_active(record: AdapterRecord, version: str) -> AdapterRecord:

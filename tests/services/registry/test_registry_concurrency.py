@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 import redis
 from registry_fixtures import BASE_MODEL, card, embeddings, tiny_config
 
@@ -64,7 +63,7 @@ def test_racing_adds_each_get_their_own_version(redis_client, redis_server, stor
     assert [e["action"] for e in writers[0].history("hot")] == ["add_version+activate"] * 4
 
 
-def test_racing_adds_of_the_same_files_register_once(redis_server, store, adapter_dir):
+def test_racing_adds_of_the_same_files_register_once(redis_client, redis_server, store, adapter_dir):
     writers = registries(redis_server, store, 2)
     results = race(*[lambda w=w: w.add_version("same", adapter_dir(1, f"copy{id(w)}"), card("same"), embeddings())
                      for w in writers])
@@ -72,7 +71,7 @@ def test_racing_adds_of_the_same_files_register_once(redis_server, store, adapte
     assert list(assert_consistent(writers[0], store, "same").versions) == ["v1"]
 
 
-def test_activation_racing_retirement_never_dangles(redis_server, store, adapter_dir):
+def test_activation_racing_retirement_never_dangles(redis_client, redis_server, store, adapter_dir):
     a, b = registries(redis_server, store, 2)
     for round_ in range(6):
         name = f"flip{round_}"
@@ -88,12 +87,11 @@ def test_activation_racing_retirement_never_dangles(redis_server, store, adapter
             assert rec.active_version == "v2"
 
 
-@pytest.mark.parametrize("rounds", [20])
-def test_canary_and_activation_racing_keep_the_record_valid(redis_server, store, adapter_dir, rounds):
+def test_canary_and_activation_racing_keep_the_record_valid(redis_client, redis_server, store, adapter_dir):
     a, b = registries(redis_server, store, 2)
     for seed in range(3):
         a.add_version("cn", adapter_dir(seed), card("cn"), embeddings())
-    for i in range(rounds):
+    for i in range(20):
         race(lambda: a.activate("cn", f"v{1 + i % 3}"), lambda: b.set_canary("cn", f"v{1 + (i + 1) % 3}", 25),
              lambda: b.clear_canary("cn") if i % 4 == 0 else None)
         assert_consistent(a, store, "cn")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from registry_fixtures import BASE_MODEL, card, embeddings
+import redis
+from registry_fixtures import BASE_MODEL, card, embeddings, tiny_config
 
 from services.lora.adapter_files import adapter_checksum
 from services.registry.registry import (AccessDenied, AdapterNotFound, AdapterRegistry, InvalidAdapter,
@@ -139,10 +140,6 @@ def test_a_reader_without_base_config_cannot_add(redis_client, store, adapter_di
 
 
 def test_works_with_a_bytes_client(redis_server, store, adapter_dir):
-    import redis
-
-    from registry_fixtures import tiny_config
-
     client = redis.Redis.from_url(redis_server.url)  # decode_responses off, as cluster.wiring makes it
     client.flushdb()
     reg = AdapterRegistry(client, store, base_config=tiny_config(), base_model=BASE_MODEL)
@@ -156,3 +153,10 @@ def test_unknown_adapter(registry):
                  lambda: registry.history("nope"), lambda: registry.card_embeddings("nope")):
         with pytest.raises(AdapterNotFound, match="'nope' is not registered"):
             call()
+
+
+def test_a_registry_for_another_base_model_cannot_extend_an_adapter(registry, make_registry, adapter_dir):
+    registry.add_version("m", adapter_dir(0), card("m"), embeddings())
+    other = make_registry(base_model="other-base")
+    with pytest.raises(VersionConflict, match="registered for base model 'tiny-llama', not 'other-base'"):
+        other.add_version("m", adapter_dir(1), card("m"), embeddings())
