@@ -11,9 +11,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.retrieval import DEFAULT_INSTRUCTION  # one definition, shared with the embedder
 from services.schemas import CompositionMode, Weighting
-
-DEFAULT_INSTRUCTION = "Represent the sentence for similar task retrieval: "
 
 
 class Section(BaseModel):

@@ -1,0 +1,93 @@
+"""`eval retrieval` and `retriever train`: measure and fine-tune adapter retrieval from JSON files."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from cluster.cli import command_group
+from cluster.errors import UserError
+from services.retrieval import DEFAULT_INSTRUCTION
+
+
+def register(sub) -> None:
+    evals = command_group(sub, "eval", "measure the cluster's parts on labelled data")
+    ev = evals.add_parser("retrieval", help="top-1/3/5/8 retrieval accuracy of cards against labelled queries")
+    ev.add_argument("--cards", required=True, help="CARDS.json: [{model_name, sample: [{inputs, targets}], domain?}]")
+    ev.add_argument("--queries", required=True, help="QUERIES.json: [{inputs, targets, task, domain, metric}]")
+    ev.add_argument("--embedder", help="sentence-transformers model folder (default: packaged all-MiniLM-L6-v2)")
+    ev.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="prefix of every embedded text; '' for none")
+    ev.add_argument("--scoring", choices=("centroid", "samples"), help="adapter scoring (default: the index's)")
+    ev.add_argument("--exclude-own", action="store_true",
+                    help="remove each query's own adapter; report how often an adapter of its domain ranks in the top k")
+    ev.add_argument("--json", dest="json_out", help="also write the result to this file")
+    ev.set_defaults(func=cmd_eval_retrieval)
+
+    retriever = command_group(sub, "retriever", "the prompt embedder used for retrieval")
+    tr = retriever.add_parser("train", help="fine-tune the embedder on the adapters in CARDS.json (in-batch negatives)")
+    tr.add_argument("--cards", required=True, help="CARDS.json of the training adapters")
+    tr.add_argument("--out", required=True, help="new or empty folder for the trained model")
+    tr.add_argument("--epochs", type=int, default=4)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--base", help="model folder to start from (default: packaged all-MiniLM-L6-v2)")
+    tr.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="prefix used in training, as at retrieval time")
+    tr.set_defaults(func=cmd_retriever_train)
+
+
+def cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from services.retrieval.embedder import Embedder, EmbedderLoadError
+    from services.retrieval.evaluation import EvaluationInputError, evaluate, load_cards, load_queries
+    from services.retrieval.index import AdapterIndex
+    from services.retrieval.retriever import Retriever
+
+    if args.json_out:
+        _check_writable(Path(args.json_out))
+    try:
+        cards = load_cards(args.cards)
+        queries = load_queries(args.queries, cards)
+        embedder = Embedder(args.embedder, args.instruction)
+    except (EvaluationInputError, EmbedderLoadError) as err:
+        raise UserError(str(err)) from err
+    result = evaluate(Retriever(embedder, AdapterIndex(embedder.dim)), cards, queries,
+                      exclude_own=args.exclude_own, scoring=args.scoring, progress=True)
+    text = json.dumps(result, indent=1)
+    if args.json_out:
+        _write_atomically(Path(args.json_out), text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_retriever_train(args: argparse.Namespace) -> int:
+    from services.retrieval.embedder import EmbedderLoadError
+    from services.retrieval.evaluation import EvaluationInputError, load_cards
+    from services.retrieval.finetune import TrainingInputError, train_retriever
+
+    try:
+        cards = load_cards(args.cards)
+        out = train_retriever(cards, args.out, epochs=args.epochs, seed=args.seed,
+                              base_model_path=args.base, instruction=args.instruction)
+    except (EvaluationInputError, TrainingInputError, EmbedderLoadError) as err:
+        raise UserError(str(err)) from err
+    print(f"trained on {len(cards)} adapters; model folder: {out}")
+    return 0
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before the work, not after it, when the result cannot be written."""
+    if not path.parent.is_dir():
+        raise UserError(f"--json {path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise UserError(f"--json {path}: is a folder")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
