@@ -1,7 +1,8 @@
 """LoRA delta of one target linear for a heterogeneous batch: a plain-torch oracle and two fast paths.
 
 Every backend computes, for row b with adapters (slot_j, w_j) and x of shape (seq, in),
-with A_j (r, in) and B_j (out, r) already multiplied by the adapter's scaling:
+with A_j (r, in) and B_j (out, r) already multiplied by the adapter's scaling (the pool stores
+B_j transposed, as b_stack (slots, r, out)):
   mixture/selection: delta = sum_j w_j B_j A_j x
   fusion:            delta = (sum_j w_j B_j)(sum_j w_j A_j) x
 Fusion is computed in rank space as sum_i w_i B_i (sum_j w_j A_j x), which is the same product
@@ -16,7 +17,7 @@ from services.lora.batch_meta import EMPTY_SLOT, LoraBatchMeta
 
 # A gathered float costs about this many multiply-adds (a copy is memory-bound, a GEMM is not);
 # set from cluster/bench/composition.py on CPU.
-GATHER_COPY_COST = 8.0
+GATHER_COPY_COST = 24.0
 
 
 def compose_rank_space(xa: torch.Tensor, weights: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
@@ -38,13 +39,13 @@ def reference_delta(x, a_stack, b_stack, meta: LoraBatchMeta, layer_key: str) ->
     for b in range(x.shape[0]):
         pairs = [(int(s), meta.weights[b, j]) for j, s in enumerate(meta.slots[b]) if int(s) != EMPTY_SLOT]
         if not pairs:
-            delta = torch.zeros(x.shape[1], b_stack.shape[1], dtype=x.dtype, device=x.device)  # (seq, out)
+            delta = torch.zeros(x.shape[1], b_stack.shape[2], dtype=x.dtype, device=x.device)  # (seq, out)
         elif bool(meta.fusion[b]):
             a_avg = sum(w * a_stack[s] for s, w in pairs)  # (r, in)
-            b_avg = sum(w * b_stack[s] for s, w in pairs)  # (out, r)
+            b_avg = sum(w * b_stack[s].T for s, w in pairs)  # (out, r)
             delta = x[b] @ a_avg.T @ b_avg.T
         else:
-            delta = sum(w * (x[b] @ a_stack[s].T @ b_stack[s].T) for s, w in pairs)
+            delta = sum(w * (x[b] @ a_stack[s].T @ b_stack[s]) for s, w in pairs)
         rows.append(delta)
     return torch.stack(rows)
 
@@ -52,12 +53,14 @@ def reference_delta(x, a_stack, b_stack, meta: LoraBatchMeta, layer_key: str) ->
 def gather_delta(x, a_stack, b_stack, meta: LoraBatchMeta, layer_key: str) -> torch.Tensor:
     """Semantics: the module docstring. Gathers each row's k adapters: cost grows with k, not with
     the adapters in the batch; the gather copies batch*k*r*(in+out) numbers per call."""
+    batch, seq, _ = x.shape
+    k, r = meta.slots.shape[1], a_stack.shape[1]
     index = meta.slots.clamp(min=0)  # (batch, k); empty slots carry weight 0
-    a_rows = a_stack[index]  # (batch, k, r, in)
-    b_rows = b_stack[index]  # (batch, k, out, r)
-    xa = torch.einsum("bsi,bkri->bskr", x, a_rows)  # (batch, seq, k, r)
+    a_rows = a_stack[index].view(batch, k * r, -1)  # (batch, k*r, in)
+    b_rows = b_stack[index].view(batch, k * r, -1)  # (batch, k*r, out)
+    xa = torch.bmm(x, a_rows.transpose(1, 2)).view(batch, seq, k, r)  # (batch, seq, k, r)
     h = compose_rank_space(xa, meta.weights, meta.fusion)
-    return torch.einsum("bskr,bkor->bso", h, b_rows)  # (batch, seq, out)
+    return torch.bmm(h.view(batch, seq, k * r), b_rows)  # (batch, seq, out)
 
 
 def shrink_expand_delta(x, a_stack, b_stack, meta: LoraBatchMeta, layer_key: str) -> torch.Tensor:
@@ -67,15 +70,15 @@ def shrink_expand_delta(x, a_stack, b_stack, meta: LoraBatchMeta, layer_key: str
     stacks = meta.layer_cache.get(layer_key)
     if stacks is None:
         u, r = meta.unique_slots.numel(), a_stack.shape[1]
-        a_cat = a_stack[meta.unique_slots].reshape(u * r, -1)  # (u*r, in)
-        b_cat = b_stack[meta.unique_slots].permute(1, 0, 2).reshape(b_stack.shape[1], u * r)  # (out, u*r)
+        a_cat = a_stack[meta.unique_slots].view(u * r, -1)  # (u*r, in)
+        b_cat = b_stack[meta.unique_slots].view(u * r, -1)  # (u*r, out)
         stacks = meta.layer_cache[layer_key] = (a_cat, b_cat)
     a_cat, b_cat = stacks
     batch, seq, _ = x.shape
     r = a_stack.shape[1]
     xa = (x @ a_cat.T).view(batch, seq, -1, r)  # (batch, seq, u, r)
     h = compose_rank_space(xa, meta.dense_weights, meta.fusion)
-    return h.reshape(batch, seq, -1) @ b_cat.T  # (batch, seq, out)
+    return h.reshape(batch, seq, -1) @ b_cat  # (batch, seq, out)
 
 
 def choose_backend(meta: LoraBatchMeta, seq: int):

@@ -19,9 +19,11 @@ class LoraContext:
 
     pool: AdapterPool
     meta: LoraBatchMeta | None = None
-    backend: str = "auto"  # "auto" dispatches on shape; or a name in BACKENDS
+    backend: str | Callable = "auto"  # "auto" dispatches on shape; a name in BACKENDS; or a delta function
 
     def delta_fn(self, seq: int) -> Callable:
+        if callable(self.backend):
+            return self.backend
         return choose_backend(self.meta, seq) if self.backend == "auto" else BACKENDS[self.backend]
 
 

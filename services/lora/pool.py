@@ -1,7 +1,7 @@
 """Adapters in two tiers: validated float32 weights on CPU, and a fixed number of device slots.
 
 The device tier holds, per wrapped layer, one stacked A (slots, r, in) and one stacked B
-(slots, out, r) with the adapter's scaling folded into B and ranks zero-padded to the largest
+transposed (slots, r, out) with the adapter's scaling folded into B and ranks zero-padded to the largest
 rank resident so far; a forward indexes these by slot. Device slots are reused least recently
 used first, never while pinned or in use by a running batch.
 """
@@ -36,7 +36,7 @@ class AdapterPoolFull(RuntimeError):
 @dataclass
 class LayerStack:
     a: torch.Tensor  # (slots, r, in)
-    b: torch.Tensor  # (slots, out, r), scaling folded in
+    b: torch.Tensor  # (slots, r, out): B transposed, scaling folded in; rows of a slot are contiguous
 
 
 class AdapterPool:
@@ -176,21 +176,21 @@ class AdapterPool:
                 in_features, out_features = self.layer_shapes[layer]
                 self.stacks[layer] = LayerStack(
                     a=torch.zeros(self.device_slots, self.rank, in_features, dtype=self.dtype, device=self.device),
-                    b=torch.zeros(self.device_slots, out_features, self.rank, dtype=self.dtype, device=self.device))
+                    b=torch.zeros(self.device_slots, self.rank, out_features, dtype=self.dtype, device=self.device))
         for layer, stack in self.stacks.items():
             stack.a[slot].zero_()
             stack.b[slot].zero_()
             if layer in weights.a:
                 r = weights.rank
                 stack.a[slot, :r] = weights.a[layer].to(self.device, self.dtype)
-                stack.b[slot, :, :r] = (weights.b[layer] * weights.scaling).to(self.device, self.dtype)
+                stack.b[slot, :r] = (weights.b[layer].T * weights.scaling).to(self.device, self.dtype)
 
     def grow_rank(self, rank: int) -> None:
         """Zero-pad every stack to a larger rank; padded components contribute nothing."""
         for stack in self.stacks.values():
             pad = rank - self.rank
             stack.a = torch.nn.functional.pad(stack.a, (0, 0, 0, pad))
-            stack.b = torch.nn.functional.pad(stack.b, (0, pad))
+            stack.b = torch.nn.functional.pad(stack.b, (0, 0, 0, pad))
         self.rank = rank
 
     def stats(self) -> dict:

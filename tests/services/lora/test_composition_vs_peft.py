@@ -124,7 +124,8 @@ def test_mixture_equals_weighted_sum_of_peft_adapters(engine, peft_model, batch,
     rng = random.Random(k)
     rows = [(adapters, [rng.uniform(0.1, 1.0) for _ in adapters], Mode.mixture)
             for adapters in random_rows(batch, k, seed=batch * 10 + k)]
-    oracle = peft_logits(peft_model, ids, mask, weighted_peft_adapter(peft_model, rows, partial(add_cat_adapter, peft_model)))
+    names = weighted_peft_adapter(peft_model, rows, partial(add_cat_adapter, peft_model))
+    oracle = peft_logits(peft_model, ids, mask, names)
     assert_real_tokens_close(engine.forward_logits(ids, mask, rows), oracle, mask)
 
 
@@ -136,8 +137,9 @@ def test_mixture_layer_equals_explicit_sum_of_peft_deltas(engine, peft_model):
     adapters, weights = ["r4", "r16", "r64"], [0.5, 0.3, 0.2]
     x = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        expected = peft_layer.base_layer(x) + sum(
-            w * peft_layer.scaling[a] * peft_layer.lora_B[a](peft_layer.lora_A[a](x)) for a, w in zip(adapters, weights))
+        deltas = [w * peft_layer.scaling[a] * peft_layer.lora_B[a](peft_layer.lora_A[a](x))
+                  for a, w in zip(adapters, weights)]
+        expected = peft_layer.base_layer(x) + sum(deltas)
         with engine.composed([(adapters, weights, Mode.mixture)] * 2):
             ours = engine.model.get_submodule(layer_key)(x)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
@@ -176,7 +178,8 @@ def test_fusion_equals_peft_adapter_of_averaged_a_and_b(engine, peft_model, batc
     ids, mask = left_padded_batch([4, 6, 2, 6, 5][:batch], seed=k)
     groups = [["r4", "r16"]] * batch if same_rank else random_rows(batch, k, seed=batch + k)
     rows = [(adapters, [1.0 / len(adapters)] * len(adapters), Mode.fusion) for adapters in groups]
-    oracle = peft_logits(peft_model, ids, mask, weighted_peft_adapter(peft_model, rows, partial(add_fused_adapter, peft_model)))
+    names = weighted_peft_adapter(peft_model, rows, partial(add_fused_adapter, peft_model))
+    oracle = peft_logits(peft_model, ids, mask, names)
     assert_real_tokens_close(engine.forward_logits(ids, mask, rows), oracle, mask)
 
 

@@ -126,3 +126,12 @@ def test_bad_requests_are_refused(engine):
     with pytest.raises(KeyError, match="not loaded"):
         engine.generate([GenerationRequest(prompt_ids=[1], adapters=["zzz"], weights=[1.0])])
     assert engine.pool.in_use == {}  # a refused batch holds no adapter
+
+
+def test_from_pretrained_folder_serves_the_same_tokens(engine, folders, tokenizer, tmp_path):
+    tiny_model(vocab_size=VOCAB).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = CompositionEngine.from_pretrained(tmp_path, device="auto", dtype="float32", max_adapters_per_row=2)
+    loaded.load_adapter("a", folders["a"])
+    request = GenerationRequest(prompt_ids=PROMPTS[0], adapters=["a"], weights=[1.0], max_tokens=6)
+    assert loaded.generate([request])[0].token_ids == engine.generate([request])[0].token_ids
