@@ -169,8 +169,8 @@ def write_plot(records: list[dict], path: Path) -> None:
             ax.plot(*zip(*pts), marker="o", label=method)
         ax.set(title=f"{shape}, k={k}, batch 32", xlabel="distinct adapters in the batch",
                ylabel="tokens/s ÷ base model")
-    axes[0, 0].legend(fontsize=8)
-    axes[1, 0].legend(fontsize=8)
+    for ax in axes.flat:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
