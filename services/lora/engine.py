@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +33,9 @@ class CompositionEngine:
         self.pool = AdapterPool(linear_shapes(model), device=self.device, dtype=self.dtype,
                                 device_slots=device_slots, cpu_slots=cpu_slots, reload=self.read)
         self.context = LoraContext(self.pool)
+        # One batch at a time writes device slots and runs forwards: a slot write may re-pad every
+        # stack (a larger rank), which must not happen under a forward in flight.
+        self.device_lock = threading.RLock()
         wrap_model(model, self.context)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
@@ -69,7 +73,8 @@ class CompositionEngine:
         return self.pool.contains(key)
 
     def pin(self, key: str) -> None:
-        self.pool.pin(key)
+        with self.device_lock:
+            self.pool.pin(key)
 
     def unpin(self, key: str) -> None:
         self.pool.unpin(key)
@@ -96,17 +101,18 @@ class CompositionEngine:
             if mode is not CompositionMode.none and len(weights) != len(adapters):
                 raise CompositionError(f"a row has {len(adapters)} adapters but {len(weights)} weights")
         keys = [key for adapters, _, mode in rows if mode is not CompositionMode.none for key in adapters]
-        slot_of = self.pool.acquire(keys)
-        try:
-            self.context.meta = build_batch_meta(
-                [RowComposition([slot_of[a] for a in adapters], list(weights), mode)
-                 if mode is not CompositionMode.none else RowComposition([], [], mode)
-                 for adapters, weights, mode in rows],
-                dtype=self.dtype, device=self.device)
-            yield
-        finally:
-            self.context.meta = None
-            self.pool.release(keys)
+        with self.device_lock:
+            slot_of = self.pool.acquire(keys)
+            try:
+                self.context.meta = build_batch_meta(
+                    [RowComposition([slot_of[a] for a in adapters], list(weights), mode)
+                     if mode is not CompositionMode.none else RowComposition([], [], mode)
+                     for adapters, weights, mode in rows],
+                    dtype=self.dtype, device=self.device)
+                yield
+            finally:
+                self.context.meta = None
+                self.pool.release(keys)
 
     @torch.inference_mode()
     def forward_logits(self, input_ids, attention_mask, rows: list[Row]) -> torch.Tensor:

@@ -119,3 +119,16 @@ def test_rows_beyond_limits_are_refused(folders):
     with pytest.raises(CompositionError, match="twice"):
         engine.forward_logits(IDS, MASK, [(["a", "a"], [0.5, 0.5], Mode.mixture)])
     assert engine.pool.in_use == {}
+
+
+def test_concurrent_batches_do_not_disturb_each_other(folders):
+    """Batches from two threads, one of them growing the pool's rank: each equals its lone result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = {name: logits(make_engine(folders), name) for name in "de"}
+    engine = make_engine(folders, device_slots=2)
+    with ThreadPoolExecutor(2) as threads:
+        results = list(threads.map(lambda name: [logits(engine, name) for _ in range(3)], "de"))
+    for name, outs in zip("de", results):
+        for out in outs:
+            torch.testing.assert_close(out, expected[name], rtol=0, atol=1e-6)
