@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 
 from cluster import commands
 from cluster.errors import UserError
+from cluster.local_ray import LOOPBACK_IMPORT_ENV
 
 
 def command_group(subparsers, name: str, help: str):
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for key, value in LOOPBACK_IMPORT_ENV.items():  # before any command imports Ray
+        os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

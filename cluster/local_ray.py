@@ -6,7 +6,14 @@ metadata address; both are off-limits for local runs and tests.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+
+# Read by Ray when it is first imported: set them before any `import ray` (cli.main, tests).
+LOOPBACK_IMPORT_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single-node mode: 127.0.0.1, not the outward address
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
 
 RAY_HOME = Path(os.environ.get("LORARETRIEVER_HOME", Path.home() / ".cache" / "loraretriever")) / "ray-home"
 
@@ -17,9 +24,7 @@ def loopback_ray_env() -> dict[str, str]:
     RAY_HOME.mkdir(parents=True, exist_ok=True)
     (RAY_HOME / "ray_bootstrap_config.yaml").write_text("provider: {type: local}\n")
     own = {k: v for k, v in os.environ.items() if k.startswith("LORARETRIEVER_")}
-    return own | {
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    return own | LOOPBACK_IMPORT_ENV | {
         "HOME": str(RAY_HOME),
         "LORARETRIEVER_HOME": str(RAY_HOME.parent),  # replicas find the demo zoo under the real home
         "HF_HUB_OFFLINE": "1",
@@ -33,6 +38,8 @@ def init_local_ray(num_cpus: int = 2, **kwargs):
     import ray
 
     env = loopback_ray_env()
+    if "ray._private.ray_constants" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        raise RuntimeError("Ray was imported before LOOPBACK_IMPORT_ENV was set; it would bind the outward address")
     os.environ.update(env)
     if ray.is_initialized():
         return ray

@@ -1,7 +1,7 @@
+# No `from __future__ import annotations`: Serve re-wraps the endpoints and FastAPI must see real types.
 """Operator endpoints (/admin/...): adapter rollout and tenants. A separate admin key,
 never a tenant key. Mixed into the Ingress deployment, which supplies registry, tenants,
 limiter and the retriever handle."""
-from __future__ import annotations
 
 import base64
 import binascii

@@ -7,6 +7,7 @@ import logging
 from ray import serve
 
 from cluster.config import AppConfig
+from deployments import metrics
 from cluster.wiring import base_model_path, make_placement, make_registry
 from services.serving.catalog import CatalogCache
 from services.serving.composer_service import ComposeJob, ComposerService
@@ -32,6 +33,7 @@ class Composer:
         self.service = ComposerService(
             engine, cfg.adapter_store.path, max_batch_size=comp.max_batch_size,
             wait_timeout_s=comp.batch_wait_timeout_s, max_prompt_tokens=comp.max_prompt_tokens,
+            on_batch=metrics.observe_batch,
         )
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.placement = make_placement(cfg)
@@ -53,6 +55,7 @@ class Composer:
             if dropped:
                 log.info("dropped stale adapter versions %s", dropped)
         resident = self.service.resident()
+        metrics.set_pool_stats(self.replica_id, self.service.engine.pool_stats())
         try:
             self.placement.heartbeat(self.replica_id, resident, queue_len=self.service.batcher.queue_len)
         except Exception as err:  # placement is advisory; routing must not depend on Redis

@@ -1,9 +1,9 @@
+# No `from __future__ import annotations`: Serve re-wraps the endpoints and FastAPI must see real types.
 """Ingress: the OpenAI-compatible HTTP API (FastAPI inside Ray Serve).
 
 Authenticates the tenant, validates, plans each prompt's composition (retrieval or named
 adapters) against one registry snapshot, fans prompts out to the composer group and
 streams or collects the answers. Business logic lives in services/; this class is glue."""
-from __future__ import annotations
 
 import asyncio
 import json
@@ -14,12 +14,15 @@ import uuid
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.context import _get_serve_request_context
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import AppConfig
 from cluster.wiring import base_model_name, make_registry, redis_client
+from deployments import metrics
 from deployments.admin_api import AdminRoutes
+from deployments.fanout import call_with_own_id
 from deployments.http_app import REQUEST_ID_HEADER, app, unwrap
 from services.schemas import (
     ChatCompletionRequest,
@@ -31,9 +34,9 @@ from services.schemas import (
 from services.serving import openai_format as fmt
 from services.serving.catalog import AdapterUnavailable, Catalog, CatalogCache
 from services.serving.composer_service import ComposeJob
-from services.serving.errors import BadRequest, NotFound, Timeout
+from services.serving.errors import BadRequest, NotFound, ServingError, Timeout
 from services.serving.planner import AUTO_MODEL, PlanDefaults, needs_retrieval, plan_composition
-from services.tenancy.gate import TenantGate
+from services.tenancy.gate import TenantGate, TooManyRequests, Unauthorized
 from services.tenancy.limits import TenantLimiter
 from services.tenancy.tenants import Tenant, TenantStore
 
@@ -74,7 +77,7 @@ class Ingress(AdminRoutes):
     # ---- catalog ---------------------------------------------------------
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
-        tenant = self._tenant_name(self.gate.authenticate(request.headers.get("authorization")))
+        tenant = self._tenant_name(self._authenticate(request))
         now = int(time.time())
         entries = [{"id": self.base_name, "object": "model", "created": now, "owned_by": "base"},
                    {"id": AUTO_MODEL, "object": "model", "created": now, "owned_by": "loraretriever"}]
@@ -85,11 +88,10 @@ class Ingress(AdminRoutes):
 
     @app.post("/v1/retrieve")
     async def retrieve(self, body: RetrieveRequest, request: Request) -> JSONResponse:
-        tenant = self._tenant_name(self.gate.authenticate(request.headers.get("authorization")))
+        tenant = self._tenant_name(self._authenticate(request))
         prompts = self._checked(body.prompts)
         results = await self._with_timeout(asyncio.gather(*(self._retrieve(p, body.lora, tenant) for p in prompts)))
-        return JSONResponse({"object": "list", "data": [{"index": i, **r} for i, r in enumerate(results)]},
-                            headers={REQUEST_ID_HEADER: self._request_id(request)})
+        return JSONResponse({"object": "list", "data": [{"index": i, **r} for i, r in enumerate(results)]})
 
     # ---- generation ------------------------------------------------------
     @app.post("/v1/completions")
@@ -104,12 +106,12 @@ class Ingress(AdminRoutes):
 
     async def _generate(self, body, request: Request, inputs: list[dict], texts: list[str], *, chat: bool):
         request_id = self._request_id(request)
-        tenant = self.gate.authenticate(request.headers.get("authorization"))
+        tenant = self._authenticate(request)
         stops = self._checked(body.stop_list)
         if body.max_tokens > self.cfg.composition.max_tokens_limit:
             raise BadRequest(f"max_tokens may be at most {self.cfg.composition.max_tokens_limit}", param="max_tokens")
-        lease = self._checked(lambda: self.gate.admit(tenant, request_id, body.max_tokens))
-        started, usage, streaming = time.perf_counter(), {}, False
+        lease = self._admit(tenant, request_id, body.max_tokens)
+        started, usage, streaming, plans, status = time.perf_counter(), {}, False, [], 500
         try:
             catalog = self.catalog.get()  # one snapshot per request: one version per adapter throughout
             plans = await self._with_timeout(asyncio.gather(
@@ -119,21 +121,44 @@ class Ingress(AdminRoutes):
                                temperature=body.temperature, top_p=body.top_p, stop=stops, seed=body.seed,
                                **inp).model_dump()
                     for inp, plan in zip(inputs, plans)]
-            streams = [self.composer.options(stream=True).generate.remote(job) for job in jobs]
-            headers = {REQUEST_ID_HEADER: request_id}
+            streams = [call_with_own_id(self.composer.options(stream=True).generate.remote, job) for job in jobs]
             if body.stream:
                 firsts = await self._with_timeout(asyncio.gather(*(self._next(s) for s in streams)))
+                metrics.observe_ttft(time.perf_counter() - started)
                 events = self._sse(request_id, body.model, streams, firsts, plans, chat, tenant, lease)
-                streaming = True  # the stream releases the lease when it ends
-                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+                streaming, status = True, 200  # the stream releases the lease when it ends
+                return StreamingResponse(events, media_type="text/event-stream")
             results = await self._with_timeout(asyncio.gather(*(self._collect(s) for s in streams)))
             reply = fmt.completion_body(request_id, body.model, results, plans, chat=chat)
             usage = {k: reply["usage"][k] for k in ("prompt_tokens", "completion_tokens")}
             self._log_request(request_id, tenant, plans, usage, started)
-            return JSONResponse(reply, headers=headers)
+            status = 200
+            return JSONResponse(reply)
+        except ServingError as err:
+            status = err.status
+            raise
         finally:
             if not streaming:
                 self.gate.finish(tenant, lease, requests=1, **usage)
+            metrics.observe_request(self._tenant_name(tenant), plans[0].composition.value if plans else metrics.UNPLANNED,
+                                    max((len(p.adapters) for p in plans), default=0), status)
+
+    def _authenticate(self, request: Request) -> Tenant | None:
+        try:
+            return self.gate.authenticate(request.headers.get("authorization"))
+        except Unauthorized:
+            metrics.observe_rejection(None, "unauthorized")
+            raise
+
+    def _admit(self, tenant: Tenant | None, request_id: str, max_tokens: int):
+        """A concurrency lease (None without tenants); 429 over a limit, 400 over max_tokens."""
+        try:
+            return self.gate.admit(tenant, request_id, max_tokens)
+        except TooManyRequests:
+            metrics.observe_rejection(self._tenant_name(tenant), "limited")
+            raise
+        except ValueError as err:
+            raise BadRequest(str(err), param="max_tokens") from err
 
     async def _sse(self, request_id, model, streams, firsts, plans, chat, tenant, lease):
         """Interleave the prompts' streams as OpenAI chunks; each choice's first chunk names its adapters."""
@@ -191,9 +216,13 @@ class Ingress(AdminRoutes):
 
     async def _retrieve(self, text: str, opts, tenant: str | None) -> dict:
         min_sim = opts.min_similarity if opts.min_similarity is not None else self.defaults.min_similarity
-        return await self.retriever.retrieve.remote(
-            text, top_k=opts.top_k or self.defaults.top_k, exclude=list(opts.exclude), min_similarity=min_sim,
-            tenant=tenant)
+        started = time.perf_counter()
+        result = await call_with_own_id(
+            self.retriever.retrieve.remote, text, top_k=opts.top_k or self.defaults.top_k, exclude=list(opts.exclude),
+            min_similarity=min_sim, tenant=tenant)
+        metrics.observe_retrieval(time.perf_counter() - started,
+                                  result["adapters"][0]["score"] if result["adapters"] else None)
+        return result
 
     @staticmethod
     async def _next(stream):
@@ -239,5 +268,7 @@ class Ingress(AdminRoutes):
 
     @staticmethod
     def _request_id(request: Request) -> str:
-        given = request.headers.get(REQUEST_ID_HEADER, "")
-        return given if 0 < len(given) <= 128 and given.isprintable() else f"req-{uuid.uuid4().hex}"
+        """Serve's id for this request: the client's X-Request-Id if it sent one, else generated.
+        Serve's proxy echoes it in the response header; we carry it to logs and composers."""
+        return _get_serve_request_context().request_id or request.headers.get(REQUEST_ID_HEADER) or (
+            f"req-{uuid.uuid4().hex}")

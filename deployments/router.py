@@ -57,6 +57,10 @@ class AdapterAffinityRouter(RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: List[RunningReplica], pending_request: Optional[PendingRequest] = None
     ) -> List[List[RunningReplica]]:
+        if pending_request is not None:
+            # Every candidate is in the ranks: if none takes the request, wait before the next try
+            # (without this flag Serve retries at once, spinning the router's event loop).
+            pending_request.routing_context.should_backoff = True
         queue_lens = {r.replica_id: self._replica_queue_len_cache.get(r.replica_id) for r in candidate_replicas}
         return rank_by_affinity(
             request_adapter_keys(pending_request), candidate_replicas, queue_lens, self.spread_threshold

@@ -30,8 +30,11 @@ class BatchStats:
 
 class DynamicBatcher:
     def __init__(self, run_batch: Callable[[list[GenerationRequest]], list[GenerationResult]],
-                 *, max_batch_size: int, wait_timeout_s: float):
+                 *, max_batch_size: int, wait_timeout_s: float,
+                 on_batch: Callable[[int, int, float], None] | None = None):
+        """on_batch(rows, new_tokens, seconds) is called after every successful batch (metrics)."""
         self.run_batch = run_batch
+        self.on_batch = on_batch
         self.max_batch_size = max_batch_size
         self.wait_timeout_s = wait_timeout_s
         self.stats = BatchStats()
@@ -91,6 +94,8 @@ class DynamicBatcher:
             results = await loop.run_in_executor(self._executor, self.run_batch, requests)
             for (_, out), result in zip(batch, results):
                 out.put_nowait(result)
+            if self.on_batch is not None:
+                self.on_batch(len(batch), sum(r.completion_tokens for r in results), time.perf_counter() - started)
         except Exception as err:  # the whole batch failed: every caller hears why
             log.exception("batch of %d failed", len(batch))
             for _, out in batch:

@@ -33,11 +33,12 @@ class ComposeJob(Strict):
 
 class ComposerService:
     def __init__(self, engine, store_root: str | Path, *, max_batch_size: int, wait_timeout_s: float,
-                 max_prompt_tokens: int):
+                 max_prompt_tokens: int, on_batch=None):
         self.engine = engine
         self.store_root = Path(store_root)
         self.max_prompt_tokens = max_prompt_tokens
-        self.batcher = DynamicBatcher(engine.generate, max_batch_size=max_batch_size, wait_timeout_s=wait_timeout_s)
+        self.batcher = DynamicBatcher(engine.generate, max_batch_size=max_batch_size, wait_timeout_s=wait_timeout_s,
+                                      on_batch=on_batch)
 
     def adapter_path(self, key: str) -> Path:
         name, _, version = key.partition("@")
