@@ -21,7 +21,6 @@ from ray.serve.handle import DeploymentHandle
 from cluster.config import AppConfig
 from cluster.wiring import base_model_name, make_registry, redis_client
 from deployments import metrics
-from deployments.admin_api import AdminRoutes
 from deployments.fanout import call_with_own_id
 from deployments.http_app import REQUEST_ID_HEADER, app, unwrap
 from services.schemas import (
@@ -32,6 +31,7 @@ from services.schemas import (
     RetrieveRequest,
 )
 from services.serving import openai_format as fmt
+from services.serving.admin import AdapterUpload, AdminService, CanaryRequest, TenantCreate, VersionRef
 from services.serving.catalog import AdapterUnavailable, Catalog, CatalogCache
 from services.serving.composer_service import ComposeJob
 from services.serving.errors import BadRequest, NotFound, ServingError, Timeout
@@ -45,7 +45,7 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
-class Ingress(AdminRoutes):
+class Ingress:
     def __init__(self, config: dict, retriever: DeploymentHandle, composer: DeploymentHandle):
         self.cfg = AppConfig.model_validate(config)
         self.retriever = retriever
@@ -56,6 +56,9 @@ class Ingress(AdminRoutes):
         self.tenants = TenantStore(redis)
         self.limiter = TenantLimiter(redis)
         self.gate = TenantGate(self.tenants, self.limiter, enabled=self.cfg.server.auth_enabled)
+        self.admin = AdminService(registry=self.registry, tenants=self.tenants, limiter=self.limiter,
+                                  embed=lambda texts: retriever.embed.remote(texts),
+                                  admin_key_env=self.cfg.server.admin_key_env)
         self.base_name = base_model_name(self.cfg)
         r, c = self.cfg.retrieval, self.cfg.composition
         self.defaults = PlanDefaults(top_k=r.top_k, composition=c.mode, weighting=c.weighting,
@@ -201,6 +204,64 @@ class Ingress(AdminRoutes):
             for t in tasks:
                 t.cancel()
             self.gate.finish(tenant, lease, requests=1, completion_tokens=completion_tokens)
+
+    # ---- operators (admin key) --------------------------------------------
+    # Routes are declared here, on the class Serve wraps; the work is in services.serving.admin.
+    @app.get("/admin/adapters")
+    async def admin_list_adapters(self, request: Request) -> dict:
+        return await self.admin.list_adapters(request.headers.get("authorization"))
+
+    @app.get("/admin/adapters/{name}")
+    async def admin_show_adapter(self, name: str, request: Request) -> dict:
+        return await self.admin.show_adapter(name, request.headers.get("authorization"))
+
+    @app.post("/admin/adapters")
+    async def admin_add_adapter(self, body: AdapterUpload, request: Request) -> dict:
+        return await self.admin.add_adapter(body, request.headers.get("authorization"))
+
+    @app.post("/admin/adapters/{name}/promote")
+    async def admin_promote(self, name: str, body: VersionRef, request: Request) -> dict:
+        return await self.admin.promote(name, body, request.headers.get("authorization"))
+
+    @app.post("/admin/adapters/{name}/canary")
+    async def admin_canary(self, name: str, body: CanaryRequest, request: Request) -> dict:
+        return await self.admin.canary(name, body, request.headers.get("authorization"))
+
+    @app.post("/admin/adapters/{name}/rollback")
+    async def admin_rollback(self, name: str, request: Request) -> dict:
+        return await self.admin.rollback(name, request.headers.get("authorization"))
+
+    @app.delete("/admin/adapters/{name}")
+    async def admin_retire(self, name: str, request: Request) -> dict:
+        return await self.admin.retire(name, request.headers.get("authorization"))
+
+    @app.post("/admin/adapters/{name}/pin")
+    async def admin_pin(self, name: str, request: Request) -> dict:
+        return await self.admin.pin(name, request.headers.get("authorization"))
+
+    @app.post("/admin/adapters/{name}/unpin")
+    async def admin_unpin(self, name: str, request: Request) -> dict:
+        return await self.admin.unpin(name, request.headers.get("authorization"))
+
+    @app.get("/admin/adapters/{name}/history")
+    async def admin_history(self, name: str, request: Request) -> dict:
+        return await self.admin.history(name, request.headers.get("authorization"))
+
+    @app.post("/admin/tenants")
+    async def admin_add_tenant(self, body: TenantCreate, request: Request) -> dict:
+        return await self.admin.add_tenant(body, request.headers.get("authorization"))
+
+    @app.get("/admin/tenants")
+    async def admin_list_tenants(self, request: Request) -> dict:
+        return await self.admin.list_tenants(request.headers.get("authorization"))
+
+    @app.delete("/admin/tenants/{name}")
+    async def admin_revoke_tenant(self, name: str, request: Request) -> dict:
+        return await self.admin.revoke_tenant(name, request.headers.get("authorization"))
+
+    @app.get("/admin/tenants/{name}/usage")
+    async def admin_usage(self, name: str, request: Request) -> dict:
+        return await self.admin.usage(name, request.headers.get("authorization"))
 
     # ---- helpers ---------------------------------------------------------
     async def _plan(self, model: str, opts, text: str, request_id: str, catalog: Catalog,

@@ -1,23 +1,23 @@
-# No `from __future__ import annotations`: Serve re-wraps the endpoints and FastAPI must see real types.
-"""Operator endpoints (/admin/...): adapter rollout and tenants. A separate admin key,
-never a tenant key. Mixed into the Ingress deployment, which supplies registry, tenants,
-limiter and the retriever handle."""
+"""Operator actions behind the /admin endpoints: adapter rollout and tenants.
+
+They need the admin key (never a tenant key). Plain Python: the Ingress deployment's
+routes call these methods with the request's Authorization header."""
+from __future__ import annotations
 
 import base64
 import binascii
 import hmac
 import os
+from typing import Awaitable, Callable
 import tempfile
 from pathlib import Path
 
-from fastapi import Request
 from pydantic import Field
 
-from deployments.http_app import app
 from services.schemas import AdapterCard, Strict
 from services.serving.errors import BadRequest, NotFound, ServingError, Unavailable
 from services.tenancy.gate import Unauthorized, bearer_token
-from services.tenancy.tenants import TenantError, TenantLimits
+from services.tenancy.tenants import TenantError, TenantLimits, TenantStore
 
 ALLOWED_UPLOAD_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
@@ -26,6 +26,11 @@ MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 class Forbidden(ServingError):
     status = 403
     type = "permission_error"
+
+
+class Conflict(ServingError):
+    status = 409
+    type = "conflict_error"
 
 
 class AdapterUpload(Strict):
@@ -43,7 +48,7 @@ class VersionRef(Strict):
 
 
 class CanaryRequest(VersionRef):
-    percent: float = Field(ge=0, le=100)
+    percent: float = Field(gt=0, lt=100, description="share of the adapter's traffic; promote for 100")
 
 
 class TenantCreate(Strict):
@@ -53,23 +58,35 @@ class TenantCreate(Strict):
 
 def registry_error(err: Exception) -> ServingError:
     """Registry exceptions -> HTTP errors with the registry's own message."""
-    from services.registry.registry import AdapterNotFound, RegistryUnavailable
+    from services.registry.registry import AccessDenied, AdapterNotFound, RegistryUnavailable, VersionConflict
 
     if isinstance(err, AdapterNotFound):
         return NotFound(str(err))
     if isinstance(err, RegistryUnavailable):
         return Unavailable(str(err))
+    if isinstance(err, VersionConflict):
+        return Conflict(str(err))
+    if isinstance(err, AccessDenied):
+        return Forbidden(str(err))
     return BadRequest(str(err))
 
 
-class AdminRoutes:
-    """Needs self.cfg, self.registry, self.tenants, self.limiter, self.retriever."""
+class AdminService:
+    def __init__(self, *, registry, tenants: TenantStore, limiter, embed: Callable[[list[str]], Awaitable],
+                 admin_key_env: str):
+        """embed(texts) -> (n, dim) card embeddings (the retriever group's embedder)."""
+        self.registry = registry
+        self.tenants = tenants
+        self.limiter = limiter
+        self.embed = embed
+        self.admin_key_env = admin_key_env
 
-    def _require_admin(self, request: Request) -> str:
-        expected = os.environ.get(self.cfg.server.admin_key_env)
+    def require_admin(self, authorization: str | None) -> str:
+        """The actor name for the audit log; 401/403 unless the admin key is given."""
+        expected = os.environ.get(self.admin_key_env)
         if not expected:
-            raise Forbidden(f"the admin API is disabled: set {self.cfg.server.admin_key_env} on the cluster")
-        given = bearer_token(request.headers.get("authorization"))
+            raise Forbidden(f"the admin API is disabled: set {self.admin_key_env} on the cluster")
+        given = bearer_token(authorization)
         if given is None:
             raise Unauthorized("missing admin key: send 'Authorization: Bearer <admin key>'")
         if not hmac.compare_digest(given.encode(), expected.encode()):
@@ -85,25 +102,22 @@ class AdminRoutes:
             raise registry_error(err) from err
 
     # ---- adapters ----------------------------------------------------------
-    @app.get("/admin/adapters")
-    async def admin_list_adapters(self, request: Request) -> dict:
-        self._require_admin(request)
+    async def list_adapters(self, authorization: str | None) -> dict:
+        self.require_admin(authorization)
         records = self._registry_call(self.registry.snapshot)
         return {"data": [r.model_dump(mode="json") for r in records]}
 
-    @app.get("/admin/adapters/{name}")
-    async def admin_show_adapter(self, name: str, request: Request) -> dict:
-        self._require_admin(request)
+    async def show_adapter(self, name: str, authorization: str | None) -> dict:
+        self.require_admin(authorization)
         return self._registry_call(self.registry.get, name).model_dump(mode="json")
 
-    @app.post("/admin/adapters")
-    async def admin_add_adapter(self, body: AdapterUpload, request: Request) -> dict:
-        actor = self._require_admin(request)
+    async def add_adapter(self, body: AdapterUpload, authorization: str | None) -> dict:
+        actor = self.require_admin(authorization)
         if (body.path is None) == (body.files is None):
             raise BadRequest("give exactly one of 'path' (a folder the cluster reads) or 'files' (uploaded)")
         if body.visibility == "private" and not body.tenant:
             raise BadRequest("a private adapter needs its owner 'tenant'")
-        embeddings = await self.retriever.embed.remote([s.inputs for s in body.card.sample])
+        embeddings = await self.embed([s.inputs for s in body.card.sample])
         with tempfile.TemporaryDirectory(prefix="lr-upload-") as tmp:
             src = Path(body.path) if body.path else self._unpack_upload(body.files, Path(tmp))
             version = self._registry_call(
@@ -127,71 +141,60 @@ class AdminRoutes:
             (dest / fname).write_bytes(data)
         return dest
 
-    @app.post("/admin/adapters/{name}/promote")
-    async def admin_promote(self, name: str, body: VersionRef, request: Request) -> dict:
-        actor = self._require_admin(request)
+    async def promote(self, name: str, body: VersionRef, authorization: str | None) -> dict:
+        actor = self.require_admin(authorization)
         self._registry_call(self.registry.activate, name, body.version, actor=actor)
         return {"name": name, "active_version": body.version}
 
-    @app.post("/admin/adapters/{name}/canary")
-    async def admin_canary(self, name: str, body: CanaryRequest, request: Request) -> dict:
-        actor = self._require_admin(request)
+    async def canary(self, name: str, body: CanaryRequest, authorization: str | None) -> dict:
+        actor = self.require_admin(authorization)
         self._registry_call(self.registry.set_canary, name, body.version, body.percent, actor=actor)
         return {"name": name, "canary": body.model_dump()}
 
-    @app.post("/admin/adapters/{name}/rollback")
-    async def admin_rollback(self, name: str, request: Request) -> dict:
-        actor = self._require_admin(request)
+    async def rollback(self, name: str, authorization: str | None) -> dict:
+        actor = self.require_admin(authorization)
         version = self._registry_call(self.registry.rollback, name, actor=actor)
         return {"name": name, "active_version": version}
 
-    @app.delete("/admin/adapters/{name}")
-    async def admin_retire(self, name: str, request: Request) -> dict:
-        actor = self._require_admin(request)
+    async def retire(self, name: str, authorization: str | None) -> dict:
+        actor = self.require_admin(authorization)
         self._registry_call(self.registry.retire, name, actor=actor)
         return {"name": name, "retired": True}
 
-    @app.post("/admin/adapters/{name}/pin")
-    async def admin_pin(self, name: str, request: Request) -> dict:
-        actor = self._require_admin(request)
+    async def pin(self, name: str, authorization: str | None) -> dict:
+        actor = self.require_admin(authorization)
         self._registry_call(self.registry.set_pinned, name, True, actor=actor)
         return {"name": name, "pinned": True}
 
-    @app.post("/admin/adapters/{name}/unpin")
-    async def admin_unpin(self, name: str, request: Request) -> dict:
-        actor = self._require_admin(request)
+    async def unpin(self, name: str, authorization: str | None) -> dict:
+        actor = self.require_admin(authorization)
         self._registry_call(self.registry.set_pinned, name, False, actor=actor)
         return {"name": name, "pinned": False}
 
-    @app.get("/admin/adapters/{name}/history")
-    async def admin_history(self, name: str, request: Request) -> dict:
-        self._require_admin(request)
+    async def history(self, name: str, authorization: str | None) -> dict:
+        self.require_admin(authorization)
         return {"data": self._registry_call(self.registry.history, name)}
 
     # ---- tenants -----------------------------------------------------------
-    @app.post("/admin/tenants")
-    async def admin_add_tenant(self, body: TenantCreate, request: Request) -> dict:
-        self._require_admin(request)
+    async def add_tenant(self, body: TenantCreate, authorization: str | None) -> dict:
+        self.require_admin(authorization)
         try:
             key = self.tenants.add(body.name, body.limits)
         except TenantError as err:
             raise BadRequest(str(err)) from err
         return {"name": body.name, "api_key": key}
 
-    @app.get("/admin/tenants")
-    async def admin_list_tenants(self, request: Request) -> dict:
-        self._require_admin(request)
+    async def list_tenants(self, authorization: str | None) -> dict:
+        self.require_admin(authorization)
         return {"data": [t.model_dump() for t in self.tenants.list()]}
 
-    @app.delete("/admin/tenants/{name}")
-    async def admin_revoke_tenant(self, name: str, request: Request) -> dict:
-        self._require_admin(request)
+    async def revoke_tenant(self, name: str, authorization: str | None) -> dict:
+        self.require_admin(authorization)
         try:
             return {"name": name, "revoked_keys": self.tenants.revoke(name)}
         except TenantError as err:
             raise NotFound(str(err)) from err
 
-    @app.get("/admin/tenants/{name}/usage")
-    async def admin_usage(self, name: str, request: Request) -> dict:
-        self._require_admin(request)
+    async def usage(self, name: str, authorization: str | None) -> dict:
+        self.require_admin(authorization)
         return {"name": name, "usage": self.limiter.usage(name)}
