@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,6 +26,8 @@ from cluster.redis_server import RedisServer
 log = logging.getLogger("loraretriever.up")
 APP_NAME = "loraretriever"
 STATE_FILE = RAY_HOME.parent / "up.json"
+ADMIN_KEY_FILE = RAY_HOME.parent / "admin-key"
+DEMO_KEY_FILE = RAY_HOME.parent / "demo-api-key"
 
 
 def read_state() -> dict | None:
@@ -45,14 +47,14 @@ class LocalCluster:
         self.demo = demo and cfg.base_model.path == "demo"
         self.redis: RedisServer | None = None
         self.build: subprocess.Popen | None = None
-        self._stop = threading.Event()
 
     # ---- start -----------------------------------------------------------
     def start(self) -> None:
         self._start_redis()
+        self._ensure_admin_key()
         if self.demo:
             self._start_demo_build()
-        init_local_ray(num_cpus=max(2, os.cpu_count() or 2))
+        ray = init_local_ray(num_cpus=max(2, os.cpu_count() or 2))
         from ray import serve
 
         from deployments.app import build_app
@@ -62,7 +64,8 @@ class LocalCluster:
         log.info("deploying the Serve app (loads the base model and the embedder)")
         serve.run(build_app(self.cfg), name=APP_NAME, route_prefix="/", blocking=False)
         self._wait_ready()
-        STATE_FILE.write_text(json.dumps({"pid": os.getpid(), "url": self.url, "redis": self.cfg.redis.url}))
+        STATE_FILE.write_text(json.dumps({"pid": os.getpid(), "url": self.url, "redis": self.cfg.redis.url,
+                                          "ray": ray.get_runtime_context().gcs_address}))
         log.info("serving on %s", self.url)
 
     @property
@@ -78,6 +81,37 @@ class LocalCluster:
         data_dir = RAY_HOME.parent / "redis"
         self.redis = RedisServer(port=parsed.port or 6379, data_dir=data_dir).start()
         log.info("redis-server on %s", self.redis.url)
+
+    def _ensure_admin_key(self) -> None:
+        """An admin key for the operator commands: the env var's, else one kept (0600) in the home."""
+        env = self.cfg.server.admin_key_env
+        if os.environ.get(env):
+            return
+        if not ADMIN_KEY_FILE.exists():
+            ADMIN_KEY_FILE.write_text(secrets.token_urlsafe(32))
+            ADMIN_KEY_FILE.chmod(0o600)
+        os.environ[env] = ADMIN_KEY_FILE.read_text().strip()
+        log.info("admin key in %s (export %s=$(cat %s) for `loraretriever adapters ...`)",
+                 ADMIN_KEY_FILE, env, ADMIN_KEY_FILE)
+
+    def demo_api_key(self) -> str | None:
+        """A tenant 'demo' for the newcomer's first requests (None when auth is off); its key is
+        kept (0600) in the home, re-issued if Redis lost it."""
+        if not self.cfg.server.auth_enabled:
+            return None
+        from cluster.wiring import redis_client
+        from services.tenancy.tenants import TenantError, TenantStore
+
+        tenants = TenantStore(redis_client(self.cfg))
+        if DEMO_KEY_FILE.exists() and tenants.authenticate(DEMO_KEY_FILE.read_text().strip()):
+            return DEMO_KEY_FILE.read_text().strip()
+        try:
+            key = tenants.add("demo")
+        except TenantError:  # the tenant exists but the saved key is gone
+            key = tenants.issue_key("demo")
+        DEMO_KEY_FILE.write_text(key)
+        DEMO_KEY_FILE.chmod(0o600)
+        return key
 
     def _start_demo_build(self) -> None:
         from cluster.demo.zoo import default_root
@@ -122,14 +156,12 @@ class LocalCluster:
         return added
 
     def run_until_stopped(self) -> None:
-        """Register demo adapters as they appear; return on SIGTERM/SIGINT."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
-        while not self._stop.is_set():
+        """Register demo adapters as they appear, until SIGTERM/SIGINT (see exit_on_signals)."""
+        while True:
             if self.demo:
                 for name in self.register_demo_adapters():
                     log.info("registered demo adapter %s", name)
-            self._stop.wait(5)
+            time.sleep(5)
 
     # ---- stop --------------------------------------------------------------
     def stop(self) -> None:
@@ -149,10 +181,21 @@ class LocalCluster:
         log.info("stopped")
 
 
-def sample_request(url: str, prompt: str) -> dict:
+def exit_on_signals() -> None:
+    """SIGTERM (`down`) and SIGINT unwind the stack, so `finally: cluster.stop()` runs, also
+    mid-start. Set again after Ray starts: Ray installs handlers of its own."""
+    def _exit(signum, frame):
+        raise SystemExit(0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit)
+
+
+def sample_request(url: str, prompt: str, api_key: str | None) -> dict:
     """One completion with retrieval, as a newcomer's first request would be."""
     body = {"model": "auto", "prompt": prompt, "max_tokens": 24}
-    resp = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    resp = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
     resp.raise_for_status()
     return resp.json()
 

@@ -16,12 +16,15 @@ def serve_status() -> dict:
         import ray
         from ray import serve
 
-        from cluster.bringup import APP_NAME
+        from cluster.bringup import APP_NAME, read_state
         from cluster.local_ray import loopback_ray_env
 
+        state = read_state()
+        if state is None:
+            return {"error": "no cluster started by `loraretriever up` is running"}
         os.environ.update(loopback_ray_env())
         if not ray.is_initialized():
-            ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
+            ray.init(address=state["ray"], log_to_driver=False, logging_level="ERROR", namespace="serve")
         app = serve.status().applications.get(APP_NAME)
         if app is None:
             return {"error": f"no Serve application '{APP_NAME}' is running"}

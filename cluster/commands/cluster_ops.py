@@ -46,20 +46,26 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from cluster.bringup import LocalCluster, read_state, sample_request
+    from cluster.bringup import DEMO_KEY_FILE, LocalCluster, exit_on_signals, read_state, sample_request
 
     if read_state() is not None:
         raise UserError("a cluster started by `loraretriever up` is running already; `loraretriever down` stops it")
     cluster = LocalCluster(_config(args), demo=not args.no_demo)
+    exit_on_signals()
     try:
         cluster.start()
+        exit_on_signals()
         if cluster.demo:
             for name in cluster.register_demo_adapters():
                 log.info("registered demo adapter %s", name)
-        reply = sample_request(cluster.url, "Reverse the word: lantern")
-        print("sample request -> " + json.dumps(reply["choices"][0], indent=1))
-        print(f"\nserving on {cluster.url} (OpenAI-compatible: /v1/completions, /v1/chat/completions); "
-              "stop with Ctrl-C or `loraretriever down`")
+        api_key = cluster.demo_api_key()
+        prompt = "Write this in capital letters: silver dragon"
+        reply = sample_request(cluster.url, prompt, api_key)
+        print(f"sample request: {prompt!r} -> " + json.dumps(reply["choices"][0], indent=1))
+        print(f"\nserving on {cluster.url} (OpenAI-compatible: /v1/completions, /v1/chat/completions)")
+        if api_key:
+            print(f"tenant 'demo' API key (also in {DEMO_KEY_FILE}): {api_key}")
+        print("stop with Ctrl-C or `loraretriever down`")
         cluster.run_until_stopped()
     finally:
         cluster.stop()

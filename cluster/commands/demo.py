@@ -1,6 +1,7 @@
 """`loraretriever demo build`: the demo base model and adapter zoo, cached."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -24,6 +25,16 @@ def register(subparsers) -> None:
     build.add_argument("--adapters", type=int, default=None, metavar="N", help="build only the first N adapters")
     build.set_defaults(func=run_build)
 
+    show = group.add_parser("show", help="the finished adapters: base model vs adapter on held-out queries")
+    show.add_argument("--root", type=Path, default=None, help="zoo folder (default: $LORARETRIEVER_HOME/demo)")
+    show.set_defaults(func=run_show)
+
+    report = group.add_parser("report", help="markdown table and plot of `eval generate --json` results")
+    report.add_argument("--in-domain", type=Path, required=True, help="result of `eval generate --json`")
+    report.add_argument("--out-of-domain", type=Path, help="result of `eval generate --exclude-own --json`")
+    report.add_argument("--plot", type=Path, help="write a bar plot (PNG) here")
+    report.set_defaults(func=run_report)
+
 
 def run_build(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,4 +46,42 @@ def run_build(args) -> int:
     except (ZooError, BaseModelUnavailable) as err:
         raise UserError(str(err)) from err
     log.info("demo zoo ready at %s: %d adapters, %d queries", zoo.root, len(zoo.adapters), len(zoo.queries))
+    return 0
+
+
+def run_show(args) -> int:
+    from cluster.demo.report import adapter_table
+    from cluster.demo.zoo import ZooError, load_zoo
+
+    try:
+        zoo = load_zoo(args.root)
+    except ZooError as err:
+        raise UserError(str(err)) from err
+    if not zoo.manifest:
+        raise UserError(f"no demo zoo at {zoo.root}; build it with `loraretriever demo build`")
+    print(adapter_table({**zoo.manifest, "adapters": {n: e for n, e in zoo.manifest["adapters"].items() if n in zoo.adapters}}))
+    print(f"\n{len(zoo.adapters)} of {len(zoo.cards)} adapters finished and verified; {len(zoo.queries)} held-out queries")
+    return 0
+
+
+def _read_result(path: Path) -> dict:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: cannot read an `eval generate --json` result: {err}") from err
+    if not isinstance(result, dict) or not result.get("systems"):
+        raise UserError(f"{path}: not an `eval generate --json` result (no systems)")
+    return result
+
+
+def run_report(args) -> int:
+    from cluster.demo.report import markdown_table, plot
+
+    in_domain = _read_result(args.in_domain)
+    out_of_domain = _read_result(args.out_of_domain) if args.out_of_domain else None
+    if args.plot is not None:
+        if not args.plot.parent.is_dir():
+            raise UserError(f"--plot {args.plot}: folder {args.plot.parent} does not exist")
+        plot(in_domain, out_of_domain, args.plot)
+    print(markdown_table(in_domain, *([out_of_domain] if out_of_domain else [])))
     return 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cluster.cli import command_group
 from cluster.commands.retrieval import _check_writable, _write_atomically
+from cluster.demo.report import markdown_table
 from cluster.errors import UserError
 
 
@@ -123,16 +124,5 @@ def cmd_eval_generate(args: argparse.Namespace) -> int:
     }
     if args.json_out:
         _write_atomically(Path(args.json_out), json.dumps(result, indent=1) + "\n")
-    print(format_table(result))
+    print(markdown_table(result))
     return 0
-
-
-def format_table(result: dict) -> str:
-    """Markdown table: one row per system, one column per domain, then the overall score."""
-    systems = result["systems"]
-    domains = sorted(next(iter(systems.values()))["domains"])
-    lines = ["| system | " + " | ".join(domains) + " | overall |", "|---" * (len(domains) + 2) + "|"]
-    for name, rep in systems.items():
-        cells = [f"{rep['domains'][d]['score']:.1f}" for d in domains] + [f"**{rep['overall']['score']:.1f}**"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

@@ -65,8 +65,8 @@ def _add(rng: random.Random) -> Example:
 
 
 def _subtract(rng: random.Random) -> Example:
-    a, b = rng.randint(30, 99), rng.randint(1, 29)
-    return f"Subtract {b} from {a}.", str(a - b)
+    a, b = rng.randint(20, 99), rng.randint(1, 9)
+    return f"What is {a} minus {b}?", str(a - b)
 
 
 def _double(rng: random.Random) -> Example:

@@ -15,12 +15,14 @@ outputs exist and match their recorded checksums does nothing.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -59,9 +61,9 @@ class Recipe:
     def base_name(self) -> str:
         return "tiny-random-llama" if self.tiny else base_model.BASE_MODEL_NAME
 
-    def adapter_key(self, task: str) -> str:
-        """Fingerprint of one adapter's recipe."""
-        blob = json.dumps([self.base_name, task, self.train_examples, asdict(self.train)], sort_keys=True)
+    def adapter_key(self, task: str, examples: list) -> str:
+        """Fingerprint of one adapter's recipe, its training data included."""
+        blob = json.dumps([self.base_name, task, examples, asdict(self.train)], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -156,6 +158,19 @@ def _scratch(dest: Path) -> Path:
     return tmp
 
 
+@contextmanager
+def _build_lock(root: Path):
+    """One build per zoo at a time (a second `demo build`, or `up`, waits): both would train
+    the same adapters and the later manifest write would drop the other's entries."""
+    with open(root / ".build.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another build of %s is running; waiting for it", root)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 # ---- reading --------------------------------------------------------------------------
 
 
@@ -215,12 +230,18 @@ def build_zoo(
 
     on_adapter(name, folder) is called as each adapter lands, including ones a previous
     build finished."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     recipe = make_recipe(tiny=tiny, adapters=adapters)
     zoo = _paths(Path(root) if root is not None else default_root())
     zoo.adapters_dir.mkdir(parents=True, exist_ok=True)
+    with _build_lock(zoo.root):
+        _build(zoo, recipe, on_adapter, progress)
+    return load_zoo(zoo.root)
+
+
+def _build(zoo: ZooPaths, recipe: Recipe, on_adapter, progress: bool) -> None:
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
     manifest = _read_json(zoo.manifest_file) if zoo.manifest_file.is_file() else {}
     if manifest.get("version") != MANIFEST_VERSION or manifest.get("base_name") != recipe.base_name:
         manifest = {"version": MANIFEST_VERSION, "base_name": recipe.base_name, "adapters": {}}
@@ -229,11 +250,12 @@ def build_zoo(
     data = {name: _task_data(next(t for t in TASKS if t.name == name), recipe) for name in recipe.tasks}
     _write_json(zoo.cards_file, [d[1].model_dump(exclude_none=True) for d in data.values()])
     _write_json(zoo.queries_file, [q.model_dump() for d in data.values() for q in d[2]])
+    manifest.update(cards=sha256_file(zoo.cards_file), queries=sha256_file(zoo.queries_file))
 
     if not _matches(zoo.base, manifest.get("base")):
         tmp = _scratch(zoo.base)
         log.info("writing the %s base model to %s", recipe.base_name, zoo.base)
-        (base_model.write_tiny if tiny else base_model.write_smollm2)(tmp)
+        (base_model.write_tiny if recipe.tiny else base_model.write_smollm2)(tmp)
         _move_into_place(tmp, zoo.base)
         manifest = {**manifest, "base": _folder_sums(zoo.base), "adapters": {}}  # new base: retrain all
         _write_json(zoo.manifest_file, manifest)
@@ -241,7 +263,7 @@ def build_zoo(
     # Adapters of an older recipe, or no longer planned, are retired before any new one lands.
     kept = {
         name: entry for name, entry in manifest["adapters"].items()
-        if name in data and entry.get("recipe") == recipe.adapter_key(name) and _matches(zoo.adapters_dir / name, entry["files"])
+        if name in data and entry.get("recipe") == recipe.adapter_key(name, data[name][0]) and _matches(zoo.adapters_dir / name, entry["files"])
     }
     for stale in set(manifest["adapters"]) - set(kept):
         shutil.rmtree(zoo.adapters_dir / stale, ignore_errors=True)
@@ -279,7 +301,7 @@ def build_zoo(
             _move_into_place(tmp, zoo.adapters_dir / name)
             manifest["adapters"][name] = {
                 "files": _folder_sums(zoo.adapters_dir / name),
-                "recipe": recipe.adapter_key(name),
+                "recipe": recipe.adapter_key(name, train),
                 "domain": card.domain,
                 "metric": metric,
                 "base_score": _task_score(base_answers, queries),
@@ -291,4 +313,3 @@ def build_zoo(
                      manifest["adapters"][name]["base_score"], manifest["adapters"][name]["adapter_score"])
             if on_adapter is not None:
                 on_adapter(name, zoo.adapters_dir / name)
-    return load_zoo(zoo.root)
