@@ -54,7 +54,7 @@ class LocalCluster:
         self._ensure_admin_key()
         if self.demo:
             self._start_demo_build()
-        ray = init_local_ray(num_cpus=max(2, os.cpu_count() or 2))
+        init_local_ray(num_cpus=max(2, os.cpu_count() or 2))
         from ray import serve
 
         from deployments.app import build_app
@@ -64,8 +64,7 @@ class LocalCluster:
         log.info("deploying the Serve app (loads the base model and the embedder)")
         serve.run(build_app(self.cfg), name=APP_NAME, route_prefix="/", blocking=False)
         self._wait_ready()
-        STATE_FILE.write_text(json.dumps({"pid": os.getpid(), "url": self.url, "redis": self.cfg.redis.url,
-                                          "ray": ray.get_runtime_context().gcs_address}))
+        STATE_FILE.write_text(json.dumps({"pid": os.getpid(), "url": self.url, "redis": self.cfg.redis.url}))
         log.info("serving on %s", self.url)
 
     @property

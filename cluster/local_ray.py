@@ -9,13 +9,13 @@ import os
 import sys
 from pathlib import Path
 
+RAY_HOME = Path(os.environ.get("LORARETRIEVER_HOME", Path.home() / ".cache" / "loraretriever")) / "ray-home"
+
 # Read by Ray when it is first imported: set them before any `import ray` (cli.main, tests).
 LOOPBACK_IMPORT_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single-node mode: 127.0.0.1, not the outward address
     "RAY_USAGE_STATS_ENABLED": "0",
 }
-
-RAY_HOME = Path(os.environ.get("LORARETRIEVER_HOME", Path.home() / ".cache" / "loraretriever")) / "ray-home"
 
 
 def loopback_ray_env() -> dict[str, str]:

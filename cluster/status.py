@@ -1,43 +1,33 @@
 """What `loraretriever status` and `index rebuild` report and do."""
 from __future__ import annotations
 
+import os
 import time
 
+import httpx
+
+from cluster.bringup import ADMIN_KEY_FILE
 from cluster.config import AppConfig
 from cluster.wiring import make_placement, make_registry, redis_client
 from services.serving.index_sync import REBUILD_EPOCH_KEY
 
 
-def serve_status() -> dict:
-    """Deployments and replica counts of the running Serve app, or why they are unknown."""
+def serve_status(cfg: AppConfig) -> dict:
+    """Deployments and replicas as the running cluster reports them (admin API), or why not."""
+    from cluster.bringup import read_state
+
+    state = read_state()
+    url = state["url"] if state else f"http://{cfg.server.host}:{cfg.server.port}"
+    key = os.environ.get(cfg.server.admin_key_env)
+    if key is None and ADMIN_KEY_FILE.exists():
+        key = ADMIN_KEY_FILE.read_text().strip()
     try:
-        import os
-
-        import ray
-        from ray import serve
-
-        from cluster.bringup import APP_NAME, read_state
-        from cluster.local_ray import loopback_ray_env
-
-        state = read_state()
-        if state is None:
-            return {"error": "no cluster started by `loraretriever up` is running"}
-        os.environ.update(loopback_ray_env())
-        if not ray.is_initialized():
-            ray.init(address=state["ray"], log_to_driver=False, logging_level="ERROR", namespace="serve")
-        app = serve.status().applications.get(APP_NAME)
-        if app is None:
-            return {"error": f"no Serve application '{APP_NAME}' is running"}
-        return {
-            "status": str(app.status.value if hasattr(app.status, "value") else app.status),
-            "deployments": {
-                name: {"status": str(d.status.value if hasattr(d.status, "value") else d.status),
-                       "replicas": {str(k.value if hasattr(k, "value") else k): v for k, v in d.replica_states.items()}}
-                for name, d in app.deployments.items()
-            },
-        }
-    except Exception as err:  # no cluster running is a normal answer here
-        return {"error": f"Ray cluster not reachable: {str(err)[:200]}"}
+        resp = httpx.get(f"{url}/admin/status", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    except httpx.HTTPError as err:
+        return {"error": f"no cluster answering at {url}: {type(err).__name__}"}
+    if resp.status_code != 200:
+        return {"error": f"{url}/admin/status answered {resp.status_code}: {resp.text[:200]}"}
+    return resp.json()
 
 
 def collect_status(cfg: AppConfig) -> dict:
@@ -45,7 +35,7 @@ def collect_status(cfg: AppConfig) -> dict:
     records = registry.snapshot()
     placement = make_placement(cfg).replicas()
     return {
-        "serve": serve_status(),
+        "serve": serve_status(cfg),
         "adapters": [
             {"name": r.name, "active": r.active_version, "versions": sorted(r.versions), "domain": r.domain,
              "visibility": r.visibility, "owner": r.owner_tenant,
@@ -66,6 +56,8 @@ def render_status(report: dict) -> str:
         lines.append(f"  application: {serve['status']}")
         for name, d in serve["deployments"].items():
             lines.append(f"  {name:<10} {d['status']:<10} replicas {d['replicas']}")
+        for c in serve.get("composers", []):
+            lines.append(f"  composer {c['replica_id']}: queue {c['queue_len']}, pool {c['pool']}")
     lines.append(f"Adapters ({len(report['adapters'])}):")
     for a in report["adapters"]:
         canary = f" canary {a['canary']['version']}@{a['canary']['percent']}%" if a["canary"] else ""

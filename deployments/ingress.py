@@ -207,6 +207,20 @@ class Ingress:
 
     # ---- operators (admin key) --------------------------------------------
     # Routes are declared here, on the class Serve wraps; the work is in services.serving.admin.
+    @app.get("/admin/status")
+    async def admin_status(self, request: Request) -> dict:
+        """Serve's view of the app (deployments, replica states) and one composer's pool."""
+        self.admin.require_admin(request.headers.get("authorization"))
+        app_status = serve.status().applications[serve.get_replica_context().app_name]
+        composer = await self.composer.status.remote()
+        return {
+            "status": app_status.status.value,
+            "deployments": {name: {"status": d.status.value,
+                                   "replicas": {k.value: v for k, v in d.replica_states.items()}}
+                            for name, d in app_status.deployments.items()},
+            "composers": [composer],
+        }
+
     @app.get("/admin/adapters")
     async def admin_list_adapters(self, request: Request) -> dict:
         return await self.admin.list_adapters(request.headers.get("authorization"))
