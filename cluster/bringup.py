@@ -191,10 +191,11 @@ def exit_on_signals() -> None:
 
 
 def sample_request(url: str, prompt: str, api_key: str | None) -> dict:
-    """One completion with retrieval, as a newcomer's first request would be."""
-    body = {"model": "auto", "prompt": prompt, "max_tokens": 24}
+    """One chat completion with retrieval, as a newcomer's first request would be (the demo
+    adapters were trained on the chat template)."""
+    body = {"model": "auto", "messages": [{"role": "user", "content": prompt}], "max_tokens": 24}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    resp = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
+    resp = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120)
     resp.raise_for_status()
     return resp.json()
 

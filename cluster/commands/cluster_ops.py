@@ -64,7 +64,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"sample request: {prompt!r} -> " + json.dumps(reply["choices"][0], indent=1))
         print(f"\nserving on {cluster.url} (OpenAI-compatible: /v1/completions, /v1/chat/completions)")
         if api_key:
-            print(f"tenant 'demo' API key (also in {DEMO_KEY_FILE}): {api_key}")
+            print(f"tenant 'demo': export OPENAI_API_KEY=$(cat {DEMO_KEY_FILE})")
         print("stop with Ctrl-C or `loraretriever down`")
         cluster.run_until_stopped()
     finally:
