@@ -55,7 +55,7 @@ def test_command_on_the_tiny_zoo_matches_peft_generation(tiny_zoo, tmp_path, cap
             "--max-tokens", "6", "--device", "cpu", "--json", str(out)]
     assert main(args) == 0
     table = capsys.readouterr().out
-    assert table.splitlines()[0] == "| system | arithmetic | sentiment | strings | overall |"
+    assert table.splitlines()[0] == "| setting | system | arithmetic | sentiment | strings | overall |"
     result = json.loads(out.read_text())
     systems = result["systems"]
     assert list(systems) == ["base", "perfect", "selection", "mixture", "fusion"]

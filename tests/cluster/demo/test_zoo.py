@@ -33,6 +33,7 @@ def test_layout_cards_and_queries(tiny_zoo):
 
 def test_manifest_checksums_match_the_files(tiny_zoo):
     manifest = json.loads(tiny_zoo.manifest_file.read_text())
+    assert manifest["cards"] == _sha(tiny_zoo.cards_file) and manifest["queries"] == _sha(tiny_zoo.queries_file)
     for name, digest in manifest["base"].items():
         assert _sha(tiny_zoo.base / name) == digest
     for adapter, entry in manifest["adapters"].items():
@@ -115,3 +116,13 @@ def test_cli_rejects_a_bad_adapter_count(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "adapters must be between 1 and 3, not 0" in err and err.count("\n") == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_adapter_fingerprint_covers_the_training_data():
+    from cluster.demo.zoo import make_recipe
+
+    recipe = make_recipe()
+    examples = [("Add 1 and 2.", "3")]
+    assert recipe.adapter_key("add", examples) == make_recipe().adapter_key("add", list(examples))
+    assert recipe.adapter_key("add", examples) != recipe.adapter_key("add", [("Add 1 and 2.", "4")])
+    assert recipe.adapter_key("add", examples) != make_recipe(tiny=True).adapter_key("add", examples)
