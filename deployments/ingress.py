@@ -216,7 +216,7 @@ class Ingress:
         return {
             "status": app_status.status.value,
             "deployments": {name: {"status": d.status.value,
-                                   "replicas": {k.value: v for k, v in d.replica_states.items()}}
+                                   "replicas": dict(d.replica_states)}
                             for name, d in app_status.deployments.items()},
             "composers": [composer],
         }

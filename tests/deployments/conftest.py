@@ -23,13 +23,24 @@ def cluster_config(zoo, redis_url: str, store, port: int, **overrides):
         "composition": {"max_batch_size": 16, "batch_wait_timeout_s": 0.2, "device_slots": 8, "cpu_slots": 16},
         "deployments": {name: {"num_cpus": 0.1} for name in ("ingress", "retriever", "composer")},
     }
-    for key, value in overrides.items():
-        cfg.setdefault(key, {}).update(value)
-    return AppConfig.model_validate(cfg)
+    return AppConfig.model_validate(deep_merge(cfg, overrides))
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 @pytest.fixture(scope="module")
-def serve_cluster(redis_server, tiny_zoo, tmp_path_factory):
+def cluster_overrides() -> dict:
+    """Config overrides for this module's cluster; a test module redefines it to change them."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def serve_cluster(redis_server, tiny_zoo, tmp_path_factory, cluster_overrides):
     """Yields url, api_key (a tenant 'acme'), admin headers, config and the zoo."""
     from ray import serve
 
@@ -42,7 +53,7 @@ def serve_cluster(redis_server, tiny_zoo, tmp_path_factory):
 
     os.environ["LORARETRIEVER_ADMIN_KEY"] = ADMIN_KEY
     port = free_port()
-    cfg = cluster_config(tiny_zoo, redis_server.url, tmp_path_factory.mktemp("store"), port)
+    cfg = cluster_config(tiny_zoo, redis_server.url, tmp_path_factory.mktemp("store"), port, **cluster_overrides)
     import redis
 
     redis.Redis.from_url(redis_server.url).flushdb()
