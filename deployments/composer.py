@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 from ray import serve
@@ -42,8 +43,15 @@ class Composer:
 
     async def generate(self, job: dict):
         """Streams text pieces (str), then the GenerationResult as a dict."""
-        async for item in self.service.generate(ComposeJob.model_validate(job)):
-            yield item if isinstance(item, str) else dataclasses.asdict(item)
+        job = ComposeJob.model_validate(job)
+        async for item in self.service.generate(job):
+            if isinstance(item, str):
+                yield item
+                continue
+            log.info(json.dumps({"event": "compose", "request_id": job.request_id, "replica": self.replica_id,
+                                 "adapters": job.plan.keys(), "composition": job.plan.composition.value,
+                                 "completion_tokens": item.completion_tokens, "finish_reason": item.finish_reason}))
+            yield dataclasses.asdict(item)
 
     async def record_routing_stats(self) -> dict:
         """Called by Serve every few seconds: feeds the affinity router and the placement heartbeat,
