@@ -37,7 +37,7 @@ class ComposerService:
         self.engine = engine
         self.store_root = Path(store_root)
         self.max_prompt_tokens = max_prompt_tokens
-        self.batcher = DynamicBatcher(engine.generate, max_batch_size=max_batch_size, wait_timeout_s=wait_timeout_s,
+        self.batcher = DynamicBatcher(self._run_batch, max_batch_size=max_batch_size, wait_timeout_s=wait_timeout_s,
                                       on_batch=on_batch)
 
     def adapter_path(self, key: str) -> Path:
@@ -59,6 +59,12 @@ class ComposerService:
             except AdapterValidationError as err:
                 raise BadRequest(f"adapter '{key}' cannot be loaded: {err}") from err
             log.info("loaded adapter %s from %s", key, path)
+
+    def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """One forward pass over the batch, on the batch thread. A registry sync may have dropped
+        a version between a request's own load and this batch: load again (a no-op otherwise)."""
+        self.ensure_loaded(sorted({key for r in requests for key in r.adapters}))
+        return self.engine.generate(requests)
 
     def tokenize(self, job: ComposeJob) -> list[int]:
         tok = self.engine.tokenizer
@@ -107,6 +113,10 @@ class ComposerService:
         dropped = [k for k in self.engine.loaded_adapters() if k not in live]
         for key in dropped:
             self.engine.unload_adapter(key)
+        try:
+            self.ensure_loaded(sorted(pinned))  # pinned adapters are resident before anyone asks
+        except (BadRequest, NotFound) as err:
+            log.warning("cannot pin: %s", err.message)
         for key in self.engine.loaded_adapters():
             if key in pinned:
                 self.engine.pin(key)

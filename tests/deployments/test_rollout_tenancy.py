@@ -176,3 +176,23 @@ def test_cli_talks_to_the_admin_api(serve_cluster):
     assert missing.returncode == 2 and "404" in missing.stderr and "v999" in missing.stderr
     added = run("tenants", "add", "cli-tenant", "--rps", "5")
     assert added.returncode == 0 and json.loads(added.stdout)["api_key"].startswith("lr-")
+
+
+def test_pinned_adapters_become_resident_on_composers(serve_cluster, admin):
+    from ray import serve
+
+    from cluster.bringup import APP_NAME
+
+    composer = serve.get_deployment_handle("Composer", APP_NAME)
+    name = "add"
+    assert admin.post(f"/admin/adapters/{name}/pin").status_code == 200
+    active = admin.get(f"/admin/adapters/{name}").json()["active_version"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = composer.status.remote().result()
+        if f"{name}@{active}" in status["resident"] and status["pool"]["pinned"] >= 1:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"{name}@{active} never became resident and pinned: {status}")
+    assert admin.post(f"/admin/adapters/{name}/unpin").status_code == 200
