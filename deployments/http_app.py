@@ -7,8 +7,7 @@ from fastapi.responses import JSONResponse
 from ray.exceptions import RayTaskError
 
 from services.serving import openai_format as fmt
-from services.serving.errors import ServingError
-from services.tenancy.gate import TooManyRequests
+from services.serving.errors import ServingError, TooManyRequests
 
 REQUEST_ID_HEADER = "X-Request-Id"
 

@@ -34,9 +34,9 @@ from services.serving import openai_format as fmt
 from services.serving.admin import AdapterUpload, AdminService, CanaryRequest, TenantCreate, VersionRef
 from services.serving.catalog import AdapterUnavailable, Catalog, CatalogCache
 from services.serving.composer_service import ComposeJob
-from services.serving.errors import BadRequest, NotFound, ServingError, Timeout
+from services.serving.errors import BadRequest, NotFound, ServingError, Timeout, TooManyRequests, Unauthorized
 from services.serving.planner import AUTO_MODEL, PlanDefaults, needs_retrieval, plan_composition
-from services.tenancy.gate import TenantGate, TooManyRequests, Unauthorized
+from services.tenancy.gate import TenantGate
 from services.tenancy.limits import TenantLimiter
 from services.tenancy.tenants import Tenant, TenantStore
 

@@ -15,22 +15,12 @@ from pathlib import Path
 from pydantic import Field
 
 from services.schemas import AdapterCard, Strict
-from services.serving.errors import BadRequest, NotFound, ServingError, Unavailable
-from services.tenancy.gate import Unauthorized, bearer_token
+from services.serving.errors import BadRequest, Conflict, Forbidden, NotFound, ServingError, Unauthorized, Unavailable
+from services.tenancy.gate import bearer_token
 from services.tenancy.tenants import TenantError, TenantLimits, TenantStore
 
 ALLOWED_UPLOAD_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
-
-
-class Forbidden(ServingError):
-    status = 403
-    type = "permission_error"
-
-
-class Conflict(ServingError):
-    status = 409
-    type = "conflict_error"
 
 
 class AdapterUpload(Strict):

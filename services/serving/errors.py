@@ -16,9 +16,33 @@ class BadRequest(ServingError):
     status = 400
 
 
+class Unauthorized(ServingError):
+    status = 401
+    type = "authentication_error"
+
+
+class Forbidden(ServingError):
+    status = 403
+    type = "permission_error"
+
+
 class NotFound(ServingError):
     status = 404
     type = "not_found_error"
+
+
+class Conflict(ServingError):
+    status = 409
+    type = "conflict_error"
+
+
+class TooManyRequests(ServingError):
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # goes into the Retry-After header
 
 
 class Timeout(ServingError):

@@ -9,25 +9,11 @@ import hashlib
 import logging
 import time
 
-from services.serving.errors import ServingError
+from services.serving.errors import TooManyRequests, Unauthorized
 from services.tenancy.limits import Lease, LimitExceeded, TenantLimiter
 from services.tenancy.tenants import Tenant, TenantStore
 
 log = logging.getLogger(__name__)
-
-
-class Unauthorized(ServingError):
-    status = 401
-    type = "authentication_error"
-
-
-class TooManyRequests(ServingError):
-    status = 429
-    type = "rate_limit_error"
-
-    def __init__(self, message: str, retry_after_s: float):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 def bearer_token(authorization: str | None) -> str | None:
