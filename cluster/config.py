@@ -115,6 +115,10 @@ class DeploymentsConfig(Section):
     ingress: DeploymentConfig = Field(default_factory=DeploymentConfig)
     retriever: DeploymentConfig = Field(default_factory=DeploymentConfig)
     composer: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    composer_router: str = Field(
+        "adapter_affinity", pattern="^(adapter_affinity|power_of_two)$",
+        description="how requests pick a composer replica: the one holding most of their adapters "
+                    "(spreading when its queue is long), or Serve's default power-of-two-choices")
 
 
 class ServerConfig(Section):

@@ -27,10 +27,13 @@ def build_app(args: dict | AppConfig | None = None) -> Application:
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     config = cfg.model_dump(mode="json")
     deps = cfg.deployments
+    # Routing stats (resident adapters, placement heartbeat, stale-version sync) are collected
+    # with either router; only the replica choice differs.
+    router = {"request_router_class": ROUTER_CLASS} if deps.composer_router == "adapter_affinity" else {}
     composer = Composer.options(
         **deployment_options(deps.composer),
         request_router_config=RequestRouterConfig(
-            request_router_class=ROUTER_CLASS, request_routing_stats_period_s=2.0, request_routing_stats_timeout_s=5.0
+            **router, request_routing_stats_period_s=2.0, request_routing_stats_timeout_s=5.0
         ),
     ).bind(config)
     retriever = Retriever.options(**deployment_options(deps.retriever)).bind(config)

@@ -120,6 +120,7 @@ class Ingress:
             plans = await self._with_timeout(asyncio.gather(
                 *(self._plan(body.model, body.lora, text, request_id, catalog, self._tenant_name(tenant))
                   for text in texts)))
+            planned = time.perf_counter()
             jobs = [ComposeJob(request_id=request_id, plan=plan, max_tokens=body.max_tokens,
                                temperature=body.temperature, top_p=body.top_p, stop=stops, seed=body.seed,
                                **inp).model_dump()
@@ -136,7 +137,8 @@ class Ingress:
             usage = {k: reply["usage"][k] for k in ("prompt_tokens", "completion_tokens")}
             self._log_request(request_id, tenant, plans, usage, started)
             status = 200
-            return JSONResponse(reply)
+            timing = fmt.server_timing(plan_s=planned - started, total_s=time.perf_counter() - started, results=results)
+            return JSONResponse(reply, headers={"Server-Timing": timing})
         except ServingError as err:
             status = err.status
             raise

@@ -34,6 +34,9 @@ class GenerationResult:
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    # Set by the serving batcher: seconds waiting for a batch, and the batch's own run time.
+    queue_seconds: float = 0.0
+    batch_seconds: float = 0.0
 
 
 class GenerationError(ValueError):

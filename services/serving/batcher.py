@@ -62,7 +62,7 @@ class DynamicBatcher:
         request = dataclasses.replace(
             request, on_token=lambda piece: loop.call_soon_threadsafe(out.put_nowait, piece)
         )
-        await self._pending.put((request, out))
+        await self._pending.put((request, out, time.perf_counter()))
         while True:
             item = await out.get()
             if item is _DONE:
@@ -87,18 +87,19 @@ class DynamicBatcher:
             await self._run(batch, loop)
 
     async def _run(self, batch: list, loop: asyncio.AbstractEventLoop) -> None:
-        requests = [req for req, _ in batch]
+        requests = [req for req, _, _ in batch]
         self._running_rows = len(batch)
         started = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._executor, self.run_batch, requests)
-            for (_, out), result in zip(batch, results):
-                out.put_nowait(result)
+            seconds = time.perf_counter() - started
+            for (_, out, enqueued), result in zip(batch, results):
+                out.put_nowait(dataclasses.replace(result, queue_seconds=started - enqueued, batch_seconds=seconds))
             if self.on_batch is not None:
-                self.on_batch(len(batch), sum(r.completion_tokens for r in results), time.perf_counter() - started)
+                self.on_batch(len(batch), sum(r.completion_tokens for r in results), seconds)
         except Exception as err:  # the whole batch failed: every caller hears why
             log.exception("batch of %d failed", len(batch))
-            for _, out in batch:
+            for _, out, _ in batch:
                 out.put_nowait(err)
         finally:
             self._running_rows = 0
@@ -106,5 +107,5 @@ class DynamicBatcher:
             self.stats.rows += len(batch)
             self.stats.last_batch_size = len(batch)
             self.stats.busy_seconds += time.perf_counter() - started
-            for _, out in batch:
+            for _, out, _ in batch:
                 out.put_nowait(_DONE)

@@ -43,6 +43,16 @@ def completion_body(request_id: str, model: str, results: list[dict], plans: lis
     }
 
 
+def server_timing(*, plan_s: float, total_s: float, results: list[dict]) -> str:
+    """The Server-Timing header of a non-streamed answer, in milliseconds: retrieval and planning,
+    waiting for a batch, the batch's forward passes, and the whole request at the ingress. With
+    several prompts the slowest one's queue and batch times are given (they ran concurrently)."""
+    queue = max((r.get("queue_seconds", 0.0) for r in results), default=0.0)
+    batch = max((r.get("batch_seconds", 0.0) for r in results), default=0.0)
+    parts = {"plan": plan_s, "queue": queue, "compose": batch, "total": total_s}
+    return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in parts.items())
+
+
 def stream_chunk(request_id: str, model: str, index: int, *, chat: bool, text: str | None = None,
                  finish_reason: str | None = None, plan: CompositionPlan | None = None,
                  first: bool = False) -> str:

@@ -149,3 +149,8 @@ def test_request_id_is_echoed(serve_cluster):
     assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
     assert r.json()["choices"][0]["lora"] == {"composition": "none", "adapters": []}
     assert json.loads(r.text)["id"] == "trace-42"
+    timing = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
+    assert set(timing) == {"plan", "queue", "compose", "total"}
+    ms = {name: float(value) for name, value in timing.items()}
+    assert ms["compose"] > 0 and ms["queue"] >= 0 and ms["plan"] >= 0
+    assert ms["plan"] + ms["queue"] + ms["compose"] <= ms["total"] + 1.0  # parts of the whole (1 ms rounding)

@@ -44,6 +44,9 @@ def test_concurrent_requests_share_one_batch_and_stream_in_order():
         *pieces, result = out
         assert pieces == [f"t{i}" for i in range(n)] and result.text == "".join(pieces)
     assert batcher.stats.batches == 1 and batcher.stats.rows == 3
+    results = [out[-1] for out in outs]
+    assert all(r.batch_seconds > 0 and r.queue_seconds >= 0 for r in results)
+    assert len({r.batch_seconds for r in results}) == 1  # one forward, one duration for its rows
 
 
 def test_batches_are_capped_and_failures_reach_every_caller():
