@@ -42,9 +42,15 @@ def collect_status(cfg: AppConfig) -> dict:
              "canary": r.canary.model_dump() if r.canary else None}
             for r in records
         ],
-        "placement": {rid: {"resident": s.resident, "queue_len": s.queue_len,
+        "placement": {rid: {"resident": s.resident, "queue_len": s.queue_len, "hit_rate": hit_rate(s.pool),
                             "seen_s_ago": round(time.time() - s.last_seen, 1)} for rid, s in placement.items()},
     }
+
+
+def hit_rate(pool: dict) -> float | None:
+    """Share of adapter acquisitions served from a device slot; None before the first one."""
+    hits, misses = pool.get("hits", 0), pool.get("misses", 0)
+    return round(hits / (hits + misses), 4) if hits + misses else None
 
 
 def render_status(report: dict) -> str:
@@ -65,8 +71,9 @@ def render_status(report: dict) -> str:
                      f" {a['visibility']}{' of ' + a['owner'] if a['owner'] else ''} [{a['domain']}]{canary}")
     lines.append(f"Placement ({len(report['placement'])} composer replicas):")
     for rid, p in report["placement"].items():
-        lines.append(f"  {rid:<12} queue {p['queue_len']:<3} seen {p['seen_s_ago']} s ago  resident: "
-                     f"{', '.join(p['resident']) or '-'}")
+        rate = "-" if p["hit_rate"] is None else f"{p['hit_rate']:.0%}"
+        lines.append(f"  {rid:<12} queue {p['queue_len']:<3} hit rate {rate:<5} seen {p['seen_s_ago']} s ago  "
+                     f"resident: {', '.join(p['resident']) or '-'}")
     return "\n".join(lines)
 
 

@@ -62,10 +62,10 @@ class Composer:
             self._synced_generation = catalog.generation
             if dropped:
                 log.info("dropped stale adapter versions %s", dropped)
-        resident = self.service.resident()
-        metrics.set_pool_stats(self.replica_id, self.service.engine.pool_stats())
+        resident, pool = self.service.resident(), self.service.engine.pool_stats()
+        metrics.set_pool_stats(self.replica_id, pool)
         try:
-            self.placement.heartbeat(self.replica_id, resident, queue_len=self.service.batcher.queue_len)
+            self.placement.heartbeat(self.replica_id, resident, queue_len=self.service.batcher.queue_len, pool=pool)
         except Exception as err:  # placement is advisory; routing must not depend on Redis
             log.warning("placement heartbeat failed: %s", err)
         return {"resident": resident}

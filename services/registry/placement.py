@@ -23,6 +23,8 @@ class ReplicaState(BaseModel):
     replica_id: str
     resident: list[str] = Field(description="adapter keys (name@version) loaded on the replica")
     queue_len: int = Field(0, ge=0, description="requests waiting on the replica")
+    pool: dict[str, float] = Field(default_factory=dict,
+                                   description="adapter pool counters: hits, misses, loads, evictions, ...")
     last_seen: float = Field(description="unix time of the last heartbeat")
 
 
@@ -33,9 +35,10 @@ class PlacementStore:
         self.r = redis_client
         self.ttl_ms = int(ttl_s * 1000)
 
-    def heartbeat(self, replica_id: str, resident: list[str], *, queue_len: int = 0) -> None:
+    def heartbeat(self, replica_id: str, resident: list[str], *, queue_len: int = 0,
+                  pool: dict[str, float] | None = None) -> None:
         state = ReplicaState(replica_id=check_replica_id(replica_id), resident=list(resident),
-                             queue_len=queue_len, last_seen=time.time())
+                             queue_len=queue_len, pool=pool or {}, last_seen=time.time())
         with guarded(self.r, f"record the heartbeat of replica {replica_id!r}"):
             pipe = self.r.pipeline(transaction=True)
             pipe.set(PREFIX + replica_id, state.model_dump_json(), px=self.ttl_ms)

@@ -14,11 +14,12 @@ from services.registry.placement import INDEX_KEY, PlacementStore
 def test_heartbeats_are_listed_with_their_state(redis_client):
     placement = PlacementStore(redis_client)
     before = time.time()
-    placement.heartbeat("replica-a", ["math@v1", "code@v2"], queue_len=3)
+    placement.heartbeat("replica-a", ["math@v1", "code@v2"], queue_len=3, pool={"hits": 7, "misses": 2})
     placement.heartbeat("replica-b", [])
     live = placement.replicas()
     assert sorted(live) == ["replica-a", "replica-b"]
     assert live["replica-a"].resident == ["math@v1", "code@v2"] and live["replica-a"].queue_len == 3
+    assert live["replica-a"].pool == {"hits": 7, "misses": 2} and live["replica-b"].pool == {}
     assert live["replica-a"].last_seen >= before
     placement.heartbeat("replica-a", ["math@v1"], queue_len=0)
     assert placement.replicas()["replica-a"].resident == ["math@v1"]
