@@ -75,6 +75,13 @@ class CompositionConfig(Section):
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted")
 
+    @model_validator(mode="after")
+    def _one_request_fits(self) -> "CompositionConfig":
+        if self.max_adapters_per_request > self.device_slots:
+            raise ValueError(f"max_adapters_per_request={self.max_adapters_per_request} exceeds "
+                             f"device_slots={self.device_slots}: one request's adapters must fit on the device")
+        return self
+
 
 class AutoscalingConfig(Section):
     min_replicas: int = Field(1, ge=0)

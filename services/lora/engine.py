@@ -124,20 +124,49 @@ class CompositionEngine:
                               use_cache=False).logits
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """One heterogeneous batch: every row its own adapters, mode and sampling."""
+        """A heterogeneous batch: every row its own adapters, mode and sampling. One forward
+        pass per step when the batch's adapters fit the device slots; otherwise the rows run as
+        several sub-batches that each fit (never a refused batch because the mix was wide)."""
         if not requests:
             return []
         for request in requests:
             check_request(request)
-        rows = [(list(r.adapters), list(r.weights) or uniform(len(r.adapters)), r.mode) for r in requests]
-        with self.composed(rows):
-            return generate_batch(self.step, self.tokenizer, requests, pad_id=self.pad_id, eos_ids=self.eos_ids,
-                                  device=self.device)
+        with self.device_lock:
+            pinned = set(self.pool.pinned)
+            capacity = self.pool.device_slots - len(pinned)  # pinned adapters keep their slots
+            groups = fitting_groups([set(r.adapters) - pinned for r in requests], capacity)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for group in groups:
+            batch = [requests[i] for i in group]
+            rows = [(list(r.adapters), list(r.weights) or uniform(len(r.adapters)), r.mode) for r in batch]
+            with self.composed(rows):
+                done = generate_batch(self.step, self.tokenizer, batch, pad_id=self.pad_id, eos_ids=self.eos_ids,
+                                      device=self.device)
+            for i, result in zip(group, done):
+                results[i] = result
+        return results
 
     def step(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]  # (batch, vocab)
+
+
+def fitting_groups(needs: list[set[str]], capacity: int) -> list[list[int]]:
+    """Row indices grouped first-fit so each group's distinct adapters number at most `capacity`.
+
+    A row that alone needs more than `capacity` gets a group of its own (the pool then refuses
+    it with a message naming the slots)."""
+    groups: list[tuple[list[int], set[str]]] = []
+    for i, need in enumerate(needs):
+        for members, keys in groups:
+            if len(keys | need) <= capacity:
+                members.append(i)
+                keys |= need
+                break
+        else:
+            groups.append(([i], set(need)))
+    return [members for members, _ in groups]
 
 
 def uniform(k: int) -> list[float]:

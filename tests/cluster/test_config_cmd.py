@@ -24,3 +24,6 @@ def test_bad_configs_exit_2_with_a_sentence(tmp_path, capsys):
     assert "max_batch_size" in capsys.readouterr().err
     assert main(["config", "check", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    bad.write_text("composition: {device_slots: 2, max_adapters_per_request: 3}\n")
+    assert main(["config", "check", str(bad)]) == 2
+    assert "one request's adapters must fit on the device" in capsys.readouterr().err

@@ -77,6 +77,31 @@ def test_batched_greedy_equals_peft_generate_per_row(engine, peft_model, tokeniz
     assert results[0].token_ids != results[2].token_ids  # the adapter changed what was generated
 
 
+def test_a_batch_wider_than_the_device_slots_runs_in_fitting_parts(folders, peft_model, tokenizer):
+    """One device slot, rows on two adapters: sub-batches instead of a refused batch, same tokens."""
+    narrow = CompositionEngine(tiny_model(vocab_size=VOCAB), tokenizer, device_slots=1)
+    for name, folder in folders.items():
+        narrow.load_adapter(name, folder)
+    adapters = ["a", "b", "a", None]
+    requests = [GenerationRequest(prompt_ids=p, adapters=[a] if a else [], weights=[1.0] if a else [],
+                                  mode=Mode.selection if a else Mode.none, max_tokens=8)
+                for p, a in zip(PROMPTS, adapters)]
+    results = narrow.generate(requests)
+    for prompt, adapter, result in zip(PROMPTS, adapters, results):
+        assert result.token_ids == peft_greedy(peft_model, prompt, adapter, 8, tokenizer.eos_token_id)
+    assert narrow.pool_stats()["loads"] >= 2  # both adapters took turns in the one slot
+
+
+def test_fitting_groups_first_fit_within_capacity():
+    from services.lora.engine import fitting_groups
+
+    needs = [{"a"}, {"b"}, {"a", "c"}, set(), {"d", "e", "f"}, {"b"}]
+    groups = fitting_groups(needs, capacity=2)
+    assert groups == [[0, 1, 3, 5], [2], [4]]
+    assert sorted(i for g in groups for i in g) == list(range(len(needs)))
+    assert fitting_groups(needs, capacity=8) == [list(range(len(needs)))]
+
+
 def test_sampling_is_reproducible_per_row_seed(engine):
     def run(seeds):
         return [r.token_ids for r in engine.generate([
