@@ -64,13 +64,17 @@ def peft_greedy(peft_model, prompt: list[int], adapter: str | None, max_tokens: 
 PROMPTS = [[1, 504, 3287, 30], [77, 9021], [1, 12, 13, 14, 15, 16, 17], [4000]]
 
 
+def selection_requests(adapters: list[str | None], max_tokens: int) -> list[GenerationRequest]:
+    """One row per PROMPTS entry: its adapter selected, or the base model for None."""
+    return [GenerationRequest(prompt_ids=p, adapters=[a] if a else [], weights=[1.0] if a else [],
+                              mode=Mode.selection if a else Mode.none, max_tokens=max_tokens)
+            for p, a in zip(PROMPTS, adapters)]
+
+
 def test_batched_greedy_equals_peft_generate_per_row(engine, peft_model, tokenizer):
     """Rows of different lengths (left padding) and adapters, each equal to PEFT alone."""
     adapters = ["a", "b", None, "a"]
-    requests = [GenerationRequest(prompt_ids=p, adapters=[a] if a else [], weights=[1.0] if a else [],
-                                  mode=Mode.selection if a else Mode.none, max_tokens=12)
-                for p, a in zip(PROMPTS, adapters)]
-    results = engine.generate(requests)
+    results = engine.generate(selection_requests(adapters, max_tokens=12))
     for prompt, adapter, result in zip(PROMPTS, adapters, results):
         assert result.token_ids == peft_greedy(peft_model, prompt, adapter, 12, tokenizer.eos_token_id)
         assert result.prompt_tokens == len(prompt) and result.completion_tokens == len(result.token_ids)
@@ -83,10 +87,7 @@ def test_a_batch_wider_than_the_device_slots_runs_in_fitting_parts(folders, peft
     for name, folder in folders.items():
         narrow.load_adapter(name, folder)
     adapters = ["a", "b", "a", None]
-    requests = [GenerationRequest(prompt_ids=p, adapters=[a] if a else [], weights=[1.0] if a else [],
-                                  mode=Mode.selection if a else Mode.none, max_tokens=8)
-                for p, a in zip(PROMPTS, adapters)]
-    results = narrow.generate(requests)
+    results = narrow.generate(selection_requests(adapters, max_tokens=8))
     for prompt, adapter, result in zip(PROMPTS, adapters, results):
         assert result.token_ids == peft_greedy(peft_model, prompt, adapter, 8, tokenizer.eos_token_id)
     assert narrow.pool_stats()["loads"] >= 2  # both adapters took turns in the one slot
