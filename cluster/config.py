@@ -74,6 +74,9 @@ class CompositionConfig(Section):
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long to wait to fill a batch")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for the composer's forward passes; None = Ray's choice, "
+        "floor(deployments.composer.num_cpus) and at least 1 (set it when composers run on CPU)")
 
     @model_validator(mode="after")
     def _one_request_fits(self) -> "CompositionConfig":

@@ -24,6 +24,10 @@ class Composer:
 
         cfg = AppConfig.model_validate(config)
         comp = cfg.composition
+        if comp.torch_threads is not None:  # Ray set OMP_NUM_THREADS from num_cpus; this overrides it
+            import torch
+
+            torch.set_num_threads(comp.torch_threads)
         if engine is None:
             engine = CompositionEngine.from_pretrained(
                 base_model_path(cfg), device=cfg.base_model.device, dtype=cfg.base_model.dtype,
