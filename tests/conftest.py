@@ -1,8 +1,13 @@
-"""Fixtures shared by all tests: offline model loading, a real Redis server, a tiny Llama."""
+"""Fixtures shared by all tests: offline model loading, a real Redis server, a tiny Llama, and a
+real cluster on this machine for the HTTP tests (tests/deployments, tests/reliability): redis-server,
+local Ray, the Serve app on a free loopback port, the tiny demo zoo registered. One cluster per
+test module (Ray start-up costs ~15 s)."""
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
+import httpx
 import pytest
 
 # No model hub here: every load must come from local folders.
@@ -41,3 +46,68 @@ def tiny_zoo(tmp_path_factory):
     from cluster.demo.zoo import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("tiny_zoo"), tiny=True, progress=False)
+
+ADMIN_KEY = "test-admin-key-0123456789"
+
+
+def cluster_config(zoo, redis_url: str, store, port: int, **overrides):
+    from cluster.config import AppConfig
+
+    cfg = {
+        "base_model": {"path": str(zoo.base), "name": "tiny-random-llama"},
+        "adapter_store": {"path": str(store)},
+        "redis": {"url": redis_url, "start_local": False},
+        "server": {"port": port, "request_timeout_s": 60},
+        "composition": {"max_batch_size": 16, "batch_wait_timeout_s": 0.2, "device_slots": 8, "cpu_slots": 16},
+        "deployments": {name: {"num_cpus": 0.1} for name in ("ingress", "retriever", "composer")},
+    }
+    return AppConfig.model_validate(deep_merge(cfg, overrides))
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster_overrides() -> dict:
+    """Config overrides for this module's cluster; a test module redefines it to change them."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def serve_cluster(redis_server, tiny_zoo, tmp_path_factory, cluster_overrides):
+    """Yields url, api_key (a tenant 'acme'), admin headers, config and the zoo."""
+    from ray import serve
+
+    from cluster.adapter_admin import AdapterAdmin
+    from cluster.bringup import APP_NAME
+    from cluster.local_ray import init_local_ray
+    from cluster.redis_server import free_port
+    from deployments.app import build_app
+    from services.tenancy.tenants import TenantStore
+
+    os.environ["LORARETRIEVER_ADMIN_KEY"] = ADMIN_KEY
+    port = free_port()
+    cfg = cluster_config(tiny_zoo, redis_server.url, tmp_path_factory.mktemp("store"), port, **cluster_overrides)
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushdb()
+    admin = AdapterAdmin.from_config(cfg)
+    for card in tiny_zoo.cards:
+        admin.add(card.model_name, tiny_zoo.adapters[card.model_name], card)
+    api_key = TenantStore(redis.Redis.from_url(redis_server.url)).add("acme")
+
+    init_local_ray(num_cpus=2)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200
+    yield SimpleNamespace(url=url, api_key=api_key, admin={"Authorization": f"Bearer {ADMIN_KEY}"},
+                          cfg=cfg, zoo=tiny_zoo, redis_url=redis_server.url, admin_tool=admin)
+    serve.shutdown()
+    import ray
+
+    ray.shutdown()
