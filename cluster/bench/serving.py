@@ -29,6 +29,8 @@ import asyncio  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
@@ -337,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     queries = [q for q in zoo.queries if q.task in zoo.adapters]
     random.Random(0).shuffle(queries)  # tasks interleaved: every batch is mixed
     args.port = args.port or free_port()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops what it started
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         stack = Stack(zoo, Path(tmp))
         try:
