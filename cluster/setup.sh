@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine: a Redis server binary and the project's virtual environment.
+# Sets up a fresh machine: Redis server and strace binaries and the project's virtual environment.
 # Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "[setup] installing redis-server (apt)"
+# redis-server for the state; strace for the no-egress test (tests/reliability/test_no_egress.py).
+MISSING=""
+command -v redis-server >/dev/null 2>&1 || MISSING="$MISSING redis-server"
+command -v strace >/dev/null 2>&1 || MISSING="$MISSING strace"
+if [ -n "$MISSING" ]; then
+  echo "[setup] installing$MISSING (apt)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $MISSING >/dev/null
 fi
 
 PY=${PYTHON:-python3}
