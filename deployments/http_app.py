@@ -1,18 +1,50 @@
 """The FastAPI app the Ingress deployment serves, and how errors become OpenAI-shaped bodies."""
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from ray.exceptions import RayTaskError
+from ray.serve.context import _get_serve_request_context
+from starlette.exceptions import HTTPException
 
+from services.schemas import ErrorResponse
 from services.serving import openai_format as fmt
 from services.serving.errors import ServingError, TooManyRequests
 
 REQUEST_ID_HEADER = "X-Request-Id"
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error"}
+
+log = logging.getLogger("ray.serve")
 
 app = FastAPI(title="LoraRetriever", version="0.1.0",
               description="OpenAI-compatible completions with input-aware LoRA retrieval and composition")
+
+
+def openapi_schema() -> dict:
+    """FastAPI's schema, with the errors as they are answered: every operation may give a 4XX or 5XX
+    ErrorResponse (FastAPI documents a 422 HTTPValidationError, but invalid bodies get a 400 ErrorResponse)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schemas["ErrorResponse"].pop("$defs", {}))
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        error = {"description": "error in the OpenAI shape",
+                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+                operation["responses"].update({"4XX": error, "5XX": error})
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = openapi_schema
 
 
 @app.exception_handler(RequestValidationError)
@@ -28,6 +60,30 @@ async def _serving_error(request: Request, err: ServingError) -> JSONResponse:
     headers = {"Retry-After": str(int(err.retry_after_s))} if isinstance(err, TooManyRequests) else None
     return JSONResponse(fmt.error_body(err.message, type=err.type, param=err.param), status_code=err.status,
                         headers=headers)
+
+
+@app.exception_handler(HTTPException)
+async def _starlette_error(request: Request, err: HTTPException) -> JSONResponse:
+    """Starlette's own errors in the OpenAI shape too: unknown route (404), wrong method (405), a body
+    it cannot parse (invalid UTF-8, JSON nested past the recursion limit: 400). They came as {"detail"}."""
+    kind = ERROR_TYPES.get(err.status_code, "invalid_request_error" if err.status_code < 500 else "server_error")
+    return JSONResponse(fmt.error_body(str(err.detail), type=kind), status_code=err.status_code,
+                        headers=getattr(err, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+    """A replica's ServingError that reached here still wrapped in Ray's error gets its own status; any
+    other failure is a 500 in the OpenAI shape whose message names only the request id (details, which
+    may hold internals, go to the log)."""
+    cause = unwrap(err)
+    if isinstance(cause, ServingError):
+        return await _serving_error(request, cause)
+    request_id = _get_serve_request_context().request_id or request.headers.get(REQUEST_ID_HEADER, "")
+    log.error("unhandled error in %s %s (request %s): %s", request.method, request.url.path, request_id,
+              type(err).__name__)
+    return JSONResponse(fmt.error_body(f"internal error; request id {request_id or 'unknown'}", type="server_error"),
+                        status_code=500)
 
 
 def unwrap(err: BaseException) -> BaseException:

@@ -6,8 +6,9 @@ the HTTP API all speak these types, so a field means the same thing everywhere.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class Strict(BaseModel):
@@ -16,17 +17,30 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def valid_unicode(value: str) -> str:
+    """Refuse lone surrogates: "\\ud800" is valid JSON but no tokenizer can encode it, and one such
+    prompt in a batched embedding call used to fail every request of that batch (500s)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it holds a lone surrogate code point)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]  # every string a client sends that reaches a tokenizer
+
+
 class CardSample(Strict):
-    inputs: str = Field(min_length=1)
-    targets: str = ""
+    inputs: Text = Field(min_length=1)
+    targets: Text = ""
 
 
 class AdapterCard(Strict):
     """What the retriever knows of an adapter: a few sample inputs of its task."""
 
-    model_name: str = Field(min_length=1, description="adapter name, unique in a registry")
-    sample: list[CardSample] = Field(min_length=1)
-    domain: str | None = None
+    model_name: Text = Field(min_length=1, description="adapter name, unique in a registry")
+    sample: list[CardSample] = Field(min_length=1, max_length=1024)
+    domain: Text | None = None
 
 
 class Query(Strict):
@@ -72,27 +86,28 @@ MAX_PROMPT_CHARS = 32_000
 class LoraOptions(Strict):
     """The `lora` extension object of a request body; every field overrides a server default."""
 
-    top_k: int | None = Field(None, ge=1, le=16, description="adapters retrieved per prompt")
+    # strict ints: `true` or "3" is a wrong type (400), not silently 1 or 3; floats refuse NaN and inf.
+    top_k: int | None = Field(None, ge=1, le=16, strict=True, description="adapters retrieved per prompt")
     composition: CompositionMode | None = None
     weighting: Weighting | None = None
-    temperature: float | None = Field(None, gt=0, le=100, description="softmax temperature for weighting=softmax")
-    adapters: list[str] | None = Field(None, max_length=16, description="use these adapters (name or name@version); no retrieval")
-    exclude: list[str] = Field(default_factory=list, max_length=256, description="never retrieve these adapters")
-    min_similarity: float | None = Field(None, ge=-1, le=1, description="below this score no adapter fits")
+    temperature: float | None = Field(None, gt=0, le=100, allow_inf_nan=False, description="softmax temperature for weighting=softmax")
+    adapters: list[Text] | None = Field(None, max_length=16, description="use these adapters (name or name@version); no retrieval")
+    exclude: list[Text] = Field(default_factory=list, max_length=256, description="never retrieve these adapters")
+    min_similarity: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False, description="below this score no adapter fits")
 
 
 class SamplingFields(Strict):
     """Fields common to completions and chat completions."""
 
-    model: str = Field(min_length=1, max_length=256, description="'auto', an adapter name, name@version, or the base model")
-    max_tokens: int = Field(64, ge=1, description="tokens to generate at most")
-    temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    user: str | None = Field(None, max_length=256)
+    model: Text = Field(min_length=1, max_length=256, description="'auto', an adapter name, name@version, or the base model")
+    max_tokens: int = Field(64, ge=1, strict=True, description="tokens to generate at most")
+    temperature: float = Field(0.0, ge=0, le=2, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    stop: Text | list[Text] | None = Field(None, description="up to 4 stop strings")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)
+    stream: bool = Field(False, strict=True)
+    n: int = Field(1, ge=1, le=1, strict=True, description="only 1 is supported")
+    user: Text | None = Field(None, max_length=256)
     lora: LoraOptions = Field(default_factory=LoraOptions)
 
     def stop_list(self) -> list[str]:
@@ -103,7 +118,7 @@ class SamplingFields(Strict):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(description="a prompt, or a list: each retrieved and composed on its own")
+    prompt: Text | list[Text] = Field(description="a prompt, or a list: each retrieved and composed on its own")
 
     def prompts(self) -> list[str]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
@@ -116,7 +131,7 @@ class CompletionRequest(SamplingFields):
 
 class ChatMessage(Strict):
     role: str = Field(pattern="^(system|user|assistant)$")
-    content: str = Field(max_length=MAX_PROMPT_CHARS)
+    content: Text = Field(max_length=MAX_PROMPT_CHARS)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -130,8 +145,21 @@ class ChatCompletionRequest(SamplingFields):
         return users[-1]
 
 
+class ErrorDetail(Strict):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, permission_error, not_found_error, ...")
+    param: str | None = Field(None, description="the request field at fault, when one is")
+    code: str | None = None
+
+
+class ErrorResponse(Strict):
+    """Every 4xx and 5xx body of the HTTP API (the OpenAI error shape)."""
+
+    error: ErrorDetail
+
+
 class RetrieveRequest(Strict):
-    input: str | list[str] = Field(description="prompt(s) to retrieve adapters for")
+    input: Text | list[Text] = Field(description="prompt(s) to retrieve adapters for")
     lora: LoraOptions = Field(default_factory=LoraOptions)
 
     def prompts(self) -> list[str]:

@@ -41,6 +41,11 @@ UNSUPPORTED_FEATURES = {
 }
 
 
+# LoRA weights are O(1); finite values far beyond that overflow half precision on a device and
+# swamp the base model's output for every row that uses the adapter. Refused like NaN.
+MAX_ABS_WEIGHT = 1e4
+
+
 class AdapterValidationError(ValueError):
     """An adapter folder that cannot be used; the message names the file or field at fault."""
 
@@ -170,6 +175,10 @@ def split_lora_tensors(tensors: dict[str, torch.Tensor], path: Path, base_config
         tensor = tensor.to(torch.float32)
         if not torch.isfinite(tensor).all():
             raise AdapterValidationError(f"{path}: tensor {key!r} holds NaN or infinite values")
+        if tensor.numel() and (peak := tensor.abs().max().item()) > MAX_ABS_WEIGHT:
+            raise AdapterValidationError(
+                f"{path}: tensor {key!r} holds a value of magnitude {peak:.3g}; LoRA weights above "
+                f"{MAX_ABS_WEIGHT:g} are refused")
         (a if match["side"] == "A" else b)[layer] = tensor.contiguous()
     if not a:
         raise AdapterValidationError(f"{path}: holds no LoRA weights")

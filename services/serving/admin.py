@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import os
 from typing import Awaitable, Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from services.registry.store import StoreError, check_name
 from services.schemas import AdapterCard, Strict
 from services.serving.errors import BadRequest, Conflict, Forbidden, NotFound, ServingError, Unauthorized, Unavailable
 from services.tenancy.gate import bearer_token
@@ -26,7 +28,8 @@ MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 class AdapterUpload(Strict):
     name: str = Field(min_length=1, max_length=128)
     card: AdapterCard
-    path: str | None = Field(None, description="a folder the cluster can read (e.g. on the adapter volume)")
+    # min_length: an empty path once passed the one-of check below and crashed the upload branch (500).
+    path: str | None = Field(None, min_length=1, description="a folder the cluster can read (e.g. on the adapter volume)")
     files: dict[str, str] | None = Field(None, description="file name -> base64 content (adapter_config.json, adapter_model.safetensors)")
     tenant: str | None = Field(None, description="owner; with visibility=private only that tenant sees it")
     visibility: str = Field("shared", pattern="^(shared|private)$")
@@ -59,6 +62,17 @@ def registry_error(err: Exception) -> ServingError:
     if isinstance(err, AccessDenied):
         return Forbidden(str(err))
     return BadRequest(str(err))
+
+
+@contextlib.contextmanager
+def tenant_store_call(action: str):
+    """Tenant store calls with Redis away become a clear 503 (as registry writes do), not a 500."""
+    import redis
+
+    try:
+        yield
+    except redis.RedisError as err:
+        raise Unavailable(f"cannot {action}: Redis is unavailable ({type(err).__name__}); retry shortly") from err
 
 
 class AdminService:
@@ -107,6 +121,10 @@ class AdminService:
             raise BadRequest("give exactly one of 'path' (a folder the cluster reads) or 'files' (uploaded)")
         if body.visibility == "private" and not body.tenant:
             raise BadRequest("a private adapter needs its owner 'tenant'")
+        try:  # before the embedding call: a bad name costs nothing
+            check_name(body.name)
+        except StoreError as err:
+            raise BadRequest(str(err), param="name") from err
         embeddings = await self.embed([s.inputs for s in body.card.sample])
         with tempfile.TemporaryDirectory(prefix="lr-upload-") as tmp:
             src = Path(body.path) if body.path else self._unpack_upload(body.files, Path(tmp))
@@ -169,22 +187,26 @@ class AdminService:
     async def add_tenant(self, body: TenantCreate, authorization: str | None) -> dict:
         self.require_admin(authorization)
         try:
-            key = self.tenants.add(body.name, body.limits)
+            with tenant_store_call(f"add tenant '{body.name}'"):
+                key = self.tenants.add(body.name, body.limits)
         except TenantError as err:
             raise BadRequest(str(err)) from err
         return {"name": body.name, "api_key": key}
 
     async def list_tenants(self, authorization: str | None) -> dict:
         self.require_admin(authorization)
-        return {"data": [t.model_dump() for t in self.tenants.list()]}
+        with tenant_store_call("list tenants"):
+            return {"data": [t.model_dump() for t in self.tenants.list()]}
 
     async def revoke_tenant(self, name: str, authorization: str | None) -> dict:
         self.require_admin(authorization)
         try:
-            return {"name": name, "revoked_keys": self.tenants.revoke(name)}
+            with tenant_store_call(f"revoke tenant '{name}'"):
+                return {"name": name, "revoked_keys": self.tenants.revoke(name)}
         except TenantError as err:
             raise NotFound(str(err)) from err
 
     async def usage(self, name: str, authorization: str | None) -> dict:
         self.require_admin(authorization)
-        return {"name": name, "usage": self.limiter.usage(name)}
+        with tenant_store_call(f"read the usage of tenant '{name}'"):
+            return {"name": name, "usage": self.limiter.usage(name)}
