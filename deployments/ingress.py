@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.context import _get_serve_request_context
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import AppConfig
@@ -34,13 +34,19 @@ from services.serving import openai_format as fmt
 from services.serving.admin import AdapterUpload, AdminService, CanaryRequest, TenantCreate, VersionRef
 from services.serving.catalog import AdapterUnavailable, Catalog, CatalogCache
 from services.serving.composer_service import ComposeJob
-from services.serving.errors import BadRequest, NotFound, ServingError, Timeout, TooManyRequests, Unauthorized
+from services.serving.errors import (BadRequest, NotFound, ServingError, Timeout, TooManyRequests, Unauthorized,
+                                     Unavailable)
 from services.serving.planner import AUTO_MODEL, PlanDefaults, needs_retrieval, plan_composition
 from services.tenancy.gate import TenantGate
 from services.tenancy.limits import TenantLimiter
 from services.tenancy.tenants import Tenant, TenantStore
 
 log = logging.getLogger("ray.serve")
+
+
+def replica_lost(err: BaseException) -> bool:
+    """The replica serving a call died or became unreachable (not an error of the call itself)."""
+    return isinstance(err, RayActorError) or (isinstance(err, RayTaskError) and isinstance(err.cause, RayActorError))
 
 
 @serve.deployment(name="Ingress")
@@ -125,14 +131,14 @@ class Ingress:
                                temperature=body.temperature, top_p=body.top_p, stop=stops, seed=body.seed,
                                **inp).model_dump()
                     for inp, plan in zip(inputs, plans)]
-            streams = [call_with_own_id(self.composer.options(stream=True).generate.remote, job) for job in jobs]
             if body.stream:
-                firsts = await self._with_timeout(asyncio.gather(*(self._next(s) for s in streams)))
+                opened = await self._with_timeout(asyncio.gather(*(self._open_stream(job) for job in jobs)))
+                streams, firsts = [s for s, _ in opened], [f for _, f in opened]
                 metrics.observe_ttft(time.perf_counter() - started)
                 events = self._sse(request_id, body.model, streams, firsts, plans, chat, tenant, lease)
                 streaming, status = True, 200  # the stream releases the lease when it ends
                 return StreamingResponse(events, media_type="text/event-stream")
-            results = await self._with_timeout(asyncio.gather(*(self._collect(s) for s in streams)))
+            results = await self._with_timeout(asyncio.gather(*(self._compose(job) for job in jobs)))
             reply = fmt.completion_body(request_id, body.model, results, plans, chat=chat)
             usage = {k: reply["usage"][k] for k in ("prompt_tokens", "completion_tokens")}
             self._log_request(request_id, tenant, plans, usage, started)
@@ -294,9 +300,14 @@ class Ingress:
     async def _retrieve(self, text: str, opts, tenant: str | None) -> dict:
         min_sim = opts.min_similarity if opts.min_similarity is not None else self.defaults.min_similarity
         started = time.perf_counter()
-        result = await call_with_own_id(
-            self.retriever.retrieve.remote, text, top_k=opts.top_k or self.defaults.top_k, exclude=list(opts.exclude),
-            min_similarity=min_sim, tenant=tenant)
+        for attempt in range(self.REPLICA_RETRIES + 1):
+            try:
+                result = await call_with_own_id(
+                    self.retriever.retrieve.remote, text, top_k=opts.top_k or self.defaults.top_k,
+                    exclude=list(opts.exclude), min_similarity=min_sim, tenant=tenant)
+                break
+            except Exception as err:  # a lost retriever replica (and its embedded index): ask another
+                await self._retry_after_replica_loss("retriever", attempt, err)
         metrics.observe_retrieval(time.perf_counter() - started,
                                   result["adapters"][0]["score"] if result["adapters"] else None)
         return result
@@ -310,6 +321,41 @@ class Ingress:
             return None
         except RayTaskError as err:
             raise unwrap(err) from None
+
+    # A replica lost mid-call (process killed, OOM, node gone) surfaces as RayActorError. Serve's
+    # router then drops that replica and waits for a live one (Ray restarts the dead one), so a
+    # call whose output has not reached the client yet is sent again instead of failing the
+    # request: retrieval and generation have no side effects. Bounded by count here and by
+    # server.request_timeout_s around every call.
+    REPLICA_RETRIES = 3
+
+    async def _retry_after_replica_loss(self, what: str, attempt: int, err: BaseException) -> None:
+        if not replica_lost(err):
+            raise err
+        if attempt >= self.REPLICA_RETRIES:
+            raise Unavailable(f"{what} replica lost and {attempt} retries failed; retry shortly") from err
+        log.warning("%s replica lost (%s), sending the call again (retry %d)", what, type(err).__name__,
+                    attempt + 1)
+        await asyncio.sleep(0.25 * 2 ** attempt)
+
+    async def _open_stream(self, job: dict):
+        """A composer stream and its first item. Sent again if the replica is lost before the
+        first item (nothing reached the client yet); a loss after it ends the stream with an error."""
+        for attempt in range(self.REPLICA_RETRIES + 1):
+            stream = call_with_own_id(self.composer.options(stream=True).generate.remote, job)
+            try:
+                return stream, await self._next(stream)
+            except Exception as err:
+                await self._retry_after_replica_loss("composer", attempt, err)
+
+    async def _compose(self, job: dict) -> dict:
+        """A non-streamed job's result; the whole job is sent again if its replica is lost midway."""
+        for attempt in range(self.REPLICA_RETRIES + 1):
+            stream = call_with_own_id(self.composer.options(stream=True).generate.remote, job)
+            try:
+                return await self._collect(stream)
+            except Exception as err:
+                await self._retry_after_replica_loss("composer", attempt, err)
 
     async def _collect(self, stream) -> dict:
         result = None

@@ -1,12 +1,17 @@
 """Retriever replicas: embed prompts in batches, search the adapter index kept in step with the registry."""
 from __future__ import annotations
 
+import logging
+
 from ray import serve
 
 from cluster.config import AppConfig
 from cluster.wiring import make_index, make_registry, redis_client
 from services.retrieval.embedder import Embedder
+from services.retrieval.index import IndexInputError
 from services.serving.index_sync import REBUILD_EPOCH_KEY, IndexSync
+
+log = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="Retriever")
@@ -27,7 +32,13 @@ class Retriever:
         """RetrievalResult as a dict; `search` holds AdapterIndex.search keywords."""
         index = self.sync.refresh()
         vector = await self._embed(text)
-        return index.search(vector[None, :], **search)[0].model_dump()
+        try:
+            return index.search(vector[None, :], **search)[0].model_dump()
+        except IndexInputError:
+            raise
+        except Exception as err:  # the index lost its collection since the last refresh: rebuild, search again
+            log.warning("index search failed (%s); rebuilding from the registry", err)
+            return self.sync.refresh(force=True).search(vector[None, :], **search)[0].model_dump()
 
     async def embed(self, texts: list[str]):
         """Card embeddings for the admin API: (n, dim) float32."""

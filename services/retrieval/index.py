@@ -51,7 +51,8 @@ class AdapterIndex:
         self.sample_top_m = sample_top_m
         self.collection = collection
         self.client = QdrantClient(url=url, api_key=api_key) if url else QdrantClient(path=path)
-        self._ensure_collection(remote=url is not None)
+        self.remote = url is not None
+        self._ensure_collection(remote=self.remote)
 
     # ---- writes ------------------------------------------------------------------------------
     def upsert(self, name: str, sample_embeddings: np.ndarray, *, version: str = "1", tenant: str | None = None,
@@ -160,6 +161,10 @@ class AdapterIndex:
         if scoring not in SCORINGS:
             raise IndexInputError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
         return scoring
+
+    def ensure_collection(self) -> None:
+        """Create the collection if it is gone (a Qdrant server restarted without its storage)."""
+        self._ensure_collection(remote=self.remote)
 
     def _ensure_collection(self, *, remote: bool) -> None:
         if self.client.collection_exists(self.collection):

@@ -12,7 +12,7 @@ from services.lora.adapter_files import AdapterValidationError
 from services.lora.generation import GenerationRequest, GenerationResult
 from services.schemas import ChatMessage, CompositionPlan, Strict
 from services.serving.batcher import DynamicBatcher
-from services.serving.errors import BadRequest, NotFound
+from services.serving.errors import BadRequest, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,15 @@ class ComposerService:
         for key in keys:
             if self.engine.has_adapter(key):
                 continue
+            # The registry validated these files when the version was added: missing or unreadable
+            # files now mean the store lost them, a server-side fault (503), not a bad request.
             path = self.adapter_path(key)
             if not path.is_dir():
-                raise NotFound(f"adapter '{key}' has no files in the adapter store")
+                raise Unavailable(f"adapter '{key}' has no files in the adapter store")
             try:
                 self.engine.load_adapter(key, path)
             except AdapterValidationError as err:
-                raise BadRequest(f"adapter '{key}' cannot be loaded: {err}") from err
+                raise Unavailable(f"adapter '{key}' cannot be loaded from the adapter store: {err}") from err
             log.info("loaded adapter %s from %s", key, path)
 
     def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -115,7 +117,7 @@ class ComposerService:
             self.engine.unload_adapter(key)
         try:
             self.ensure_loaded(sorted(pinned))  # pinned adapters are resident before anyone asks
-        except (BadRequest, NotFound) as err:
+        except Unavailable as err:
             log.warning("cannot pin: %s", err.message)
         for key in self.engine.loaded_adapters():
             if key in pinned:

@@ -39,8 +39,14 @@ class IndexSync:
         self._checked_at = now
         try:
             epoch = self.rebuild_epoch()
+            try:
+                indexed = set(self.index.names())
+            except Exception as err:  # the collection itself is gone (Qdrant restarted without storage)
+                log.warning("index unreadable (%s), recreating it from the registry", err)
+                self.index.ensure_collection()
+                indexed = set()
             # An operator asked for a rebuild, or the index lost entries (a restarted Qdrant).
-            if epoch != self.epoch or set(self.index.names()) != set(self._indexed):
+            if epoch != self.epoch or indexed != set(self._indexed):
                 self._clear()
                 self.epoch, force = epoch, True
             generation = self.registry.generation()
