@@ -6,6 +6,7 @@ metadata address; both are off-limits for local runs and tests.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,9 +19,15 @@ LOOPBACK_IMPORT_ENV = {
 }
 
 
+# Names of variables that hold secrets (admin key, Redis password, Qdrant API key): never put in
+# runtime_env, whose env_vars Ray writes in clear to logs/runtime_env_agent.log.
+SECRET_NAME = re.compile(r"KEY|PASSWORD|TOKEN|SECRET", re.IGNORECASE)
+
+
 def loopback_ray_env() -> dict[str, str]:
-    """Environment a local Ray needs; also handed to its workers, with the LORARETRIEVER_*
-    variables of this process (admin key, home) so replicas see what the driver sees."""
+    """Environment a local Ray needs, with the LORARETRIEVER_* variables of this process (admin
+    key, home) so replicas see what the driver sees: workers inherit it from the raylet, and the
+    non-secret part also goes in runtime_env."""
     RAY_HOME.mkdir(parents=True, exist_ok=True)
     (RAY_HOME / "ray_bootstrap_config.yaml").write_text("provider: {type: local}\n")
     own = {k: v for k, v in os.environ.items() if k.startswith("LORARETRIEVER_")}
@@ -40,14 +47,14 @@ def init_local_ray(num_cpus: int = 2, **kwargs):
     env = loopback_ray_env()
     if "ray._private.ray_constants" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
         raise RuntimeError("Ray was imported before LOOPBACK_IMPORT_ENV was set; it would bind the outward address")
-    os.environ.update(env)
+    os.environ.update(env)  # the raylet ray.init starts inherits this, and its workers from it
     if ray.is_initialized():
         return ray
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": env},
+        runtime_env={"env_vars": {k: v for k, v in env.items() if not SECRET_NAME.search(k)}},
         log_to_driver=kwargs.pop("log_to_driver", False),
         **kwargs,
     )

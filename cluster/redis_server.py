@@ -25,8 +25,9 @@ def free_port() -> int:
 class RedisServer:
     """Start with `start()`, stop with `stop()`; `url` points at it."""
 
-    def __init__(self, port: int | None = None, data_dir: str | Path | None = None):
+    def __init__(self, port: int | None = None, data_dir: str | Path | None = None, password: str | None = None):
         self.port = port or free_port()
+        self.password = password  # requirepass; given to redis-server through its stdin, never argv
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="lr-redis-"))
         self._owns_dir = data_dir is None
         self.proc: subprocess.Popen | None = None
@@ -40,12 +41,16 @@ class RedisServer:
         if binary is None:
             raise UserError("redis-server is not on PATH; run `bash cluster/setup.sh` (it installs it)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Config from stdin ("-"): a password on the command line would show in `ps` for every user.
+        config = f"requirepass {self.password}\n" if self.password else ""
         self.proc = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
+            [binary, "-", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
              "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis.from_url(self.url)
+        self.proc.stdin.write(config.encode())
+        self.proc.stdin.close()
+        client = self.client()
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -55,6 +60,9 @@ class RedisServer:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise UserError(f"redis-server did not start on 127.0.0.1:{self.port}")
                 time.sleep(0.05)
+
+    def client(self, **kwargs) -> redis.Redis:
+        return redis.Redis.from_url(self.url, password=self.password, **kwargs)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +18,8 @@ from services.serving.errors import ServingError, TooManyRequests
 
 REQUEST_ID_HEADER = "X-Request-Id"
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error"}
+
+UNION_TAG = re.compile(r"[\[(]|^(str|int|float|bool|list|dict|none)$")
 
 log = logging.getLogger("ray.serve")
 
@@ -49,8 +52,10 @@ app.openapi = openapi_schema
 
 @app.exception_handler(RequestValidationError)
 async def _invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
-    first = err.errors()[0] if err.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    # The deepest error names the field at fault (a bad list element, not "should be a string" of a
+    # str | list[str] union's other branch); union-member tags like 'list[str]' are dropped from it.
+    first = max(err.errors(), key=lambda e: len(e.get("loc", ())), default={})
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not UNION_TAG.search(str(p)))
     msg = first.get("msg", "invalid request body")
     return JSONResponse(fmt.error_body(f"{where}: {msg}" if where else msg, param=where or None), status_code=400)
 

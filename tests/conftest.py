@@ -92,13 +92,11 @@ def serve_cluster(redis_server, tiny_zoo, tmp_path_factory, cluster_overrides):
     os.environ["LORARETRIEVER_ADMIN_KEY"] = ADMIN_KEY
     port = free_port()
     cfg = cluster_config(tiny_zoo, redis_server.url, tmp_path_factory.mktemp("store"), port, **cluster_overrides)
-    import redis
-
-    redis.Redis.from_url(redis_server.url).flushdb()
+    redis_server.client().flushdb()
     admin = AdapterAdmin.from_config(cfg)
     for card in tiny_zoo.cards:
         admin.add(card.model_name, tiny_zoo.adapters[card.model_name], card)
-    api_key = TenantStore(redis.Redis.from_url(redis_server.url)).add("acme")
+    api_key = TenantStore(redis_server.client()).add("acme")
 
     init_local_ray(num_cpus=2)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
