@@ -182,6 +182,9 @@ class Ingress:
                     await queue.put((i, item))
                     item = await self._next(stream)
             except Exception as err:
+                if replica_lost(err):  # part of the answer reached the client: nothing to send again
+                    err = Unavailable("the composer replica serving this stream was lost; the answer is "
+                                      "incomplete, retry the request")
                 await queue.put((i, unwrap(err)))
             await queue.put((i, None))
 
