@@ -68,7 +68,14 @@ class RowSampler:
     def __call__(self, logits: torch.Tensor) -> int:  # logits (vocab,)
         if self.temperature == 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        # A tiny temperature (1e-30 passes "> 0") sent logits / T to inf and the softmax to NaN, and
+        # multinomial's error failed the whole batch (500s). Shifted by the max, the others go to
+        # -inf instead (same distribution for ordinary temperatures); one that is 0 in float32
+        # (5e-324) is greedy.
+        if self.temperature < torch.finfo(torch.float32).tiny:
+            return int(logits.argmax())
+        logits = logits.float()
+        probs = torch.softmax((logits - logits.max()) / self.temperature, dim=-1)
         if self.top_p < 1:
             sorted_probs, order = probs.sort(descending=True)
             # keep the smallest prefix whose mass reaches top_p (the first token always stays)

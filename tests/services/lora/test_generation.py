@@ -11,7 +11,7 @@ from peft_adapters import tiny_model, write_peft_adapter
 from transformers import AutoTokenizer
 
 from services.lora.engine import CompositionEngine
-from services.lora.generation import GenerationError, GenerationRequest, TextStream
+from services.lora.generation import GenerationError, GenerationRequest, RowSampler, TextStream
 from services.schemas import CompositionMode as Mode
 
 VOCAB = 49152  # the SmolLM2 tokenizer's
@@ -161,3 +161,12 @@ def test_from_pretrained_folder_serves_the_same_tokens(engine, folders, tokenize
     loaded.load_adapter("a", folders["a"])
     request = GenerationRequest(prompt_ids=PROMPTS[0], adapters=["a"], weights=[1.0], max_tokens=6)
     assert loaded.generate([request])[0].token_ids == engine.generate([request])[0].token_ids
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-30, 1e-8])
+def test_a_vanishing_temperature_samples_the_top_token_instead_of_failing(temperature):
+    """5e-324 passes the API's `> 0`; logits / T once overflowed to NaN probabilities and
+    multinomial's error failed the request's whole batch."""
+    logits = torch.tensor([1.0, 3.0, -2.0, 2.5])
+    sampler = RowSampler(GenerationRequest(prompt_ids=[1], temperature=temperature, top_p=0.5, seed=0), "cpu")
+    assert [sampler(logits) for _ in range(5)] == [1] * 5
