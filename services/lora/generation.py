@@ -80,6 +80,7 @@ class RowSampler:
             sorted_probs, order = probs.sort(descending=True)
             # keep the smallest prefix whose mass reaches top_p (the first token always stays)
             outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
+            outside[0] = False  # a top_p that is 0 in float32 (5e-324) dropped it too: all-zero, 500
             probs = probs.scatter(0, order[outside], 0.0)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 

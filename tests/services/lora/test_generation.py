@@ -163,10 +163,10 @@ def test_from_pretrained_folder_serves_the_same_tokens(engine, folders, tokenize
     assert loaded.generate([request])[0].token_ids == engine.generate([request])[0].token_ids
 
 
-@pytest.mark.parametrize("temperature", [5e-324, 1e-30, 1e-8])
-def test_a_vanishing_temperature_samples_the_top_token_instead_of_failing(temperature):
-    """5e-324 passes the API's `> 0`; logits / T once overflowed to NaN probabilities and
-    multinomial's error failed the request's whole batch."""
+@pytest.mark.parametrize("temperature, top_p", [(5e-324, 0.5), (1e-30, 0.5), (1e-8, 1.0), (1.0, 5e-324)])
+def test_vanishing_temperature_or_top_p_samples_the_top_token_instead_of_failing(temperature, top_p):
+    """5e-324 passes the API's `> 0`; logits / T once overflowed to NaN probabilities, and a top_p
+    of 0 in float32 dropped every token; multinomial's error failed the request's whole batch."""
     logits = torch.tensor([1.0, 3.0, -2.0, 2.5])
-    sampler = RowSampler(GenerationRequest(prompt_ids=[1], temperature=temperature, top_p=0.5, seed=0), "cpu")
+    sampler = RowSampler(GenerationRequest(prompt_ids=[1], temperature=temperature, top_p=top_p, seed=0), "cpu")
     assert [sampler(logits) for _ in range(5)] == [1] * 5
