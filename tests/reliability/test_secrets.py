@@ -151,7 +151,7 @@ def test_redis_refusing_the_password_gives_errors_without_it(serve_cluster, redi
     try:
         redis.Redis.from_url(redis_server.url, password=new_password).client_kill_filter(_type="normal")
         write = call("POST", "/admin/tenants", admin, json={"name": "during-outage"})
-        assert write.status_code in (400, 503), write.text
+        assert write.status_code == 503, write.text
         ErrorResponse.model_validate(write.json())
         read = call("GET", "/admin/adapters", admin)
         assert read.status_code == 503, read.text
@@ -186,5 +186,7 @@ def test_no_secret_in_any_answer_or_log(serve_cluster, answers, secrets_seen, dr
         data = path.read_bytes()
         leaks += [f"{name} in {path}" for name, secret in secrets_seen.items() if secret.encode() in data]
     assert not leaks, leaks
+    print(f"\nsecrets: {len(secrets_seen)} secrets, {len(answers)} answers, {len(files)} session files, "
+          f"{len(driver_logs)} driver log records: 0 leaks")
     text = "\n".join(driver_logs)
     assert driver_logs and not [name for name, secret in secrets_seen.items() if secret in text]
