@@ -11,6 +11,8 @@ surrogates, JSON nested 100,000 deep, 10 MB prompts, thousands of prompts, huge 
 Counts: LORARETRIEVER_FUZZ_EXAMPLES requests per public endpoint (/v1/*, /healthz, /readyz) and
 LORARETRIEVER_FUZZ_ADMIN_EXAMPLES per /admin endpoint (15 of the 21 operations); both default
 to 1000 (about 90 s of generation and 60 s of HTTP on 2 cores); e.g. 100 and 20 for a quick run.
+Generation is derandomized (the same requests every run, so CI fails only for a change in the
+code); LORARETRIEVER_FUZZ_EXPLORE=1 draws new ones each run, for hunting.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from services.schemas import ErrorResponse
 
 PUBLIC_EXAMPLES = int(os.environ.get("LORARETRIEVER_FUZZ_EXAMPLES", "1000"))
 ADMIN_EXAMPLES = int(os.environ.get("LORARETRIEVER_FUZZ_ADMIN_EXAMPLES", "1000"))
+EXPLORE = os.environ.get("LORARETRIEVER_FUZZ_EXPLORE") == "1"
 REQUEST_TIMEOUT_S = 30.0  # a request without an answer by then counts as a hang
 SENDERS = 8  # concurrent HTTP clients
 FUZZ_MAX_TOKENS = 64  # the fuzz tenant's cap: valid generation requests stay cheap on 2 cores
@@ -71,7 +74,7 @@ def generated_cases(operation, count: int, models: list[str]) -> list:
     strategy = st.one_of(positive, operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))
 
     @settings(max_examples=count, phases=[Phase.generate], database=None, deadline=None,
-              suppress_health_check=list(HealthCheck))
+              derandomize=not EXPLORE, suppress_health_check=list(HealthCheck))
     @given(strategy)
     def collect(case):
         cases.append(case)
