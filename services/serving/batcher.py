@@ -29,10 +29,11 @@ class BatchStats:
 
 
 class DynamicBatcher:
-    def __init__(self, run_batch: Callable[[list[GenerationRequest]], list[GenerationResult]],
+    def __init__(self, run_batch: Callable[[list[GenerationRequest]], list[GenerationResult | BaseException]],
                  *, max_batch_size: int, wait_timeout_s: float,
                  on_batch: Callable[[int, int, float], None] | None = None):
-        """on_batch(rows, new_tokens, seconds) is called after every successful batch (metrics)."""
+        """run_batch returns one result per request, or an exception for a row that failed alone.
+        on_batch(rows, new_tokens, seconds) is called after every successful batch (metrics)."""
         self.run_batch = run_batch
         self.on_batch = on_batch
         self.max_batch_size = max_batch_size
@@ -86,17 +87,27 @@ class DynamicBatcher:
                     break
             await self._run(batch, loop)
 
+    def _call_run_batch(self, requests: list[GenerationRequest]) -> list:
+        try:
+            return self.run_batch(requests)
+        except StopIteration as err:  # a Future cannot carry StopIteration: the batch would never finish
+            raise RuntimeError(f"batch failed: StopIteration {err}") from err
+
     async def _run(self, batch: list, loop: asyncio.AbstractEventLoop) -> None:
         requests = [req for req, _, _ in batch]
         self._running_rows = len(batch)
         started = time.perf_counter()
         try:
-            results = await loop.run_in_executor(self._executor, self.run_batch, requests)
+            results = await loop.run_in_executor(self._executor, self._call_run_batch, requests)
             seconds = time.perf_counter() - started
             for (_, out, enqueued), result in zip(batch, results):
+                if isinstance(result, BaseException):  # this row alone failed; its caller hears why
+                    out.put_nowait(result)
+                    continue
                 out.put_nowait(dataclasses.replace(result, queue_seconds=started - enqueued, batch_seconds=seconds))
             if self.on_batch is not None:
-                self.on_batch(len(batch), sum(r.completion_tokens for r in results), seconds)
+                self.on_batch(len(batch), sum(r.completion_tokens for r in results if not isinstance(r, BaseException)),
+                              seconds)
         except Exception as err:  # the whole batch failed: every caller hears why
             log.exception("batch of %d failed", len(batch))
             for _, out, _ in batch:

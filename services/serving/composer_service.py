@@ -17,6 +17,13 @@ from services.serving.errors import BadRequest, Unavailable
 log = logging.getLogger(__name__)
 
 
+def store_fault(key: str, err: Exception) -> Unavailable:
+    """The files of a registered version are gone or unreadable; the caller is told which adapter,
+    the log gets the details (store paths stay out of the answer)."""
+    log.warning("adapter %s cannot be loaded from the adapter store: %s", key, err)
+    return Unavailable(f"adapter '{key}' cannot be loaded from the adapter store (files missing or unreadable)")
+
+
 class ComposeJob(Strict):
     """One prompt with its composition plan and sampling parameters (ingress -> composer)."""
 
@@ -59,14 +66,42 @@ class ComposerService:
             try:
                 self.engine.load_adapter(key, path)
             except AdapterValidationError as err:
-                raise Unavailable(f"adapter '{key}' cannot be loaded from the adapter store: {err}") from err
+                raise store_fault(key, err) from err
             log.info("loaded adapter %s from %s", key, path)
 
-    def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult | Exception]:
         """One forward pass over the batch, on the batch thread. A registry sync may have dropped
-        a version between a request's own load and this batch: load again (a no-op otherwise)."""
-        self.ensure_loaded(sorted({key for r in requests for key in r.adapters}))
-        return self.engine.generate(requests)
+        a version between a request's own load and this batch: load again (a no-op otherwise).
+        An adapter that cannot be read now (its CPU copy was let go and its store files are gone)
+        fails only the rows that use it, with the reason; the other rows run."""
+        failed: dict[str, Exception] = {}
+        for key in sorted({key for r in requests for key in r.adapters}):
+            try:
+                self.ensure_loaded([key])
+                self.ensure_readable(key)
+            except Unavailable as err:
+                failed[key] = err
+        if not failed:
+            return self.engine.generate(requests)
+        run = [i for i, r in enumerate(requests) if not failed.keys() & set(r.adapters)]
+        out: list = [next((failed[k] for k in r.adapters if k in failed), None) for r in requests]
+        for i, result in zip(run, self.engine.generate([requests[i] for i in run])):
+            out[i] = result
+        return out
+
+    def ensure_readable(self, key: str) -> None:
+        """Re-read now, from the store, an adapter that is neither on the device nor in the CPU
+        tier (pool.cpu_weights would otherwise do it inside the forward and fail the whole batch)."""
+        pool = getattr(self.engine, "pool", None)
+        if pool is None:
+            return
+        with pool.lock:
+            if key in pool.slot_of or key in pool.cpu:
+                return
+            try:
+                pool.cpu_weights(key)
+            except (AdapterValidationError, OSError) as err:
+                raise store_fault(key, err) from err
 
     def tokenize(self, job: ComposeJob) -> list[int]:
         tok = self.engine.tokenizer

@@ -210,6 +210,47 @@ def test_index_sync_recreates_a_lost_collection_from_the_registry():
     assert {a.name for a in found.adapters} == {"a", "b", "c"}
 
 
+def test_an_adapter_whose_files_vanished_after_its_cpu_copy_was_dropped_fails_only_its_rows(tiny_zoo, tmp_path):
+    """Composer level: an adapter the CPU tier let go of is re-read from the store when next
+    used. If its files are gone by then, only the rows that use it fail (503 naming it); before,
+    the re-read inside the forward failed every row of the batch."""
+    import asyncio
+
+    from services.lora.engine import CompositionEngine
+    from services.schemas import CompositionPlan, UsedAdapter
+    from services.serving.composer_service import ComposeJob, ComposerService
+    from services.serving.errors import Unavailable
+
+    names = sorted(tiny_zoo.adapters)[:2]
+    for name in names:
+        shutil.copytree(tiny_zoo.adapters[name], tmp_path / name / "v1")
+    engine = CompositionEngine.from_pretrained(tiny_zoo.base, device="cpu", max_adapters_per_row=1,
+                                               device_slots=1, cpu_slots=1)
+    service = ComposerService(engine, tmp_path, max_batch_size=8, wait_timeout_s=0.2, max_prompt_tokens=256)
+
+    def job(name: str) -> ComposeJob:
+        plan = CompositionPlan(adapters=[UsedAdapter(name=name, version="v1", weight=1.0)], composition="selection")
+        return ComposeJob(request_id=f"r-{name}", prompt="1 + 2", plan=plan, max_tokens=3)
+
+    async def run(name: str):
+        try:
+            return [item async for item in service.generate(job(name))][-1]
+        except Exception as err:
+            return err
+
+    async def scenario():
+        for name in names:  # load both: one slot each tier, so the first one's copies are let go
+            assert not isinstance(await run(name), Exception)
+        assert f"{names[0]}@v1" not in engine.pool.cpu and f"{names[0]}@v1" not in engine.pool.slot_of
+        shutil.rmtree(tmp_path / names[0])
+        return await asyncio.gather(run(names[0]), run(names[1]), run(names[1]))
+
+    lost, *others = asyncio.run(scenario())
+    assert isinstance(lost, Unavailable) and f"{names[0]}@v1" in lost.message, lost
+    assert all(not isinstance(r, Exception) and r.completion_tokens > 0 for r in others), others
+    assert service.batcher.stats.batches >= 3  # the three ran as one batch after the two loads
+
+
 def test_killed_composer_replica_is_restarted_and_no_request_is_lost(serve_cluster):
     """SIGKILL the composer while it generates: a streamed answer already under way ends with a
     clean error event; a non-streamed request queued on that replica is sent again by the
