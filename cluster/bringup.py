@@ -192,8 +192,10 @@ def exit_on_signals() -> None:
 
 def sample_request(url: str, prompt: str, api_key: str | None) -> dict:
     """One chat completion with retrieval, as a newcomer's first request would be (the demo
-    adapters were trained on the chat template)."""
-    body = {"model": "auto", "messages": [{"role": "user", "content": prompt}], "max_tokens": 24}
+    adapters were trained on the chat template). It asks for top-1 selection: on the demo zoo,
+    mixing a task's adapter with its same-domain siblings garbles answers (docs/results.md)."""
+    body = {"model": "auto", "messages": [{"role": "user", "content": prompt}], "max_tokens": 24,
+            "lora": {"composition": "selection"}}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     resp = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120)
     resp.raise_for_status()
