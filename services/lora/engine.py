@@ -69,6 +69,10 @@ class CompositionEngine:
     def unload_adapter(self, key: str) -> None:
         self.pool.remove(key)
 
+    def ensure_in_memory(self, key: str) -> None:
+        """See AdapterPool.ensure_in_memory."""
+        self.pool.ensure_in_memory(key)
+
     def has_adapter(self, key: str) -> bool:
         return self.pool.contains(key)
 

@@ -101,6 +101,14 @@ class AdapterPool:
         self.trim_cpu_tier()
         return weights
 
+    def ensure_in_memory(self, key: str) -> None:
+        """Have the adapter on the device or in the CPU tier, re-reading it from its folder now if
+        both let go of it (raises what the read raises: a re-read inside a forward would fail the
+        whole batch)."""
+        with self.lock:
+            if key not in self.slot_of and key not in self.cpu:
+                self.cpu_weights(key)
+
     # -- device tier ------------------------------------------------------
     def pin(self, key: str) -> None:
         """Keep an adapter on the device until unpinned; loads it now."""

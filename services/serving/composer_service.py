@@ -91,17 +91,11 @@ class ComposerService:
 
     def ensure_readable(self, key: str) -> None:
         """Re-read now, from the store, an adapter that is neither on the device nor in the CPU
-        tier (pool.cpu_weights would otherwise do it inside the forward and fail the whole batch)."""
-        pool = getattr(self.engine, "pool", None)
-        if pool is None:
-            return
-        with pool.lock:
-            if key in pool.slot_of or key in pool.cpu:
-                return
-            try:
-                pool.cpu_weights(key)
-            except (AdapterValidationError, OSError) as err:
-                raise store_fault(key, err) from err
+        tier (the forward would otherwise do it and fail the whole batch)."""
+        try:
+            self.engine.ensure_in_memory(key)
+        except (AdapterValidationError, OSError) as err:
+            raise store_fault(key, err) from err
 
     def tokenize(self, job: ComposeJob) -> list[int]:
         tok = self.engine.tokenizer
