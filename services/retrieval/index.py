@@ -52,7 +52,7 @@ class AdapterIndex:
         self.collection = collection
         self.client = QdrantClient(url=url, api_key=api_key) if url else QdrantClient(path=path)
         self.remote = url is not None
-        self._ensure_collection(remote=self.remote)
+        self.ensure_collection()
 
     # ---- writes ------------------------------------------------------------------------------
     def upsert(self, name: str, sample_embeddings: np.ndarray, *, version: str = "1", tenant: str | None = None,
@@ -163,10 +163,8 @@ class AdapterIndex:
         return scoring
 
     def ensure_collection(self) -> None:
-        """Create the collection if it is gone (a Qdrant server restarted without its storage)."""
-        self._ensure_collection(remote=self.remote)
-
-    def _ensure_collection(self, *, remote: bool) -> None:
+        """Create the collection if it does not exist (first start, or a Qdrant server restarted
+        without its storage); an existing one must hold vectors of the embedder's size."""
         if self.client.collection_exists(self.collection):
             size = self.client.get_collection(self.collection).config.params.vectors.size
             if size != self.dim:
@@ -174,7 +172,7 @@ class AdapterIndex:
             return
         self.client.create_collection(self.collection, vectors_config=models.VectorParams(
             size=self.dim, distance=models.Distance.COSINE))
-        if remote:  # embedded mode has no payload indexes; a server needs them for fast filters
+        if self.remote:  # embedded mode has no payload indexes; a server needs them for fast filters
             for key in _KEYWORD_FIELDS:
                 self.client.create_payload_index(self.collection, key, models.PayloadSchemaType.KEYWORD)
             self.client.create_payload_index(self.collection, "idx", models.PayloadSchemaType.INTEGER)
