@@ -10,6 +10,7 @@ import json
 import logging
 import time
 import uuid
+from typing import Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -303,14 +304,10 @@ class Ingress:
     async def _retrieve(self, text: str, opts, tenant: str | None) -> dict:
         min_sim = opts.min_similarity if opts.min_similarity is not None else self.defaults.min_similarity
         started = time.perf_counter()
-        for attempt in range(self.REPLICA_RETRIES + 1):
-            try:
-                result = await call_with_own_id(
-                    self.retriever.retrieve.remote, text, top_k=opts.top_k or self.defaults.top_k,
-                    exclude=list(opts.exclude), min_similarity=min_sim, tenant=tenant)
-                break
-            except Exception as err:  # a lost retriever replica (and its embedded index): ask another
-                await self._retry_after_replica_loss("retriever", attempt, err)
+        # a lost retriever replica (and its embedded index): ask another
+        result = await self._resent_on_replica_loss("retriever", lambda: call_with_own_id(
+            self.retriever.retrieve.remote, text, top_k=opts.top_k or self.defaults.top_k,
+            exclude=list(opts.exclude), min_similarity=min_sim, tenant=tenant))
         metrics.observe_retrieval(time.perf_counter() - started,
                                   result["adapters"][0]["score"] if result["adapters"] else None)
         return result
@@ -332,33 +329,35 @@ class Ingress:
     # server.request_timeout_s around every call.
     REPLICA_RETRIES = 3
 
-    async def _retry_after_replica_loss(self, what: str, attempt: int, err: BaseException) -> None:
-        if not replica_lost(err):
-            raise err
-        if attempt >= self.REPLICA_RETRIES:
-            raise Unavailable(f"{what} replica lost and {attempt} retries failed; retry shortly") from err
-        log.warning("%s replica lost (%s), sending the call again (retry %d)", what, type(err).__name__,
-                    attempt + 1)
-        await asyncio.sleep(0.25 * 2 ** attempt)
+    async def _resent_on_replica_loss(self, what: str, call: Callable[[], Awaitable]):
+        """await call(), made again (with backoff) while the replica serving it is lost."""
+        for attempt in range(self.REPLICA_RETRIES + 1):
+            try:
+                return await call()
+            except Exception as err:
+                if not replica_lost(err):
+                    raise
+                if attempt >= self.REPLICA_RETRIES:
+                    raise Unavailable(f"{what} replica lost and {attempt} retries failed; retry shortly") from err
+                log.warning("%s replica lost (%s), sending the call again (retry %d)", what, type(err).__name__,
+                            attempt + 1)
+                await asyncio.sleep(0.25 * 2 ** attempt)
+
+    def _composer_stream(self, job: dict):
+        return call_with_own_id(self.composer.options(stream=True).generate.remote, job)
 
     async def _open_stream(self, job: dict):
         """A composer stream and its first item. Sent again if the replica is lost before the
         first item (nothing reached the client yet); a loss after it ends the stream with an error."""
-        for attempt in range(self.REPLICA_RETRIES + 1):
-            stream = call_with_own_id(self.composer.options(stream=True).generate.remote, job)
-            try:
-                return stream, await self._next(stream)
-            except Exception as err:
-                await self._retry_after_replica_loss("composer", attempt, err)
+        async def open_once():
+            stream = self._composer_stream(job)
+            return stream, await self._next(stream)
+
+        return await self._resent_on_replica_loss("composer", open_once)
 
     async def _compose(self, job: dict) -> dict:
         """A non-streamed job's result; the whole job is sent again if its replica is lost midway."""
-        for attempt in range(self.REPLICA_RETRIES + 1):
-            stream = call_with_own_id(self.composer.options(stream=True).generate.remote, job)
-            try:
-                return await self._collect(stream)
-            except Exception as err:
-                await self._retry_after_replica_loss("composer", attempt, err)
+        return await self._resent_on_replica_loss("composer", lambda: self._collect(self._composer_stream(job)))
 
     async def _collect(self, stream) -> dict:
         result = None
