@@ -42,6 +42,8 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from cluster.demo.variants import variant_adapter  # noqa: E402
+
 log = logging.getLogger("bench.soak")
 
 KINDS = ("chat", "stream", "named", "retrieve", "chat", "named", "chat", "stream")  # the mix, in turn
@@ -69,18 +71,6 @@ def ray_worker_rss() -> dict[str, float]:
             continue
     out["total"] = sum(out.values())
     return out
-
-
-def variant_adapter(src: Path, dest: Path, scale: float) -> Path:
-    """A new version of an adapter: same config, lora_B scaled (new weights, new checksum)."""
-    from safetensors.torch import load_file, save_file
-
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
-    tensors = {k: (v * scale if "lora_B" in k else v).contiguous()
-               for k, v in load_file(src / "adapter_model.safetensors").items()}
-    save_file(tensors, dest / "adapter_model.safetensors")
-    return dest
 
 
 class Recorder:
@@ -153,9 +143,8 @@ def rollout_loop(base: str, admin_key: str, zoo, work: Path, stop: threading.Eve
         entry = {"t": started, "adapter": name, "steps": []}
         try:
             folder = variant_adapter(zoo.adapters[name], work / "variants" / f"{name}-{n}", 1.0 + 0.1 * (n + 1))
-            steps = [("add", "POST", "/admin/adapters",
-                      {"name": name, "card": cards[name], "path": str(folder), "activate": False})]
-            r = admin.request(*steps[0][1:3], json=steps[0][3])
+            r = admin.post("/admin/adapters",
+                           json={"name": name, "card": cards[name], "path": str(folder), "activate": False})
             entry["steps"].append(["add", r.status_code])
             version = r.json().get("version") if r.status_code == 200 else None
             if version:

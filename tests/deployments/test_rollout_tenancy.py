@@ -15,15 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def variant_adapter(src: Path, dest: Path, scale: float) -> Path:
-    """A new version of an adapter: same config, B scaled (different weights, different checksum)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
-    tensors = {k: (v * scale if "lora_B" in k else v).contiguous() for k, v in
-               load_file(src / "adapter_model.safetensors").items()}
-    save_file(tensors, dest / "adapter_model.safetensors")
-    return dest
+from cluster.demo.variants import variant_adapter
 
 
 def upload_body(name: str, folder: Path, card: dict, **extra) -> dict:
