@@ -200,9 +200,11 @@ class Stack:
         self.redis.stop()
 
 
-def hit_rate(before: dict, after: dict) -> float | None:
-    hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
-    return hits / (hits + misses) if hits + misses else None
+def hit_rate_between(before: dict, after: dict) -> float | None:
+    """The pool's hit rate over the counters' growth from `before` to `after`."""
+    from cluster.status import hit_rate
+
+    return hit_rate({k: after[k] - before[k] for k in ("hits", "misses")})
 
 
 def run_levels(stack: Stack, cfg, api_key: str, queries: list, args) -> list[LevelResult]:
@@ -217,7 +219,7 @@ def run_levels(stack: Stack, cfg, api_key: str, queries: list, args) -> list[Lev
             samples = asyncio.run(closed_loop(url, headers, queries, extra, clients, args.seconds, args.max_tokens))
             res = summarize(system, clients, samples, args.seconds)
             # The naive baseline has no cache: every request loads its adapter from disk.
-            res.hit_rate = hit_rate(before, stack.pool_totals()) if before is not None else 0.0
+            res.hit_rate = hit_rate_between(before, stack.pool_totals()) if before is not None else 0.0
             results.append(res)
             log.info("%-15s clients %3d: %6.2f req/s  p50 %6.3f s  p99 %6.3f s  errors %d  hit rate %s  EM %s",
                      system, clients, res.requests_per_s, res.p50_s, res.p99_s, res.errors,
@@ -247,7 +249,7 @@ def run_router_comparison(stack: Stack, api_key: str, queries: list, args) -> li
                                           args.max_tokens))
         res = summarize(f"router-{router}", args.router_clients, samples, args.router_seconds)
         after = stack.pool_totals()
-        res.hit_rate = hit_rate(before, after)
+        res.hit_rate = hit_rate_between(before, after)
         res.extra = {"loads": after["loads"] - before["loads"], "evictions": after["evictions"] - before["evictions"]}
         results.append(res)
         log.info("router %-16s: hit rate %s, %.2f req/s, p50 %.3f s, loads %d, errors %d", router,
