@@ -17,7 +17,8 @@ from services.serving import openai_format as fmt
 from services.serving.errors import ServingError, TooManyRequests
 
 REQUEST_ID_HEADER = "X-Request-Id"
-ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error"}
+# Error type by status, as the serving errors define them (Starlette's own 401/403/404 get the same).
+ERROR_TYPES = {cls.status: cls.type for cls in ServingError.__subclasses__()}
 
 UNION_TAG = re.compile(r"[\[(]|^(str|int|float|bool|list|dict|none)$")
 
