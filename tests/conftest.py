@@ -47,6 +47,7 @@ def tiny_zoo(tmp_path_factory):
 
     return build_zoo(tmp_path_factory.mktemp("tiny_zoo"), tiny=True, progress=False)
 
+
 ADMIN_KEY = "test-admin-key-0123456789"
 
 
