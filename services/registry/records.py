@@ -17,6 +17,41 @@ class Canary(BaseModel):
 
     version: str
     percent: float = Field(gt=0, lt=100, description="share of requests, in percent")
+    auto: bool = Field(False, description="promote or roll back on its own (services.rollout.canary)")
+    min_requests: int | None = Field(None, ge=1, description="canary requests before the verdict (auto only)")
+    forced: bool = Field(False, description="started over a failed quality gate")
+    started_at: float | None = Field(None, description="unix time")
+
+
+class QualityReport(BaseModel):
+    """The quality gate's scores of a staged version (services.rollout.quality_gate), 0-100 by `metric`."""
+
+    metric: str = Field(description="em, bleu or rouge (ROUGE-L)")
+    samples: int = Field(description="held-out samples scored")
+    source: str = Field(description="'held_out' (given with the card) or 'card_split' (held out of the card)")
+    version: str
+    score: float | None = Field(None, description="the staged version's mean score")
+    active_version: str | None = None
+    active_score: float | None = None
+    base_score: float | None = None
+    margin: float = Field(description="how far below the active version's score the version may be")
+    passed: bool | None = Field(description="None: not gated (no samples with targets, or scoring failed)")
+    reasons: list[str] = Field(default_factory=list, description="why it failed or was not gated")
+    centroid_cosine: float | None = Field(None, description="card centroid cosine with the active version's")
+    card_moved: bool = Field(False, description="centroid cosine below the threshold: retrieval will change")
+    seconds: float = Field(0.0, description="wall time of the gate")
+
+    def summary(self) -> str:
+        """One line with the numbers, for messages and the audit log."""
+        def num(value: float | None) -> str:
+            return "-" if value is None else f"{value:.1f}"
+
+        active = f"active {self.active_version} {num(self.active_score)}, " if self.active_version else ""
+        verdict = {True: "passed", False: "failed", None: "not gated"}[self.passed]
+        moved = f"; card centroid cosine {self.centroid_cosine:.3f} (moved)" if self.card_moved else ""
+        why = f" ({'; '.join(self.reasons)})" if self.reasons else ""
+        return (f"quality gate {verdict}{why}: {self.metric} on {self.samples} {self.source} samples: "
+                f"{self.version} {num(self.score)}, {active}base {num(self.base_score)}{moved}")
 
 
 class VersionRecord(BaseModel):
@@ -31,6 +66,7 @@ class VersionRecord(BaseModel):
     card: AdapterCard
     embedding_shape: tuple[int, int] = Field(description="(card samples, embedding dim)")
     embedding_dtype: Literal["float32"] = "float32"
+    quality: QualityReport | None = Field(None, description="the quality gate's report (versions added staged)")
 
 
 class AdapterRecord(BaseModel):
@@ -44,6 +80,7 @@ class AdapterRecord(BaseModel):
     canary: Canary | None = None
     pinned: bool = Field(False, description="composer replicas keep it resident")
     previous_active: list[str] = Field(default_factory=list, description="earlier active versions, newest last")
+    last_verdict: str | None = Field(None, description="the last automatic canary verdict, with its numbers")
     created_at: float
     updated_at: float
 

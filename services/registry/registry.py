@@ -18,16 +18,16 @@ import numpy as np
 import redis
 
 from services.lora.adapter_files import AdapterValidationError, adapter_checksum, read_adapter
-from services.registry.errors import (AccessDenied, AdapterNotFound, InvalidAdapter, RegistryError,
-                                      RegistryUnavailable, VersionConflict)
-from services.registry.records import AdapterRecord, Canary, VersionRecord, Visibility
+from services.registry.errors import (AccessDenied, AdapterNotFound, InvalidAdapter, QualityGateRefused,
+                                      RegistryError, RegistryUnavailable, VersionConflict)
+from services.registry.records import AdapterRecord, Canary, QualityReport, VersionRecord, Visibility
 from services.registry.redis_access import bytes_client, guarded
 from services.registry.store import AdapterStore, StoreError, VersionFolderExists, check_name
 from services.schemas import AdapterCard
 from services.tenancy.tenants import TENANT_NAME
 
 __all__ = ["AccessDenied", "AdapterNotFound", "AdapterRecord", "AdapterRegistry", "Canary", "InvalidAdapter",
-           "RegistryError", "RegistryUnavailable", "VersionConflict", "VersionRecord"]
+           "QualityGateRefused", "RegistryError", "RegistryUnavailable", "VersionConflict", "VersionRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +166,16 @@ class AdapterRegistry:
             backoff(attempt)
         raise VersionConflict(f"adapter '{name}' kept changing under concurrent writers; try again")
 
-    def activate(self, name: str, version: str, actor: str = "operator") -> AdapterRecord:
-        """Serve `version` for plain `name` (a canary of that version is thereby promoted)."""
+    def activate(self, name: str, version: str, actor: str = "operator", *, force: bool = False) -> AdapterRecord:
+        """Serve `version` for plain `name` (a canary of that version is thereby promoted). A version
+        whose quality gate failed is refused unless `force` (then the audit entry says so)."""
+        forced: list[str] = []
+
         def change(record: AdapterRecord) -> AdapterRecord:
-            record.version(version)
+            forced[:] = gate_check(record, version, force, "promote")
             return with_active(record, version)
 
-        return self._update(name, "activate", actor, version, change)
+        return self._update(name, "activate", actor, version, change, detail=lambda: forced_detail(forced))
 
     def rollback(self, name: str, actor: str = "operator") -> str:
         """Re-activate the version active before the current one; returns it."""
@@ -189,19 +192,56 @@ class AdapterRegistry:
 
         return self._update(name, "rollback", actor, None, change).active_version
 
-    def set_canary(self, name: str, version: str, percent: float, actor: str = "operator") -> AdapterRecord:
+    def set_canary(self, name: str, version: str, percent: float, actor: str = "operator", *, auto: bool = False,
+                   min_requests: int | None = None, force: bool = False) -> AdapterRecord:
+        """Send `percent` of plain `name`'s requests to `version`; `auto`: the canary verdict promotes
+        or rolls back after `min_requests` canary requests. A failed quality gate needs `force`."""
+        forced: list[str] = []
+
         def change(record: AdapterRecord) -> AdapterRecord:
-            record.version(version)
             if record.active_version is None or version == record.active_version:
                 raise VersionConflict(f"a canary of '{name}' needs an active version other than '{version}'")
-            return record.model_copy(update={"canary": Canary(version=version, percent=percent)})
+            forced[:] = gate_check(record, version, force, "canary")
+            canary = Canary(version=version, percent=percent, auto=auto, min_requests=min_requests if auto else None,
+                            forced=bool(forced), started_at=time.time())
+            return record.model_copy(update={"canary": canary})
 
         if not 0 < percent < 100:
             raise InvalidAdapter(f"canary percent {percent} of '{name}' must be above 0 and below 100")
-        return self._update(name, "set_canary", actor, version, change, detail=f"{percent}%")
+        if auto and (min_requests is None or min_requests < 1):
+            raise InvalidAdapter(f"an automatic canary of '{name}' needs min_requests of at least 1")
+        return self._update(name, "set_canary", actor, version, change,
+                            detail=lambda: f"{percent}%{' auto' if auto else ''} {forced_detail(forced)}".strip())
 
     def clear_canary(self, name: str, actor: str = "operator") -> AdapterRecord:
         return self._update(name, "clear_canary", actor, None, lambda r: r.model_copy(update={"canary": None}))
+
+    def finish_canary(self, name: str, version: str, promote: bool, verdict: str,
+                      actor: str = "canary-verdict") -> AdapterRecord | None:
+        """Apply an automatic canary verdict: promote `version` or end its canary, with the numbers in
+        the audit log. None (nothing written) if that canary already ended (another replica judged it)."""
+        applied = []
+
+        def change(record: AdapterRecord) -> AdapterRecord:
+            applied.clear()
+            if record.canary is None or record.canary.version != version or not record.canary.auto:
+                return record
+            applied.append(True)
+            done = with_active(record, version) if promote else record.model_copy(update={"canary": None})
+            return done.model_copy(update={"last_verdict": f"{version} {'promoted' if promote else 'rolled back'}: "
+                                                           f"{verdict}"})
+
+        after = self._update(name, "canary_promote" if promote else "canary_rollback", actor, version, change,
+                             detail=verdict)
+        return after if applied else None
+
+    def set_quality(self, name: str, version: str, report: QualityReport, actor: str = "quality-gate") -> AdapterRecord:
+        """Store the quality gate's report with the version."""
+        def change(record: AdapterRecord) -> AdapterRecord:
+            vrec = record.version(version).model_copy(update={"quality": report})
+            return record.model_copy(update={"versions": {**record.versions, version: vrec}})
+
+        return self._update(name, "quality_gate", actor, version, change, detail=report.summary())
 
     def set_pinned(self, name: str, pinned: bool, actor: str = "operator") -> AdapterRecord:
         return self._update(name, "pin" if pinned else "unpin", actor, None,
@@ -250,6 +290,11 @@ class AdapterRegistry:
                     deleted.append(f"{name}@{version}")
         return deleted
 
+    def missing_files(self) -> list[str]:
+        """'name@version' of registered versions whose store folder is gone (the store lost them)."""
+        return [f"{r.name}@{v}" for r in self.snapshot() for v in r.versions
+                if not self.store.path(r.name, v).is_dir()]
+
     # ---- internals ---------------------------------------------------------------
     def _check_new_version_args(self, name: str, card: AdapterCard, tenant: str | None, visibility: str) -> None:
         try:
@@ -272,7 +317,7 @@ class AdapterRegistry:
             raise AccessDenied(f"adapter '{name}' belongs to {owner}, not {tenant or 'the operator'}")
         if current.visibility != visibility:
             raise VersionConflict(f"adapter '{name}' is {current.visibility}; a {visibility} version would change "
-                                  "that: use set_visibility")
+                                  "that: change it first with `loraretriever adapters visibility`")
 
     def _stage(self, name: str, version: str, src_dir: str | Path):
         """Copy, validate and checksum the files; returns (staged path, weights, checksum)."""
@@ -317,9 +362,10 @@ class AdapterRegistry:
             raise RegistryUnavailable(f"cannot add a version of adapter '{name}': Redis failed ({err})") from err
 
     def _update(self, name: str, action: str, actor: str, version: str | None,
-                change: Callable[[AdapterRecord], AdapterRecord | None], *, detail: str = "",
-                also: Callable | None = None) -> AdapterRecord | None:
-        """Read-decide-write one record atomically; `change` returns the new record (None = delete)."""
+                change: Callable[[AdapterRecord], AdapterRecord | None], *,
+                detail: str | Callable[[], str] = "", also: Callable | None = None) -> AdapterRecord | None:
+        """Read-decide-write one record atomically; `change` returns the new record (None = delete).
+        A callable `detail` is read after `change` (it may describe what `change` decided)."""
         for attempt in range(MAX_ATTEMPTS):
             with guarded(self.r, f"{action} adapter '{name}'"), self.r.pipeline(transaction=True) as pipe:
                 try:
@@ -333,7 +379,8 @@ class AdapterRegistry:
                     pipe.multi()
                     if also is not None:
                         also(pipe)
-                    self._queue_write(pipe, record, action, actor, version, detail, name=name)
+                    self._queue_write(pipe, record, action, actor, version, detail() if callable(detail) else detail,
+                                      name=name)
                     pipe.execute()
                     return record
                 except redis.WatchError:
@@ -383,6 +430,22 @@ def with_active(record: AdapterRecord, version: str) -> AdapterRecord:
     return record.model_copy(update={"active_version": version, "canary": canary,
                                      "domain": record.versions[version].card.domain,
                                      "previous_active": previous[-20:]})
+
+
+def gate_check(record: AdapterRecord, version: str, force: bool, action: str) -> list[str]:
+    """Refuse (QualityGateRefused) a version whose quality gate failed, unless forced; returns the
+    overridden reasons (empty when nothing was overridden)."""
+    report = record.version(version).quality
+    if report is None or report.passed is not False:
+        return []
+    if not force:
+        raise QualityGateRefused(f"{action} of {record.name}@{version} refused: {report.summary()}; "
+                                 "--force overrides (written to the audit log)")
+    return report.reasons
+
+
+def forced_detail(reasons: list[str]) -> str:
+    return f"forced over the quality gate: {'; '.join(reasons)}" if reasons else ""
 
 
 def check_visibility(name: str, visibility: str, tenant: str | None) -> None:

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from services.errors import InvalidRequest
 from services.lora.adapter_files import CONFIG_FILE, PICKLE_FILE, SAFETENSORS_FILE
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ STAGING_DIR = ".staging"
 IGNORED_FILES = frozenset({"README.md"})
 
 
-class StoreError(ValueError):
+class StoreError(InvalidRequest):
     """A refused name, source folder or file; the message names it."""
 
 

@@ -41,7 +41,8 @@ def test_activate_rollback_and_canary(registry, adapter_dir):
     assert registry.get("m").domain == "d1"  # the active version's card decides
 
     registry.set_canary("m", "v2", 10)
-    assert registry.get("m").canary.model_dump() == {"version": "v2", "percent": 10}
+    canary = registry.get("m").canary
+    assert (canary.version, canary.percent, canary.auto) == ("v2", 10, False)
     with pytest.raises(VersionConflict, match="active version other than 'v1'"):
         registry.set_canary("m", "v1", 10)
     with pytest.raises(InvalidAdapter, match="canary percent 100"):
@@ -118,7 +119,7 @@ def test_tenants_see_shared_plus_their_own(registry, adapter_dir):
                              visibility="private")
     with pytest.raises(AccessDenied, match="belongs to the operator"):
         registry.add_version("pub", adapter_dir(3), card("pub"), embeddings(), tenant="acme")
-    with pytest.raises(VersionConflict, match="use set_visibility"):
+    with pytest.raises(VersionConflict, match="loraretriever adapters visibility"):
         registry.add_version("mine", adapter_dir(3), card("mine"), embeddings(), tenant="acme")
     with pytest.raises(InvalidAdapter, match="needs an owner tenant"):
         registry.add_version("anon", adapter_dir(3), card("anon"), embeddings(), visibility="private")
@@ -140,7 +141,7 @@ def test_a_reader_without_base_config_cannot_add(redis_client, store, adapter_di
 
 
 def test_works_with_a_bytes_client(redis_server, store, adapter_dir):
-    client = redis.Redis.from_url(redis_server.url)  # decode_responses off, as cluster.wiring makes it
+    client = redis.Redis.from_url(redis_server.url)  # decode_responses off, as services.wiring makes it
     client.flushdb()
     reg = AdapterRegistry(client, store, base_config=tiny_config(), base_model=BASE_MODEL)
     reg.add_version("b", adapter_dir(0), card("b"), embeddings())
