@@ -6,7 +6,8 @@ Ray's metrics agent exports a metric named `lr_x` as `ray_lr_x`; a Counter as
 records them, so each process creates its own on first use.
 
 Tags stay low-cardinality: tenant names, composition modes, status codes, rejection
-reasons and composer replica ids; never request ids or prompt text.
+reasons and composer replica ids; never request ids or prompt text. Adapter versions are
+tags of the lr_adapter_* metrics only within a bound (VersionLabels).
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from services.serving.pipeline import UNPLANNED  # the request failed before a composition was chosen
+
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 EXPORT_PREFIX = "ray_"
 NO_TENANT = "anonymous"  # auth disabled, or rejected before the API key named a tenant
-UNPLANNED = "unplanned"  # the request failed before a composition was chosen
 COMPOSITIONS = frozenset({"selection", "mixture", "fusion", "none", UNPLANNED})
 _REASON = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
@@ -76,6 +78,13 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("lr_pool_cpu_evictions", COUNTER, "Adapters dropped from the CPU tier.", ("composer",)),
     MetricSpec("lr_pool_disk_reloads", COUNTER, "Adapters read again from the store after a CPU-tier eviction.",
                ("composer",)),
+    MetricSpec("lr_adapter_requests", COUNTER, "Requests that used an adapter version, by version, its role "
+               "(active, canary, or named: another version asked for by name) and HTTP status.",
+               ("adapter", "version", "role", "status")),
+    MetricSpec("lr_adapter_latency_seconds", HISTOGRAM, "Wall time of requests that used an adapter version.",
+               ("adapter", "version", "role"), SECONDS),
+    MetricSpec("lr_adapter_retrieval_score", HISTOGRAM, "Retrieval score of an adapter version when retrieval "
+               "chose it.", ("adapter", "version", "role"), SCORES),
     MetricSpec("lr_pool_resident", GAUGE, "Adapters resident in device slots.", ("composer",)),
     MetricSpec("lr_pool_device_slots", GAUGE, "Device slots of the adapter pool.", ("composer",)),
 )}
@@ -217,3 +226,59 @@ def set_pool_stats(replica: str, stats: dict) -> None:
         _state.inc(POOL_COUNTERS[field], delta, tags)
     for field, value in gauges.items():
         _state.set(POOL_GAUGES[field], value, tags)
+
+
+OTHER = "_other"  # adapter and version tag of versions past the label bound
+
+
+class VersionLabels:
+    """Bounded adapter/version tags: both versions of an adapter under a canary always get their
+    own; other versions get theirs while this process has labelled fewer than `cap` of them,
+    then count as OTHER. Series per process stay under (cap + 2 x canaries) x roles x statuses,
+    however many adapters the registry holds."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.labelled: set[tuple[str, str]] = set()
+        self.lock = threading.Lock()
+
+    def tags(self, name: str, version: str, record) -> dict[str, str]:
+        canary = getattr(record, "canary", None)
+        if canary is not None and version == canary.version:
+            role = "canary"
+        else:
+            role = "active" if record is not None and version == record.active_version else "named"
+        with self.lock:
+            if canary is None and (name, version) not in self.labelled:
+                if len(self.labelled) >= self.cap:
+                    return {"adapter": OTHER, "version": OTHER, "role": role}
+                self.labelled.add((name, version))
+        return {"adapter": name, "version": version, "role": role}
+
+
+class VersionedMetrics:
+    """This module's functions as the request pipeline's Metrics, plus observe_versions: each
+    request's adapter versions exported with bounded tags, then handed to the canary judge."""
+
+    observe_retrieval = staticmethod(observe_retrieval)
+    observe_request = staticmethod(observe_request)
+    observe_rejection = staticmethod(observe_rejection)
+    observe_ttft = staticmethod(observe_ttft)
+
+    def __init__(self, judge, cap: int):
+        self.judge = judge  # services.rollout.canary.CanaryJudge: .catalog (CatalogCache) and .observe
+        self.labels = VersionLabels(cap)
+
+    def observe_versions(self, plans, status: int, seconds: float) -> None:
+        """One answered request: every adapter version its plans used, once, with the outcome."""
+        elapsed = _number("lr_adapter_latency_seconds", seconds)
+        catalog = self.judge.catalog.get()
+        used = {(a.name, a.version): a.score for plan in plans for a in plan.adapters}
+        for (name, version), score in sorted(used.items()):
+            tags = self.labels.tags(name, version, catalog.records.get(name))
+            _state.inc("lr_adapter_requests", 1, {**tags, "status": str(status)})
+            _state.observe("lr_adapter_latency_seconds", elapsed, tags)
+            if score is not None:
+                _state.observe("lr_adapter_retrieval_score",
+                               _number("lr_adapter_retrieval_score", score, minimum=-1.0), tags)
+        self.judge.observe(plans, status, seconds)

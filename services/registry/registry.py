@@ -20,6 +20,7 @@ import redis
 from services.lora.adapter_files import AdapterValidationError, adapter_checksum, read_adapter
 from services.registry.errors import (AccessDenied, AdapterNotFound, InvalidAdapter, QualityGateRefused,
                                       RegistryError, RegistryUnavailable, VersionConflict)
+from services.registry.placement import PlacementStore
 from services.registry.records import AdapterRecord, Canary, QualityReport, VersionRecord, Visibility
 from services.registry.redis_access import bytes_client, guarded
 from services.registry.store import AdapterStore, StoreError, VersionFolderExists, check_name
@@ -278,17 +279,26 @@ class AdapterRegistry:
         self._update(name, "retire", actor, None, change,
                      also=lambda pipe: [pipe.delete(embedding_key(name, v)) for v in versions])
 
-    def collect_garbage(self, in_use: Iterable[str] = ()) -> list[str]:
+    def collect_garbage(self, in_use: Iterable[str] = (), min_age_s: float = 300.0) -> list[str]:
         """Delete store folders no registry version names and no replica holds ('name@version' in
-        `in_use`, e.g. every replica's resident list from placement); returns what was deleted."""
+        `in_use`, e.g. every replica's resident list from placement); returns what was deleted.
+        Folders younger than `min_age_s` stay: an add in flight has staged its folder before its
+        record lands."""
         live = {f"{r.name}@{v}" for r in self.snapshot() for v in r.versions} | set(in_use)
         deleted = []
         for name in self.store.names():
             for version in self.store.versions(name):
-                if f"{name}@{version}" not in live:
+                folder = self.store.path(name, version)
+                if f"{name}@{version}" not in live and time.time() - folder.stat().st_mtime >= min_age_s:
                     self.store.delete(name, version)
                     deleted.append(f"{name}@{version}")
         return deleted
+
+    def collect_garbage_unheld(self) -> list[str]:
+        """collect_garbage, sparing what any composer replica reports resident (placement)."""
+        with guarded(self.r, "read the composers' resident adapters"):
+            replicas = PlacementStore(self.r).replicas()
+        return self.collect_garbage({key for state in replicas.values() for key in state.resident})
 
     def missing_files(self) -> list[str]:
         """'name@version' of registered versions whose store folder is gone (the store lost them)."""

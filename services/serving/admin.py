@@ -16,10 +16,12 @@ from pathlib import Path
 from pydantic import Field
 
 from services.registry.store import StoreError, check_name
+from services.rollout import canary as canary_stats
+from services.rollout.quality_gate import GateSamples, centroid_cosine, composer_answers, run_gate, split_card
 from services.schemas import AdapterCard, Strict
-from services.serving.errors import BadRequest, Conflict, Forbidden, NotFound, ServingError, Unauthorized, Unavailable
+from services.errors import InvalidRequest, NotPermitted, NotAuthenticated, Unavailable
 from services.tenancy.gate import bearer_token
-from services.tenancy.tenants import TenantError, TenantLimits, TenantStore
+from services.tenancy.tenants import TenantLimits, TenantStore
 
 ALLOWED_UPLOAD_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
@@ -33,35 +35,33 @@ class AdapterUpload(Strict):
     files: dict[str, str] | None = Field(None, description="file name -> base64 content (adapter_config.json, adapter_model.safetensors)")
     tenant: str | None = Field(None, description="owner; with visibility=private only that tenant sees it")
     visibility: str = Field("shared", pattern="^(shared|private)$")
-    activate: bool = Field(True, description="make this version active at once (else staged: promote later)")
+    activate: bool = Field(True, description="make this version active at once (else staged: the quality gate "
+                           "scores it, promote later)")
+    evaluation: GateSamples | None = Field(None, description="held-out samples and metric for the quality gate")
 
 
 class VersionRef(Strict):
     version: str = Field(min_length=1, max_length=64)
 
 
-class CanaryRequest(VersionRef):
+class PromoteRequest(VersionRef):
+    force: bool = Field(False, description="override a failed quality gate (written to the audit log)")
+
+
+class CanaryRequest(PromoteRequest):
     percent: float = Field(gt=0, lt=100, description="share of the adapter's traffic; promote for 100")
+    auto: bool = Field(False, description="promote or roll back on its own after min_requests canary requests")
+    min_requests: int | None = Field(None, ge=1, description="default: rollout.canary_min_requests")
+
+
+class VisibilityRequest(Strict):
+    visibility: str = Field(pattern="^(shared|private)$")
+    tenant: str | None = Field(None, description="owner tenant; required for private")
 
 
 class TenantCreate(Strict):
     name: str
     limits: TenantLimits = Field(default_factory=TenantLimits)
-
-
-def registry_error(err: Exception) -> ServingError:
-    """Registry exceptions -> HTTP errors with the registry's own message."""
-    from services.registry.registry import AccessDenied, AdapterNotFound, RegistryUnavailable, VersionConflict
-
-    if isinstance(err, AdapterNotFound):
-        return NotFound(str(err))
-    if isinstance(err, RegistryUnavailable):
-        return Unavailable(str(err))
-    if isinstance(err, VersionConflict):
-        return Conflict(str(err))
-    if isinstance(err, AccessDenied):
-        return Forbidden(str(err))
-    return BadRequest(str(err))
 
 
 @contextlib.contextmanager
@@ -77,120 +77,157 @@ def tenant_store_call(action: str):
 
 class AdminService:
     def __init__(self, *, registry, tenants: TenantStore, limiter, embed: Callable[[list[str]], Awaitable],
-                 admin_key_env: str):
-        """embed(texts) -> (n, dim) card embeddings (the retriever group's embedder)."""
+                 admin_key_env: str, compose: Callable[..., Awaitable[dict]] | None = None, rollout=None):
+        """embed(texts) -> (n, dim) card embeddings (the retriever group's embedder); compose(ComposeJob)
+        -> its result dict (the quality gate answers through it); rollout: RolloutConfig."""
+        from services.config import RolloutConfig
+
         self.registry = registry
         self.tenants = tenants
         self.limiter = limiter
         self.embed = embed
         self.admin_key_env = admin_key_env
+        self.rollout = rollout or RolloutConfig()
+        self.answers = composer_answers(compose, self.rollout.gate_max_tokens) if compose else None
 
     def require_admin(self, authorization: str | None) -> str:
         """The actor name for the audit log; 401/403 unless the admin key is given."""
         expected = os.environ.get(self.admin_key_env)
         if not expected:
-            raise Forbidden(f"the admin API is disabled: set {self.admin_key_env} on the cluster")
+            raise NotPermitted(f"the admin API is disabled: set {self.admin_key_env} on the cluster")
         given = bearer_token(authorization)
         if given is None:
-            raise Unauthorized("missing admin key: send 'Authorization: Bearer <admin key>'")
+            raise NotAuthenticated("missing admin key: send 'Authorization: Bearer <admin key>'")
         if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise Forbidden("this endpoint needs the admin key")
+            raise NotPermitted("this endpoint needs the admin key")
         return "admin"
-
-    def _registry_call(self, fn, *args, **kwargs):
-        from services.registry.registry import RegistryError
-
-        try:
-            return fn(*args, **kwargs)
-        except RegistryError as err:
-            raise registry_error(err) from err
 
     # ---- adapters ----------------------------------------------------------
     async def list_adapters(self, authorization: str | None) -> dict:
         self.require_admin(authorization)
-        records = self._registry_call(self.registry.snapshot)
+        records = self.registry.snapshot()
         return {"data": [r.model_dump(mode="json") for r in records]}
 
     async def show_adapter(self, name: str, authorization: str | None) -> dict:
         self.require_admin(authorization)
-        return self._registry_call(self.registry.get, name).model_dump(mode="json")
+        return self.registry.get(name).model_dump(mode="json")
 
     async def add_adapter(self, body: AdapterUpload, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
         if (body.path is None) == (body.files is None):
-            raise BadRequest("give exactly one of 'path' (a folder the cluster reads) or 'files' (uploaded)")
+            raise InvalidRequest("give exactly one of 'path' (a folder the cluster reads) or 'files' (uploaded)")
         if body.visibility == "private" and not body.tenant:
-            raise BadRequest("a private adapter needs its owner 'tenant'")
+            raise InvalidRequest("a private adapter needs its owner 'tenant'")
         try:  # before the embedding call: a bad name costs nothing
             check_name(body.name)
         except StoreError as err:
-            raise BadRequest(str(err), param="name") from err
-        embeddings = await self.embed([s.inputs for s in body.card.sample])
+            raise InvalidRequest(str(err), param="name") from err
+        card, evaluation, source = split_card(body.card, body.evaluation)
+        embeddings = await self.embed([s.inputs for s in card.sample])
         with tempfile.TemporaryDirectory(prefix="lr-upload-") as tmp:
             src = Path(body.path) if body.path else self._unpack_upload(body.files, Path(tmp))
             version = self._registry_call(
-                self.registry.add_version, body.name, src, body.card, embeddings, tenant=body.tenant,
+                self.registry.add_version, body.name, src, card, embeddings, tenant=body.tenant,
                 visibility=body.visibility, activate=body.activate, actor=actor)
-        return version.model_dump(mode="json", exclude={"card"})
+        out = version.model_dump(mode="json", exclude={"card"})
+        if not body.activate and self.answers is not None:
+            report = await self._quality_gate(body.name, version.version, evaluation, source)
+            out["quality"] = report.model_dump(mode="json")
+        return out
+
+    async def _quality_gate(self, name: str, version: str, evaluation: GateSamples, source: str):
+        """Score a staged version against the active one and the base model; stored with the version."""
+        record = self._registry_call(self.registry.get, name)
+        active = record.active_version
+        cosine = None
+        if active is not None:
+            cosine = centroid_cosine(self._registry_call(self.registry.card_embeddings, name, version),
+                                     self._registry_call(self.registry.card_embeddings, name, active))
+        cfg = self.rollout
+        report = await run_gate(self.answers, name=name, version=version, active_version=active,
+                                evaluation=evaluation, source=source, margin=cfg.gate_margin,
+                                max_samples=cfg.gate_max_samples, cosine=cosine, moved_below=cfg.card_moved_cosine)
+        self._registry_call(self.registry.set_quality, name, version, report)
+        return report
 
     @staticmethod
     def _unpack_upload(files: dict[str, str], dest: Path) -> Path:
         total = 0
         for fname, content in files.items():
             if fname not in ALLOWED_UPLOAD_FILES:
-                raise BadRequest(f"upload file '{fname}' is not allowed; send only {sorted(ALLOWED_UPLOAD_FILES)}")
+                raise InvalidRequest(f"upload file '{fname}' is not allowed; send only {sorted(ALLOWED_UPLOAD_FILES)}")
             try:
                 data = base64.b64decode(content, validate=True)
             except (binascii.Error, ValueError) as err:
-                raise BadRequest(f"upload file '{fname}' is not valid base64") from err
+                raise InvalidRequest(f"upload file '{fname}' is not valid base64") from err
             total += len(data)
             if total > MAX_UPLOAD_BYTES:
-                raise BadRequest(f"upload larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+                raise InvalidRequest(f"upload larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
             (dest / fname).write_bytes(data)
         return dest
 
-    async def promote(self, name: str, body: VersionRef, authorization: str | None) -> dict:
+    async def promote(self, name: str, body: PromoteRequest, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
-        self._registry_call(self.registry.activate, name, body.version, actor=actor)
+        self._registry_call(self.registry.activate, name, body.version, actor=actor, force=body.force)
         return {"name": name, "active_version": body.version}
 
     async def canary(self, name: str, body: CanaryRequest, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
-        self._registry_call(self.registry.set_canary, name, body.version, body.percent, actor=actor)
-        return {"name": name, "canary": body.model_dump()}
+        min_requests = (body.min_requests or self.rollout.canary_min_requests) if body.auto else None
+        self._registry_call(canary_stats.reset, self.registry.r, name, body.version)
+        record = self._registry_call(self.registry.set_canary, name, body.version, body.percent, actor=actor,
+                                     auto=body.auto, min_requests=min_requests, force=body.force)
+        return {"name": name, "canary": record.canary.model_dump(mode="json")}
+
+    async def clear_canary(self, name: str, authorization: str | None) -> dict:
+        actor = self.require_admin(authorization)
+        self._registry_call(self.registry.clear_canary, name, actor=actor)
+        return {"name": name, "canary": None}
+
+    async def set_visibility(self, name: str, body: VisibilityRequest, authorization: str | None) -> dict:
+        actor = self.require_admin(authorization)
+        record = self._registry_call(self.registry.set_visibility, name, body.visibility, body.tenant, actor=actor)
+        return {"name": name, "visibility": record.visibility, "owner_tenant": record.owner_tenant}
+
+    async def retire_version(self, name: str, version: str, authorization: str | None) -> dict:
+        actor = self.require_admin(authorization)
+        record = self._registry_call(self.registry.retire_version, name, version, actor=actor)
+        return {"name": name, "retired_version": version, "versions": sorted(record.versions)}
+
+    async def collect_garbage(self, authorization: str | None) -> dict:
+        """Delete store folders of retired versions that no composer replica holds."""
+        self.require_admin(authorization)
+        return {"deleted": self._registry_call(self.registry.collect_garbage_unheld)}
 
     async def rollback(self, name: str, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
-        version = self._registry_call(self.registry.rollback, name, actor=actor)
+        version = self.registry.rollback(name, actor=actor)
         return {"name": name, "active_version": version}
 
     async def retire(self, name: str, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
-        self._registry_call(self.registry.retire, name, actor=actor)
+        self.registry.retire(name, actor=actor)
         return {"name": name, "retired": True}
 
     async def pin(self, name: str, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
-        self._registry_call(self.registry.set_pinned, name, True, actor=actor)
+        self.registry.set_pinned(name, True, actor=actor)
         return {"name": name, "pinned": True}
 
     async def unpin(self, name: str, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
-        self._registry_call(self.registry.set_pinned, name, False, actor=actor)
+        self.registry.set_pinned(name, False, actor=actor)
         return {"name": name, "pinned": False}
 
     async def history(self, name: str, authorization: str | None) -> dict:
         self.require_admin(authorization)
-        return {"data": self._registry_call(self.registry.history, name)}
+        return {"data": self.registry.history(name)}
 
     # ---- tenants -----------------------------------------------------------
     async def add_tenant(self, body: TenantCreate, authorization: str | None) -> dict:
         self.require_admin(authorization)
-        try:
-            with tenant_store_call(f"add tenant '{body.name}'"):
-                key = self.tenants.add(body.name, body.limits)
-        except TenantError as err:
-            raise BadRequest(str(err)) from err
+        with tenant_store_call(f"add tenant '{body.name}'"):
+            key = self.tenants.add(body.name, body.limits)
         return {"name": body.name, "api_key": key}
 
     async def list_tenants(self, authorization: str | None) -> dict:
@@ -200,11 +237,8 @@ class AdminService:
 
     async def revoke_tenant(self, name: str, authorization: str | None) -> dict:
         self.require_admin(authorization)
-        try:
-            with tenant_store_call(f"revoke tenant '{name}'"):
-                return {"name": name, "revoked_keys": self.tenants.revoke(name)}
-        except TenantError as err:
-            raise NotFound(str(err)) from err
+        with tenant_store_call(f"revoke tenant '{name}'"):
+            return {"name": name, "revoked_keys": self.tenants.revoke(name)}
 
     async def usage(self, name: str, authorization: str | None) -> dict:
         self.require_admin(authorization)

@@ -180,6 +180,25 @@ def test_metric_objects_are_created_once_and_only_when_used(rec):
     assert [v for v, _ in rec.values("lr_ttft_seconds")] == [0.2, 0.3]
 
 
+class NoCanaryJudge:
+    """The canary judge's two members VersionedMetrics uses: an empty catalog, and observe."""
+
+    def __init__(self):
+        from services.serving.catalog import Catalog
+
+        self.catalog = type("Cache", (), {"get": lambda _: Catalog()})()
+        self.seen = []
+
+    def observe(self, plans, status, seconds):
+        self.seen.append((len(plans), status))
+
+
+def plan(*adapters):
+    from services.schemas import CompositionPlan, UsedAdapter
+
+    return CompositionPlan(adapters=[UsedAdapter(name=n, version=v, weight=1.0, score=s) for n, v, s in adapters])
+
+
 def test_real_ray_serve_metrics_accept_every_call(monkeypatch):
     """Ray's own objects check tag keys, tag value types and increments; no cluster is needed."""
     monkeypatch.setattr(metrics, "_state", metrics._State())
@@ -191,6 +210,7 @@ def test_real_ray_serve_metrics_accept_every_call(monkeypatch):
     metrics.observe_ttft(0.05)
     metrics.set_pool_stats("c1", POOL)
     metrics.set_pool_stats("c1", {**POOL, "hits": 4, "evictions": 1, "cpu_evictions": 1, "disk_reloads": 1})
+    metrics.VersionedMetrics(NoCanaryJudge(), cap=4).observe_versions([plan(("a", "v1", 0.7))], 200, 0.2)
     assert set(metrics._state.metrics) == set(SPECS)
 
 

@@ -78,7 +78,7 @@ def test_activation_racing_retirement_never_dangles(redis_client, redis_server, 
         a.add_version(name, adapter_dir(0), card(name), embeddings(), activate=False)
         a.add_version(name, adapter_dir(1), card(name), embeddings())
         activated, retired = race(lambda: a.activate(name, "v1"), lambda: b.retire_version(name, "v1"))
-        a.collect_garbage()  # a retired version's files wait for this
+        a.collect_garbage(min_age_s=0)  # a retired version's files wait for this
         rec = assert_consistent(a, store, name)
         if isinstance(retired, VersionConflict):  # activation won: v1 is active and kept
             assert rec.active_version == "v1" and not isinstance(activated, Exception)

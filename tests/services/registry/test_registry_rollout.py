@@ -86,8 +86,8 @@ def test_retire_keeps_files_and_history_and_never_reuses_versions(registry, adap
     assert registry.snapshot() == []
     assert store.versions("r") == ["v1"]  # a replica may still serve it
     assert registry.history("r")[-1]["action"] == "retire"
-    assert registry.collect_garbage(in_use=["r@v1"]) == []
-    assert registry.collect_garbage() == ["r@v1"]
+    assert registry.collect_garbage(in_use=["r@v1"], min_age_s=0) == []
+    assert registry.collect_garbage(min_age_s=0) == ["r@v1"]
     assert store.names() == []
     assert registry.add_version("r", adapter_dir(1), card("r"), embeddings()).version == "v2"
 
