@@ -7,7 +7,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from cluster.config import AppConfig
+from services.config import AppConfig
 from services.schemas import AdapterCard
 
 
@@ -18,7 +18,7 @@ class AdapterAdmin:
 
     @classmethod
     def from_config(cls, cfg: AppConfig) -> "AdapterAdmin":
-        from cluster.wiring import make_registry
+        from services.wiring import make_registry
         from services.retrieval.embedder import Embedder
 
         return cls(make_registry(cfg), lambda: Embedder(cfg.embedder.model_path, cfg.embedder.instruction,

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from cluster.config import AppConfig
+from services.config import AppConfig
 from cluster.errors import UserError
 from cluster.local_ray import RAY_HOME, init_local_ray
 from cluster.redis_server import RedisServer
@@ -98,7 +98,7 @@ class LocalCluster:
         kept (0600) in the home, re-issued if Redis lost it."""
         if not self.cfg.server.auth_enabled:
             return None
-        from cluster.wiring import redis_client
+        from services.wiring import redis_client
         from services.tenancy.tenants import TenantError, TenantStore
 
         tenants = TenantStore(redis_client(self.cfg))

@@ -14,7 +14,9 @@ import sys
 
 from cluster import commands
 from cluster.errors import UserError
+from services.config import ConfigError
 from cluster.local_ray import LOOPBACK_IMPORT_ENV
+from services.offline import OFFLINE_ENV
 
 
 def command_group(subparsers, name: str, help: str):
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     for key, value in LOOPBACK_IMPORT_ENV.items():  # before any command imports Ray
         os.environ.setdefault(key, value)
+    os.environ.update(OFFLINE_ENV)  # forced: the product never fetches from a model hub
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -48,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except UserError as err:
+    except (UserError, ConfigError) as err:
         print(f"loraretriever: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return getattr(err, "exit_code", 2)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,16 @@ import re
 import sys
 from pathlib import Path
 
+from services.offline import OFFLINE_ENV
+
 RAY_HOME = Path(os.environ.get("LORARETRIEVER_HOME", Path.home() / ".cache" / "loraretriever")) / "ray-home"
 
-# Read by Ray when it is first imported: set them before any `import ray` (cli.main, tests).
+# Read by Ray (and the model libraries) when first imported: set them before any `import ray`
+# (cli.main, the benchmarks, tests).
 LOOPBACK_IMPORT_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single-node mode: 127.0.0.1, not the outward address
     "RAY_USAGE_STATS_ENABLED": "0",
+    **OFFLINE_ENV,
 }
 
 
@@ -34,8 +38,6 @@ def loopback_ray_env() -> dict[str, str]:
     return own | LOOPBACK_IMPORT_ENV | {
         "HOME": str(RAY_HOME),
         "LORARETRIEVER_HOME": str(RAY_HOME.parent),  # replicas find the demo zoo under the real home
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
 

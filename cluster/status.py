@@ -7,8 +7,8 @@ import time
 import httpx
 
 from cluster.bringup import ADMIN_KEY_FILE
-from cluster.config import AppConfig
-from cluster.wiring import make_placement, make_registry, redis_client
+from services.config import AppConfig
+from services.wiring import make_placement, make_registry, redis_client
 from services.serving.index_sync import REBUILD_EPOCH_KEY
 
 
@@ -83,7 +83,7 @@ def rebuild_index(cfg: AppConfig) -> str:
     redis_client(cfg).set(REBUILD_EPOCH_KEY, str(time.time()))
     if cfg.qdrant.url is None:
         return "asked every retriever replica to rebuild its embedded index from the registry"
-    from cluster.wiring import make_index
+    from services.wiring import make_index
     from services.retrieval.embedder import Embedder
     from services.serving.index_sync import IndexSync
 

@@ -1,16 +1,17 @@
 """The Serve application: `serve run deployments.app:build_app` or KubeRay's serveConfigV2.
 
-`build_app` validates its args with cluster.config.AppConfig (the same model that checks
+`build_app` validates its args with services.config.AppConfig (the same model that checks
 the YAML of `loraretriever up` and the args in k8s/), then wires the three deployments."""
 from __future__ import annotations
 
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from cluster.config import AppConfig, DeploymentConfig
+from services.config import AppConfig, DeploymentConfig
 from deployments.composer import Composer
 from deployments.ingress import Ingress
 from deployments.retriever import Retriever
+from services.offline import OFFLINE_ENV
 
 ROUTER_CLASS = "deployments.router:AdapterAffinityRouter"
 
@@ -18,7 +19,9 @@ ROUTER_CLASS = "deployments.router:AdapterAffinityRouter"
 def deployment_options(dep: DeploymentConfig) -> dict:
     return {
         "autoscaling_config": dep.autoscaling.to_serve(),
-        "ray_actor_options": {"num_cpus": dep.num_cpus, "num_gpus": dep.num_gpus},
+        # Offline wherever the replica runs (local Ray, KubeRay, a user's own Ray cluster).
+        "ray_actor_options": {"num_cpus": dep.num_cpus, "num_gpus": dep.num_gpus,
+                              "runtime_env": {"env_vars": OFFLINE_ENV}},
         "max_ongoing_requests": dep.max_ongoing_requests,
     }
 

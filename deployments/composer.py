@@ -7,9 +7,9 @@ import logging
 
 from ray import serve
 
-from cluster.config import AppConfig
+from services.config import AppConfig
 from deployments import metrics
-from cluster.wiring import base_model_path, make_placement, make_registry
+from services.wiring import base_model_path, make_placement, make_registry
 from services.serving.catalog import CatalogCache
 from services.serving.composer_service import ComposeJob, ComposerService
 
@@ -45,9 +45,8 @@ class Composer:
         self.catalog = CatalogCache(make_registry(cfg))
         self._synced_generation = None
 
-    async def generate(self, job: dict):
+    async def generate(self, job: ComposeJob):
         """Streams text pieces (str), then the GenerationResult as a dict."""
-        job = ComposeJob.model_validate(job)
         async for item in self.service.generate(job):
             if isinstance(item, str):
                 yield item
@@ -62,14 +61,14 @@ class Composer:
         and drops adapter versions the registry has rolled away from."""
         catalog = self.catalog.get()
         if catalog.generation != self._synced_generation:
-            dropped = await self.service.batcher.run_exclusive(self.service.sync_with_catalog, catalog)
+            dropped = await self.service.follow_catalog(catalog)
             self._synced_generation = catalog.generation
             if dropped:
                 log.info("dropped stale adapter versions %s", dropped)
-        resident, pool = self.service.resident(), self.service.engine.pool_stats()
+        resident, pool = self.service.resident(), self.service.pool_stats()
         metrics.set_pool_stats(self.replica_id, pool)
         try:
-            self.placement.heartbeat(self.replica_id, resident, queue_len=self.service.batcher.queue_len, pool=pool)
+            self.placement.heartbeat(self.replica_id, resident, queue_len=self.service.queue_len, pool=pool)
         except Exception as err:  # placement is advisory; routing must not depend on Redis
             log.warning("placement heartbeat failed: %s", err)
         return {"resident": resident}
@@ -78,7 +77,7 @@ class Composer:
         return {
             "replica_id": self.replica_id,
             "resident": self.service.resident(),
-            "queue_len": self.service.batcher.queue_len,
-            "pool": self.service.engine.pool_stats(),
-            "batches": dataclasses.asdict(self.service.batcher.stats),
+            "queue_len": self.service.queue_len,
+            "pool": self.service.pool_stats(),
+            "batches": self.service.batch_stats(),
         }

@@ -14,11 +14,31 @@ from starlette.exceptions import HTTPException
 
 from services.schemas import ErrorResponse
 from services.serving import openai_format as fmt
-from services.serving.errors import ServingError, TooManyRequests
+from services.errors import (Conflict, InvalidRequest, LimitExceeded, NotAuthenticated, NotFound, NotPermitted,
+                             ServiceError, TimedOut, Unavailable)
 
 REQUEST_ID_HEADER = "X-Request-Id"
-# Error type by status, as the serving errors define them (Starlette's own 401/403/404 get the same).
-ERROR_TYPES = {cls.status: cls.type for cls in ServingError.__subclasses__()}
+
+# The one place a domain error becomes an HTTP answer: status code and OpenAI error type by kind.
+# A subclass (AdapterNotFound, TenantError, ...) answers as the first kind in its MRO.
+HTTP_ERRORS: dict[type[ServiceError], tuple[int, str]] = {
+    InvalidRequest: (400, "invalid_request_error"),
+    NotAuthenticated: (401, "authentication_error"),
+    NotPermitted: (403, "permission_error"),
+    NotFound: (404, "not_found_error"),
+    Conflict: (409, "conflict_error"),
+    LimitExceeded: (429, "rate_limit_error"),
+    Unavailable: (503, "service_unavailable"),
+    TimedOut: (504, "timeout_error"),
+    ServiceError: (400, "invalid_request_error"),  # a kind not listed above: the caller's request
+}
+# Error type by status (Starlette's own 401/403/404 get the same as ours).
+ERROR_TYPES = {status: kind for status, kind in HTTP_ERRORS.values()}
+
+
+def http_status(err: ServiceError) -> tuple[int, str]:
+    """(status code, OpenAI error type) of a domain error."""
+    return next(HTTP_ERRORS[kind] for kind in type(err).__mro__ if kind in HTTP_ERRORS)
 
 UNION_TAG = re.compile(r"[\[(]|^(str|int|float|bool|list|dict|none)$")
 
@@ -61,11 +81,11 @@ async def _invalid_body(request: Request, err: RequestValidationError) -> JSONRe
     return JSONResponse(fmt.error_body(f"{where}: {msg}" if where else msg, param=where or None), status_code=400)
 
 
-@app.exception_handler(ServingError)
-async def _serving_error(request: Request, err: ServingError) -> JSONResponse:
-    headers = {"Retry-After": str(int(err.retry_after_s))} if isinstance(err, TooManyRequests) else None
-    return JSONResponse(fmt.error_body(err.message, type=err.type, param=err.param), status_code=err.status,
-                        headers=headers)
+@app.exception_handler(ServiceError)
+async def _serving_error(request: Request, err: ServiceError) -> JSONResponse:
+    status, kind = http_status(err)
+    headers = {"Retry-After": str(int(err.retry_after_s))} if isinstance(err, LimitExceeded) else None
+    return JSONResponse(fmt.error_body(err.message, type=kind, param=err.param), status_code=status, headers=headers)
 
 
 @app.exception_handler(HTTPException)
@@ -79,11 +99,11 @@ async def _starlette_error(request: Request, err: HTTPException) -> JSONResponse
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, err: Exception) -> JSONResponse:
-    """A replica's ServingError that reached here still wrapped in Ray's error gets its own status; any
+    """A replica's ServiceError that reached here still wrapped in Ray's error gets its own status; any
     other failure is a 500 in the OpenAI shape whose message names only the request id (details, which
     may hold internals, go to the log)."""
     cause = unwrap(err)
-    if isinstance(cause, ServingError):
+    if isinstance(cause, ServiceError):
         return await _serving_error(request, cause)
     request_id = _get_serve_request_context().request_id or request.headers.get(REQUEST_ID_HEADER, "")
     log.error("unhandled error in %s %s (request %s): %s", request.method, request.url.path, request_id,
@@ -93,7 +113,7 @@ async def _unexpected(request: Request, err: Exception) -> JSONResponse:
 
 
 def unwrap(err: BaseException) -> BaseException:
-    """The ServingError a replica raised, out of Ray's wrapper."""
-    if isinstance(err, RayTaskError) and isinstance(err.cause, ServingError):
+    """The ServiceError a replica raised, out of Ray's wrapper."""
+    if isinstance(err, RayTaskError) and isinstance(err.cause, ServiceError):
         return err.cause
     return err

@@ -5,8 +5,8 @@ import logging
 
 from ray import serve
 
-from cluster.config import AppConfig
-from cluster.wiring import make_index, make_registry, redis_client
+from services.config import AppConfig
+from services.wiring import make_index, make_registry, redis_client
 from services.retrieval.embedder import Embedder
 from services.retrieval.index import IndexInputError
 from services.serving.index_sync import REBUILD_EPOCH_KEY, IndexSync

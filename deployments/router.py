@@ -11,13 +11,14 @@ from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from services.serving.composer_service import ComposeJob
+
 
 def request_adapter_keys(pending: Optional[PendingRequest]) -> set[str]:
-    """name@version keys of the ComposeJob dict a composer call carries as its first argument."""
-    if pending is None or not pending.args or not isinstance(pending.args[0], dict):
+    """name@version keys of the ComposeJob a composer call carries as its first argument."""
+    if pending is None or not pending.args or not isinstance(pending.args[0], ComposeJob):
         return set()
-    adapters = pending.args[0].get("plan", {}).get("adapters", [])
-    return {f"{a['name']}@{a['version']}" for a in adapters}
+    return set(pending.args[0].plan.keys())
 
 
 def rank_by_affinity(wanted: set[str], replicas: list, queue_lens: dict, spread_threshold: int) -> list[list]:

@@ -5,10 +5,11 @@ the HTTP API all speak these types, so a field means the same thing everywhere.
 """
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from services.composition import AdapterKey, Composition, CompositionMode, Weighting
 
 
 class Strict(BaseModel):
@@ -51,18 +52,6 @@ class Query(Strict):
     task: str
     domain: str
     metric: str = Field(pattern="^(em|bleu|rouge)$")
-
-
-class CompositionMode(str, Enum):
-    selection = "selection"  # top-1 adapter only
-    mixture = "mixture"  # weighted sum of the adapters' outputs
-    fusion = "fusion"  # weighted average of A and of B, one low-rank product
-    none = "none"  # base model
-
-
-class Weighting(str, Enum):
-    uniform = "uniform"  # 1/k, the paper's default
-    softmax = "softmax"  # softmax(score / temperature)
 
 
 class RetrievedAdapter(Strict):
@@ -176,10 +165,16 @@ class UsedAdapter(Strict):
 
 
 class CompositionPlan(Strict):
-    """How one prompt is served: which adapter versions, weights and mode."""
+    """How one prompt is served: which adapter versions, weights and mode (with retrieval scores).
+    The wire form, between ingress and composer and in every answer's `lora` field, of a
+    services.composition.Composition over `name@version` keys."""
 
     adapters: list[UsedAdapter] = Field(default_factory=list)
     composition: CompositionMode = CompositionMode.none
 
     def keys(self) -> list[str]:
-        return [f"{a.name}@{a.version}" for a in self.adapters]
+        return [str(AdapterKey(a.name, a.version)) for a in self.adapters]
+
+    def to_composition(self) -> Composition:
+        """The composition the engine applies."""
+        return Composition.of(self.composition, self.keys(), [a.weight for a in self.adapters])

@@ -52,7 +52,7 @@ ADMIN_KEY = "test-admin-key-0123456789"
 
 
 def cluster_config(zoo, redis_url: str, store, port: int, **overrides):
-    from cluster.config import AppConfig
+    from services.config import AppConfig
 
     cfg = {
         "base_model": {"path": str(zoo.base), "name": "tiny-random-llama"},

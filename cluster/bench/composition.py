@@ -24,8 +24,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from cluster.bench.run_record import command_line
 from services.lora.engine import CompositionEngine
-from services.schemas import CompositionMode
+from services.composition import Composition, CompositionMode
 
 log = logging.getLogger("bench.composition")
 
@@ -82,7 +83,7 @@ def rows_for(batch: int, k: int, distinct: int, names: list[str], mode: Composit
     """Row b uses adapters b*k .. b*k+k-1 modulo `distinct`: every distinct adapter appears."""
     rng = random.Random(batch * 31 + k)
     pool = rng.sample(names, distinct)
-    return [([pool[(b * k + j) % distinct] for j in range(k)], [1.0 / k] * k, mode) for b in range(batch)]
+    return [Composition.of(mode, [pool[(b * k + j) % distinct] for j in range(k)]) for b in range(batch)]  # 1/k each
 
 
 def seconds_per_call(methods: dict, rounds: int = 3, min_round: float = 0.1) -> dict[str, float]:
@@ -122,7 +123,7 @@ def measure(setup: Setup, shape: str, batch: int, k: int, distinct: int) -> dict
                "engine shrink-expand": engine_with("shrink_expand"),
                "paper (all adapters, masked)": engine_with(paper_delta)}
     if k == 1:
-        names = [r[0][0] for r in rows]
+        names = [r.adapters[0] for r in rows]
         peft_decoder = setup.peft.base_model.model.model
 
         def peft_mixed_batch():
@@ -209,7 +210,7 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 def write_table_into_doc(doc: Path, table: str, args) -> None:
     """Replace the measured table between the markers of the doc (added at the end if absent)."""
-    command = f"python -m cluster.bench.composition --layers {args.layers} --threads {args.threads}"
+    command = command_line("cluster.bench.composition")
     block = f"{START}\nMeasured with `{command}` ({time.strftime('%Y-%m-%d')}); tokens/s as ratios to the " \
             f"base model.\n\n{table}\n{END}"
     text = doc.read_text() if doc.exists() else ""

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cluster.bench.retrieval_tasks import TASKS, write_task_files  # noqa: E402
+from cluster.bench.run_record import command_line  # noqa: E402
 from services.retrieval import DEFAULT_INSTRUCTION  # noqa: E402
 from services.retrieval.embedder import Embedder  # noqa: E402
 from services.retrieval.evaluation import KS, evaluate, load_cards, load_queries  # noqa: E402
@@ -94,7 +95,7 @@ def main() -> int:
         plot(results)
         write_doc(results)
         return 0
-    command = "python -m cluster.bench.retrieval_bench " + " ".join(sys.argv[1:])
+    command = command_line("cluster.bench.retrieval_bench")
 
     cards_path, queries_path = write_task_files(args.out, seed=args.seed)
     cards = load_cards(cards_path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 
+from cluster.bench.run_record import command_line
 from cluster.local_ray import LOOPBACK_IMPORT_ENV
 
 os.environ.update(LOOPBACK_IMPORT_ENV)  # before anything imports Ray: bind loopback only
@@ -132,7 +133,7 @@ class Stack:
         self.port = None
 
     def config(self, port: int, **composer):
-        from cluster.config import AppConfig
+        from services.config import AppConfig
 
         deployments = {name: {"num_cpus": 0.25} for name in ("ingress", "retriever", "composer")}
         replicas = composer.pop("replicas", 1)  # fixed: the comparison is per replica, not autoscaled
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.stop()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serving.json").write_text(json.dumps(
-        {"command": "python -m cluster.bench.serving " + " ".join(argv or []),
+        {"command": command_line("cluster.bench.serving", argv),
          "adapters": len(zoo.adapters), "queries": len(queries), "seconds": args.seconds,
          "max_tokens": args.max_tokens, "levels": [asdict(r) for r in levels],
          "routers": [asdict(r) for r in routers]}, indent=1))

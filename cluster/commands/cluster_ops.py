@@ -6,7 +6,7 @@ import json
 import logging
 
 from cluster.cli import command_group
-from cluster.config import load_config
+from services.config import load_config
 from cluster.errors import UserError
 
 log = logging.getLogger("loraretriever")
@@ -14,7 +14,7 @@ log = logging.getLogger("loraretriever")
 
 def register(sub) -> None:
     up = sub.add_parser("up", help="start Redis, Ray, embedded Qdrant and the Serve app on 127.0.0.1")
-    up.add_argument("--config", help="YAML config (cluster.config.AppConfig); default: embedded defaults")
+    up.add_argument("--config", help="YAML config (services.config.AppConfig); default: embedded defaults")
     up.add_argument("--no-demo", action="store_true", help="do not build or register the demo adapters")
     up.add_argument("--port", type=int, help="HTTP port (default 8000)")
     up.set_defaults(func=cmd_up)

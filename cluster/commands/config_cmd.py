@@ -6,12 +6,12 @@ import argparse
 import yaml
 
 from cluster.cli import command_group
-from cluster.config import AppConfig, load_config
+from services.config import AppConfig, load_config
 from cluster.errors import UserError
 
 
 def register(sub) -> None:
-    group = command_group(sub, "config", "the cluster configuration (cluster.config.AppConfig)")
+    group = command_group(sub, "config", "the cluster configuration (services.config.AppConfig)")
     defaults = group.add_parser("defaults", help="print every field with its default, as YAML")
     defaults.set_defaults(func=cmd_defaults)
     check = group.add_parser("check", help="validate a YAML config")

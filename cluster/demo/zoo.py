@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from cluster.demo import base_model
 from cluster.demo.tasks import TASKS, Task
 from cluster.demo.train import TrainSettings, greedy_answers, train_lora
+from services.config import data_home
 from services.schemas import AdapterCard, CardSample, Query
 from services.evaluation.generation import primary_score
 from services.text_metrics import score
@@ -109,8 +110,7 @@ class ZooPaths:
 
 
 def default_root() -> Path:
-    home = os.environ.get("LORARETRIEVER_HOME") or Path.home() / ".cache" / "loraretriever"
-    return Path(home) / "demo"
+    return data_home() / "demo"
 
 
 def _paths(root: Path) -> ZooPaths:

@@ -7,13 +7,13 @@ server sees traffic. Scores are on a 0-100 scale by each query's metric.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from itertools import zip_longest
 from typing import Iterable
 
 from tqdm.auto import tqdm
 
-from services.schemas import CompositionMode, Query
+from services.composition import Composition
+from services.schemas import Query
 from services.text_metrics import score
 
 REFERENCE_SYSTEMS = ("base", "perfect")  # no retrieval: the floor and the ceiling
@@ -42,29 +42,15 @@ def interleave_tasks(queries: list[Query]) -> list[int]:
     return [i for group in zip_longest(*by_task.values()) for i in group if i is not None]
 
 
-@dataclass(frozen=True)
-class Row:
-    """How one query is answered: adapters best first, their weights, the composition."""
-
-    adapters: tuple[str, ...]
-    weights: tuple[float, ...]
-    mode: CompositionMode
-
-
-def plan(system: str, query: Query, retrieved: list[str] | None) -> Row:
-    """The row of `system` for a query; `retrieved` = adapter names best first (top k)."""
+def plan(system: str, query: Query, retrieved: list[str] | None) -> Composition:
+    """How `system` answers a query; `retrieved` = adapter names best first (top k)."""
     if system == "base":
-        return Row((), (), CompositionMode.none)
+        return Composition()
     if system == "perfect":
-        return Row((query.task,), (1.0,), CompositionMode.selection)
+        return Composition.single(query.task)
     if system not in COMPOSITIONS:
         raise ValueError(f"unknown system {system!r}; expected one of {', '.join(SYSTEMS)}")
-    names = tuple(retrieved or ())
-    if not names:
-        return Row((), (), CompositionMode.none)  # nothing retrieved: the base model answers
-    if system == "selection":
-        return Row(names[:1], (1.0,), CompositionMode.selection)
-    return Row(names, (1.0 / len(names),) * len(names), CompositionMode(system))
+    return Composition.of(system, retrieved or ())  # nothing retrieved: the base model answers
 
 
 def summarize(queries: list[Query], scores: list[dict[str, float]]) -> dict:
@@ -109,8 +95,7 @@ def evaluate_generation(
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             requests = [
-                GenerationRequest(prompt_ids=prompts[i], adapters=list(rows[i].adapters), weights=list(rows[i].weights),
-                                  mode=rows[i].mode, max_tokens=max_tokens, temperature=0.0)
+                GenerationRequest(prompt_ids=prompts[i], composition=rows[i], max_tokens=max_tokens, temperature=0.0)
                 for i in batch
             ]
             for i, result in zip(batch, engine.generate(requests)):

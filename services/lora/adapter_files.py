@@ -16,6 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from services.errors import InvalidRequest
+
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
@@ -46,7 +48,7 @@ UNSUPPORTED_FEATURES = {
 MAX_ABS_WEIGHT = 1e4
 
 
-class AdapterValidationError(ValueError):
+class AdapterValidationError(InvalidRequest):
     """An adapter folder that cannot be used; the message names the file or field at fault."""
 
 

@@ -5,22 +5,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.schemas import CompositionMode
+from services.composition import Composition
 
 EMPTY_SLOT = -1  # padding in `slots`: no adapter; its weight is 0
-
-
-class CompositionError(ValueError):
-    """A row's adapters, weights or mode cannot be composed."""
-
-
-@dataclass
-class RowComposition:
-    """One row as the caller describes it: pool slots best first, one weight each, a mode."""
-
-    slots: list[int]
-    weights: list[float]
-    mode: CompositionMode
 
 
 @dataclass
@@ -43,32 +30,20 @@ class LoraBatchMeta:
         return bool(self.fusion.any())
 
 
-def effective_row(row: RowComposition) -> tuple[list[int], list[float]]:
-    """The slots and weights a mode really applies: selection keeps the top-1 at weight 1."""
-    if len(row.slots) != len(row.weights):
-        raise CompositionError(f"{len(row.slots)} adapters but {len(row.weights)} weights")
-    if row.mode is CompositionMode.none or not row.slots:
-        return [], []
-    if row.mode is CompositionMode.selection:
-        return row.slots[:1], [1.0]
-    if len(set(row.slots)) != len(row.slots):
-        raise CompositionError("an adapter appears twice in one row")
-    return list(row.slots), [float(w) for w in row.weights]
-
-
-def build_batch_meta(rows: list[RowComposition], *, dtype: torch.dtype, device) -> LoraBatchMeta:
-    effective = [effective_row(row) for row in rows]
-    k = max((len(slots) for slots, _ in effective), default=0)
+def build_batch_meta(rows: list[Composition], slot_of: dict[str, int], *, dtype: torch.dtype,
+                     device) -> LoraBatchMeta:
+    """The batch's metadata from each row's composition and the pool slot of each adapter key."""
+    k = max((len(row.adapters) for row in rows), default=0)
     slots = torch.full((len(rows), k), EMPTY_SLOT, dtype=torch.long)
     weights = torch.zeros((len(rows), k), dtype=dtype)
-    for b, (row_slots, row_weights) in enumerate(effective):
-        slots[b, : len(row_slots)] = torch.tensor(row_slots, dtype=torch.long)
-        weights[b, : len(row_weights)] = torch.tensor(row_weights, dtype=dtype)
+    for b, row in enumerate(rows):
+        slots[b, : len(row.adapters)] = torch.tensor([slot_of[a] for a in row.adapters], dtype=torch.long)
+        weights[b, : len(row.weights)] = torch.tensor(row.weights, dtype=dtype)
     unique = torch.unique(slots[slots != EMPTY_SLOT])  # (u,)
     dense = torch.zeros((len(rows), unique.numel()), dtype=dtype)
-    for b, (row_slots, row_weights) in enumerate(effective):
-        for slot, weight in zip(row_slots, row_weights):
-            dense[b, int(torch.searchsorted(unique, slot))] = weight
-    fusion = torch.tensor([row.mode is CompositionMode.fusion for row in rows], dtype=torch.bool)
+    for b, row in enumerate(rows):
+        for adapter, weight in zip(row.adapters, row.weights):
+            dense[b, int(torch.searchsorted(unique, slot_of[adapter]))] = weight
+    fusion = torch.tensor([row.fuses for row in rows], dtype=torch.bool)
     return LoraBatchMeta(slots=slots.to(device), weights=weights.to(device), fusion=fusion.to(device),
                          unique_slots=unique.to(device), dense_weights=dense.to(device))

@@ -10,16 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.lora.adapter_files import LoraAdapterWeights, check_adapter_name, read_adapter
-from services.lora.batch_meta import CompositionError, RowComposition, build_batch_meta
+from services.composition import Composition, CompositionError
+from services.lora.batch_meta import build_batch_meta
 from services.lora.generation import GenerationRequest, GenerationResult, check_request, generate_batch
 from services.lora.layers import LoraContext, linear_shapes, wrap_model
 from services.lora.pool import AdapterPool
-from services.schemas import CompositionMode
 
 log = logging.getLogger(__name__)
-
-Row = tuple[list[str], list[float], CompositionMode]  # adapters best first, weights, mode
-
 
 class CompositionEngine:
     def __init__(self, model, tokenizer, *, max_adapters_per_row: int = 4, device_slots: int = 32,
@@ -96,30 +93,24 @@ class CompositionEngine:
 
     # -- forward ----------------------------------------------------------
     @contextmanager
-    def composed(self, rows: list[Row]):
+    def composed(self, rows: list[Composition]):
         """Acquire the rows' adapters on the device and install the batch metadata for the forwards
         inside; the adapters cannot be evicted until the block ends."""
-        for adapters, weights, mode in rows:
-            if len(adapters) > self.max_adapters_per_row:
-                raise CompositionError(f"a row uses {len(adapters)} adapters; the limit is {self.max_adapters_per_row}")
-            if mode is not CompositionMode.none and len(weights) != len(adapters):
-                raise CompositionError(f"a row has {len(adapters)} adapters but {len(weights)} weights")
-        keys = [key for adapters, _, mode in rows if mode is not CompositionMode.none for key in adapters]
+        for row in rows:
+            if len(row.adapters) > self.max_adapters_per_row:
+                raise CompositionError(f"a row uses {len(row.adapters)} adapters; the limit is {self.max_adapters_per_row}")
+        keys = [key for row in rows for key in row.adapters]
         with self.device_lock:
             slot_of = self.pool.acquire(keys)
             try:
-                self.context.meta = build_batch_meta(
-                    [RowComposition([slot_of[a] for a in adapters], list(weights), mode)
-                     if mode is not CompositionMode.none else RowComposition([], [], mode)
-                     for adapters, weights, mode in rows],
-                    dtype=self.dtype, device=self.device)
+                self.context.meta = build_batch_meta(rows, slot_of, dtype=self.dtype, device=self.device)
                 yield
             finally:
                 self.context.meta = None
                 self.pool.release(keys)
 
     @torch.inference_mode()
-    def forward_logits(self, input_ids, attention_mask, rows: list[Row]) -> torch.Tensor:
+    def forward_logits(self, input_ids, attention_mask, rows: list[Composition]) -> torch.Tensor:
         """Logits (batch, seq, vocab) of one forward with each row composed as given (no cache)."""
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         with self.composed(rows):
@@ -138,12 +129,11 @@ class CompositionEngine:
         with self.device_lock:
             pinned = set(self.pool.pinned)
             capacity = self.pool.device_slots - len(pinned)  # pinned adapters keep their slots
-            groups = fitting_groups([set(r.adapters) - pinned for r in requests], capacity)
+            groups = fitting_groups([set(r.composition.adapters) - pinned for r in requests], capacity)
         results: list[GenerationResult | None] = [None] * len(requests)
         for group in groups:
             batch = [requests[i] for i in group]
-            rows = [(list(r.adapters), list(r.weights) or uniform(len(r.adapters)), r.mode) for r in batch]
-            with self.composed(rows):
+            with self.composed([r.composition for r in batch]):
                 done = generate_batch(self.step, self.tokenizer, batch, pad_id=self.pad_id, eos_ids=self.eos_ids,
                                       device=self.device)
             for i, result in zip(group, done):
@@ -172,7 +162,3 @@ def fitting_groups(needs: list[set[str]], capacity: int) -> list[list[int]]:
             groups.append(([i], set(need)))
     return [members for members, _ in groups]
 
-
-def uniform(k: int) -> list[float]:
-    """The paper's default weight 1/k."""
-    return [1.0 / k] * k if k else []

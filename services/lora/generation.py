@@ -7,7 +7,8 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from services.schemas import CompositionMode
+from services.errors import InvalidRequest
+from services.composition import Composition
 
 # logits of the last position (batch, vocab) for input_ids (batch, seq) with the cache so far
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache], torch.Tensor]
@@ -16,9 +17,7 @@ ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache], t
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
-    adapters: list[str] = ()  # keys of loaded adapters, best first; empty = base model
-    weights: list[float] = ()  # one per adapter (already normalised by the caller)
-    mode: CompositionMode = CompositionMode.mixture
+    composition: Composition = Composition()  # adapters by pool key; the default is the base model
     max_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -39,7 +38,7 @@ class GenerationResult:
     batch_seconds: float = 0.0
 
 
-class GenerationError(ValueError):
+class GenerationError(InvalidRequest):
     """A request whose sampling fields cannot be honoured."""
 
 

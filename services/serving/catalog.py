@@ -12,14 +12,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from services.errors import NotFound
+
 log = logging.getLogger(__name__)
 
 
-class AdapterUnavailable(LookupError):
-    """Missing, retired, or private to another tenant: callers cannot tell which (HTTP 404)."""
+class AdapterUnavailable(NotFound):
+    """Missing, retired, or private to another tenant: callers cannot tell which."""
 
     def __init__(self, ref: str):
-        super().__init__(f"adapter '{ref}' does not exist or is not available to you")
+        super().__init__(f"adapter '{ref}' does not exist or is not available to you", param="model")
         self.ref = ref
 
 

@@ -2,17 +2,19 @@
 into the engine's pool on first use, tokenize, and feed the dynamic batcher."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import AsyncIterator
 
 from pydantic import Field
 
+from services.composition import AdapterKey
 from services.lora.adapter_files import AdapterValidationError
 from services.lora.generation import GenerationRequest, GenerationResult
 from services.schemas import ChatMessage, CompositionPlan, Strict
 from services.serving.batcher import DynamicBatcher
-from services.serving.errors import BadRequest, Unavailable
+from services.errors import InvalidRequest, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,8 @@ class ComposerService:
                                       on_batch=on_batch)
 
     def adapter_path(self, key: str) -> Path:
-        name, _, version = key.partition("@")
-        return self.store_root / name / version
+        adapter = AdapterKey.parse(key)
+        return self.store_root / adapter.name / adapter.version
 
     def ensure_loaded(self, keys: list[str]) -> None:
         """Load each name@version the engine does not hold yet; a failed load changes nothing.
@@ -105,15 +107,13 @@ class ComposerService:
         else:
             ids = tok(job.prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_prompt_tokens:
-            raise BadRequest(f"prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}", param="prompt")
+            raise InvalidRequest(f"prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}", param="prompt")
         return list(ids)
 
     def to_request(self, job: ComposeJob) -> GenerationRequest:
         return GenerationRequest(
             prompt_ids=self.tokenize(job),
-            adapters=job.plan.keys(),
-            weights=[a.weight for a in job.plan.adapters],
-            mode=job.plan.composition,
+            composition=job.plan.to_composition(),
             max_tokens=job.max_tokens,
             temperature=job.temperature,
             top_p=job.top_p,
@@ -129,6 +129,10 @@ class ComposerService:
         async for item in self.batcher.submit(self.to_request(job)):
             yield item
 
+    async def follow_catalog(self, catalog) -> list[str]:
+        """sync_with_catalog between two batches (never under a forward). Returns the dropped keys."""
+        return await self.batcher.run_exclusive(self.sync_with_catalog, catalog)
+
     def sync_with_catalog(self, catalog) -> list[str]:
         """Drop loaded versions the registry no longer serves (neither active nor canary) and
         pin or unpin by the registry's flag; runs between batches. Returns the dropped keys.
@@ -136,11 +140,11 @@ class ComposerService:
         live, pinned = set(), set()
         for rec in catalog.records.values():
             if rec.active_version is not None:
-                live.add(f"{rec.name}@{rec.active_version}")
+                live.add(str(AdapterKey(rec.name, rec.active_version)))
                 if rec.pinned:
-                    pinned.add(f"{rec.name}@{rec.active_version}")
+                    pinned.add(str(AdapterKey(rec.name, rec.active_version)))
             if rec.canary is not None:
-                live.add(f"{rec.name}@{rec.canary.version}")
+                live.add(str(AdapterKey(rec.name, rec.canary.version)))
         dropped = [k for k in self.engine.loaded_adapters() if k not in live]
         for key in dropped:
             self.engine.unload_adapter(key)
@@ -157,3 +161,13 @@ class ComposerService:
 
     def resident(self) -> list[str]:
         return self.engine.resident_adapters()
+
+    def pool_stats(self) -> dict:
+        return self.engine.pool_stats()
+
+    @property
+    def queue_len(self) -> int:
+        return self.batcher.queue_len
+
+    def batch_stats(self) -> dict:
+        return dataclasses.asdict(self.batcher.stats)

@@ -5,6 +5,7 @@ import json
 import time
 
 from services.schemas import CompositionPlan
+from services.serving.planner import AUTO_MODEL
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -15,6 +16,16 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
 def lora_info(plan: CompositionPlan) -> dict:
     """The `lora` field of every choice: adapters with versions and weights, and the mode."""
     return {"composition": plan.composition.value, "adapters": [a.model_dump() for a in plan.adapters]}
+
+
+def models_body(base_model_id: str, records: list) -> dict:
+    """GET /v1/models: the base model, `auto`, then the adapters the caller may use (registry records)."""
+    now = int(time.time())
+    entries = [{"id": base_model_id, "object": "model", "created": now, "owned_by": "base"},
+               {"id": AUTO_MODEL, "object": "model", "created": now, "owned_by": "loraretriever"}]
+    entries += [{"id": rec.name, "object": "model", "created": now, "owned_by": rec.owner_tenant or "shared",
+                 "version": rec.active_version, "domain": rec.domain} for rec in records]
+    return {"object": "list", "data": entries}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -4,17 +4,10 @@ Plain functions: the ingress deployment calls them, the tests call them without 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from services.schemas import (
-    CompositionMode,
-    CompositionPlan,
-    LoraOptions,
-    RetrievalResult,
-    UsedAdapter,
-    Weighting,
-)
+from services.composition import Composition, CompositionMode, Weighting, composition_weights
+from services.schemas import CompositionPlan, LoraOptions, RetrievalResult, UsedAdapter
 from services.serving.catalog import Catalog
 
 AUTO_MODEL = "auto"
@@ -29,18 +22,6 @@ class PlanDefaults:
     weighting: Weighting
     temperature: float
     min_similarity: float
-
-
-def composition_weights(scores: list[float], weighting: Weighting, temperature: float) -> list[float]:
-    """Weights summing to 1: uniform (the paper's 1/k) or softmax(score / temperature)."""
-    if not scores:
-        return []
-    if weighting is Weighting.uniform:
-        return [1.0 / len(scores)] * len(scores)
-    top = max(scores)
-    exps = [math.exp((s - top) / temperature) for s in scores]
-    total = sum(exps)
-    return [e / total for e in exps]
 
 
 def needs_retrieval(model: str, opts: LoraOptions) -> bool:
@@ -60,7 +41,8 @@ def plan_composition(
 ) -> CompositionPlan:
     """The adapters (resolved to versions), weights and mode for one prompt.
 
-    Raises catalog.AdapterUnavailable (404) for an adapter the caller may not use."""
+    Raises catalog.AdapterUnavailable for an adapter the caller may not use, CompositionError for
+    adapters that cannot be composed (one named twice)."""
     mode = opts.composition or defaults.composition
     if mode is CompositionMode.none or (model == base_model_id and opts.adapters is None):
         return CompositionPlan()
@@ -74,21 +56,14 @@ def plan_composition(
     else:
         refs, scores, mode = [model], [None], CompositionMode.selection
 
-    if not refs:
-        return CompositionPlan()
-    if mode is CompositionMode.selection:
-        refs, scores = refs[:1], scores[:1]
-    resolved = [catalog.resolve(ref, tenant=tenant, request_id=request_id) for ref in refs]
     weighting = opts.weighting or defaults.weighting
     if any(s is None for s in scores):
         weighting = Weighting.uniform  # explicitly named adapters have no scores to soften
-    weights = composition_weights(
-        [s or 0.0 for s in scores], weighting, opts.temperature or defaults.temperature
-    )
+    weights = composition_weights([s or 0.0 for s in scores], weighting, opts.temperature or defaults.temperature)
+    composition = Composition.of(mode, refs, weights)  # the mode's rule: selection keeps the top-1 at 1
+    resolved = [catalog.resolve(ref, tenant=tenant, request_id=request_id) for ref in composition.adapters]
     return CompositionPlan(
-        adapters=[
-            UsedAdapter(name=name, version=version, weight=w, score=s)
-            for (name, version), w, s in zip(resolved, weights, scores)
-        ],
-        composition=mode,
+        adapters=[UsedAdapter(name=name, version=version, weight=w, score=s)
+                  for (name, version), w, s in zip(resolved, composition.weights, scores)],
+        composition=composition.mode,
     )

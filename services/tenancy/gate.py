@@ -9,8 +9,8 @@ import hashlib
 import logging
 import time
 
-from services.serving.errors import TooManyRequests, Unauthorized
-from services.tenancy.limits import Lease, LimitExceeded, TenantLimiter
+from services.errors import NotAuthenticated, ServiceError
+from services.tenancy.limits import Lease, TenantLimiter
 from services.tenancy.tenants import Tenant, TenantStore
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,12 @@ class TenantGate:
         self._seen: dict[str, tuple[Tenant, float]] = {}  # sha256(key) -> tenant, when last confirmed
 
     def authenticate(self, authorization: str | None) -> Tenant | None:
-        """The calling tenant; None when auth is off (shared adapters only). Raises Unauthorized."""
+        """The calling tenant; None when auth is off (shared adapters only). Raises NotAuthenticated."""
         if not self.enabled:
             return None
         key = bearer_token(authorization)
         if key is None:
-            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+            raise NotAuthenticated("missing API key: send 'Authorization: Bearer <key>'")
         digest = hashlib.sha256(key.encode()).hexdigest()
         try:
             tenant = self.store.authenticate(key)
@@ -47,10 +47,10 @@ class TenantGate:
             if seen and time.monotonic() - seen[1] < self.outage_grace_s:
                 log.warning("tenant store unreachable, using a recently confirmed key: %s", type(err).__name__)
                 return seen[0]
-            raise Unauthorized("cannot verify the API key right now; retry shortly") from err
+            raise NotAuthenticated("cannot verify the API key right now; retry shortly") from err
         if tenant is None:
             self._seen.pop(digest, None)
-            raise Unauthorized("invalid API key")
+            raise NotAuthenticated("invalid API key")
         self._seen[digest] = (tenant, time.monotonic())
         return tenant
 
@@ -59,9 +59,7 @@ class TenantGate:
             return None
         try:
             return self.limiter.admit(tenant, request_id, max_tokens)
-        except LimitExceeded as err:
-            raise TooManyRequests(str(err), err.retry_after_s) from err
-        except ValueError:
+        except ServiceError:  # over a limit (429) or max_tokens (400): the caller's answer
             raise
         except Exception as err:
             log.warning("limits not enforced, Redis unreachable: %s", type(err).__name__)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import redis
 
+from services.errors import InvalidRequest, LimitExceeded
 from services.tenancy.tenants import Tenant
 
 # Token bucket: KEYS[1] bucket hash; ARGV rate, burst, now. Returns {allowed, retry_after_ms}.
@@ -36,14 +37,6 @@ return 1
 """
 
 
-class LimitExceeded(Exception):
-    """HTTP 429; `retry_after_s` goes into the Retry-After header."""
-
-    def __init__(self, message: str, retry_after_s: float):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
 @dataclass
 class Lease:
     key: str
@@ -59,10 +52,10 @@ class TenantLimiter:
         self._lease = client.register_script(_LEASE)
 
     def admit(self, tenant: Tenant, request_id: str, max_tokens: int) -> Lease:
-        """Check every limit; raises LimitExceeded (or ValueError for max_tokens) else returns a lease."""
+        """Check every limit; raises LimitExceeded (InvalidRequest for max_tokens) else returns a lease."""
         lim = tenant.limits
         if max_tokens > lim.max_tokens:
-            raise ValueError(f"max_tokens may be at most {lim.max_tokens} for this tenant")
+            raise InvalidRequest(f"max_tokens may be at most {lim.max_tokens} for this tenant", param="max_tokens")
         now = time.time()
         allowed, wait_ms = self._bucket(keys=[f"{self.p}rate:{tenant.name}"],
                                         args=[lim.requests_per_second, lim.burst, now])

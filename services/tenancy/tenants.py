@@ -13,14 +13,19 @@ import time
 import redis
 from pydantic import Field
 
+from services.errors import InvalidRequest, NotFound
 from services.schemas import Strict
 
 KEY_PREFIX = "lr-"
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
-class TenantError(Exception):
-    """Bad tenant input (name taken, unknown tenant); the message says which."""
+class TenantError(InvalidRequest):
+    """Bad tenant input (a name that is not valid or is taken); the message says which."""
+
+
+class UnknownTenant(NotFound):
+    """No tenant of that name."""
 
 
 class TenantLimits(Strict):
@@ -74,7 +79,7 @@ class TenantStore:
     def get(self, name: str) -> Tenant:
         raw = self.r.get(self._tenant_key(name))
         if raw is None:
-            raise TenantError(f"tenant '{name}' does not exist")
+            raise UnknownTenant(f"tenant '{name}' does not exist")
         return Tenant.model_validate_json(raw)
 
     def list(self) -> list[Tenant]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import yaml
 
 from cluster.cli import main
-from cluster.config import AppConfig
+from services.config import AppConfig
 
 
 def test_defaults_round_trip(tmp_path, capsys):

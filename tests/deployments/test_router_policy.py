@@ -4,6 +4,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from deployments.router import rank_by_affinity, request_adapter_keys
+from services.composition import AdapterKey
+from services.schemas import CompositionPlan, UsedAdapter
+from services.serving.composer_service import ComposeJob
 
 
 def replica(rid, resident):
@@ -33,6 +36,10 @@ def test_no_adapters_or_no_holder_means_least_loaded_first():
 
 
 def test_request_keys_come_from_the_compose_job():
-    pending = SimpleNamespace(args=[{"plan": {"adapters": [{"name": "x", "version": "1"}, {"name": "y", "version": "3"}]}}])
-    assert request_adapter_keys(pending) == {"x@1", "y@3"}
+    """The router reads the same ComposeJob the Ingress sends, so a renamed field breaks this test."""
+    plan = CompositionPlan(adapters=[UsedAdapter(name="x", version="1", weight=0.5),
+                                     UsedAdapter(name="y", version="3", weight=0.5)], composition="mixture")
+    pending = SimpleNamespace(args=[ComposeJob(request_id="r", prompt="hi", plan=plan)])
+    assert request_adapter_keys(pending) == {str(AdapterKey("x", "1")), str(AdapterKey("y", "3"))} == {"x@1", "y@3"}
+    assert request_adapter_keys(SimpleNamespace(args=[{"plan": {}}])) == set()  # not a job: no affinity
     assert request_adapter_keys(None) == set()

@@ -57,7 +57,7 @@ def test_mixed_prompts_get_their_own_adapters_in_one_batch(client, serve_cluster
 def test_answers_equal_the_core_engine_for_the_same_composition(client, serve_cluster, task_prompts):
     from services.lora.engine import CompositionEngine
     from services.lora.generation import GenerationRequest
-    from services.schemas import CompositionMode
+    from services.composition import AdapterKey, Composition, CompositionMode
 
     prompt = task_prompts[sorted(task_prompts)[0]]
     resp = client.completions.create(model="auto", prompt=prompt, max_tokens=8,
@@ -67,13 +67,12 @@ def test_answers_equal_the_core_engine_for_the_same_composition(client, serve_cl
     engine = CompositionEngine.from_pretrained(serve_cluster.zoo.base, device="cpu")
     keys = []
     for a in lora["adapters"]:
-        key = f"{a['name']}@{a['version']}"
+        key = str(AdapterKey(a["name"], a["version"]))
         engine.load_adapter(key, f"{serve_cluster.cfg.adapter_store.path}/{a['name']}/{a['version']}")
         keys.append(key)
     ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    [expected] = engine.generate([GenerationRequest(prompt_ids=ids, adapters=keys,
-                                                    weights=[a["weight"] for a in lora["adapters"]],
-                                                    mode=CompositionMode.mixture, max_tokens=8)])
+    mixture = Composition.of(CompositionMode.mixture, keys, [a["weight"] for a in lora["adapters"]])
+    [expected] = engine.generate([GenerationRequest(prompt_ids=ids, composition=mixture, max_tokens=8)])
     assert resp.choices[0].text == expected.text
     assert resp.usage.completion_tokens == expected.completion_tokens
 

@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import pytest
 import ray
 
-from cluster.config import AppConfig
+from services.config import AppConfig
 from ray_manifest import REPO, app_args, one, pod_templates, ray_groups, serve_config
 
 IMAGE_REPO = "ghcr.io/loraretriever/loraretriever"

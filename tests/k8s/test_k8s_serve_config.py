@@ -11,7 +11,7 @@ import pydantic
 import pytest
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.config import AppConfig
+from services.config import AppConfig
 from ray_manifest import REPO, app_args, one, serve_config
 
 OVERLAYS = ["base", "dev", "gpu"]

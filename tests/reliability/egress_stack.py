@@ -28,7 +28,7 @@ def main(zoo_dir: str, work: str) -> None:
 
     from cluster.adapter_admin import AdapterAdmin
     from cluster.bringup import APP_NAME
-    from cluster.config import AppConfig
+    from services.config import AppConfig
     from cluster.demo.zoo import load_zoo
     from cluster.local_ray import init_local_ray
     from cluster.redis_server import RedisServer, free_port

@@ -219,7 +219,7 @@ def test_an_adapter_whose_files_vanished_after_its_cpu_copy_was_dropped_fails_on
     from services.lora.engine import CompositionEngine
     from services.schemas import CompositionPlan, UsedAdapter
     from services.serving.composer_service import ComposeJob, ComposerService
-    from services.serving.errors import Unavailable
+    from services.errors import Unavailable
 
     names = sorted(tiny_zoo.adapters)[:2]
     for name in names:

@@ -6,10 +6,9 @@ import torch
 from peft_adapters import tiny_model, write_peft_adapter
 
 from services.lora.adapter_files import AdapterValidationError
-from services.lora.batch_meta import CompositionError
 from services.lora.engine import CompositionEngine
 from services.lora.pool import AdapterNotLoaded, AdapterPoolFull
-from services.schemas import CompositionMode as Mode
+from services.composition import Composition, CompositionError, CompositionMode as Mode
 
 RANKS = {"a": 2, "b": 8, "c": 4, "d": 1, "e": 32}
 
@@ -36,7 +35,7 @@ IDS, MASK = torch.arange(3, 9)[None], torch.ones(1, 6, dtype=torch.long)
 
 
 def logits(engine, name):
-    return engine.forward_logits(IDS, MASK, [([name], [1.0], Mode.selection)])
+    return engine.forward_logits(IDS, MASK, [Composition.of(Mode.selection, [name], [1.0])])
 
 
 def test_lru_eviction_and_counters(folders):
@@ -65,7 +64,7 @@ def test_pinned_and_in_use_adapters_are_never_evicted(folders):
     engine = make_engine(folders, device_slots=2)
     engine.pin("a")
     assert engine.resident_adapters() == ["a"]
-    with engine.composed([(["b"], [1.0], Mode.selection)]):  # b is in use by a running batch
+    with engine.composed([Composition.of(Mode.selection, ["b"], [1.0])]):  # b is in use by a running batch
         with pytest.raises(AdapterPoolFull, match="1 more adapters"):
             engine.pool.acquire(["c"])
         assert sorted(engine.resident_adapters()) == ["a", "b"]
@@ -80,7 +79,7 @@ def test_batch_wider_than_the_pool_is_refused_without_eviction(folders):
     engine = make_engine(folders, device_slots=2, max_adapters_per_row=4)
     logits(engine, "a")
     with pytest.raises(AdapterPoolFull):
-        engine.forward_logits(IDS, MASK, [(["b", "c", "d"], [0.3, 0.3, 0.4], Mode.mixture)])
+        engine.forward_logits(IDS, MASK, [Composition.of(Mode.mixture, ["b", "c", "d"], [0.3, 0.3, 0.4])])
     assert engine.resident_adapters() == ["a"] and engine.pool_stats()["evictions"] == 0
     assert engine.pool.in_use == {}
 
@@ -113,11 +112,11 @@ def test_unload_and_refusals_leave_no_trace(folders, tmp_path):
 def test_rows_beyond_limits_are_refused(folders):
     engine = make_engine(folders, max_adapters_per_row=2)
     with pytest.raises(CompositionError, match="limit is 2"):
-        engine.forward_logits(IDS, MASK, [(["a", "b", "c"], [0.3, 0.3, 0.4], Mode.mixture)])
+        engine.forward_logits(IDS, MASK, [Composition.of(Mode.mixture, ["a", "b", "c"], [0.3, 0.3, 0.4])])
     with pytest.raises(CompositionError, match="2 adapters but 1 weights"):
-        engine.forward_logits(IDS, MASK, [(["a", "b"], [1.0], Mode.fusion)])
+        engine.forward_logits(IDS, MASK, [Composition.of(Mode.fusion, ["a", "b"], [1.0])])
     with pytest.raises(CompositionError, match="twice"):
-        engine.forward_logits(IDS, MASK, [(["a", "a"], [0.5, 0.5], Mode.mixture)])
+        engine.forward_logits(IDS, MASK, [Composition.of(Mode.mixture, ["a", "a"], [0.5, 0.5])])
     assert engine.pool.in_use == {}
 
 

@@ -12,7 +12,7 @@ from peft.tuners.lora import LoraLayer
 from peft_adapters import tiny_model, write_peft_adapter
 
 from services.lora.engine import CompositionEngine
-from services.schemas import CompositionMode as Mode
+from services.composition import Composition, CompositionMode as Mode
 
 ATTN, MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 # name -> (rank, alpha, target modules, rslora): ranks 1..64, mixed modules and scalings
@@ -89,31 +89,31 @@ def random_rows(batch: int, k: int, seed: int) -> list[list[str]]:
 def test_selection_equals_peft_mixed_batch(engine, peft_model, batch):
     ids, mask = left_padded_batch([7, 3, 5, 7, 2][:batch])
     chosen = [NAMES[b % len(NAMES)] for b in range(batch - 1)] + ["__base__"]
-    rows = [([name], [1.0], Mode.selection) if name != "__base__" else ([], [], Mode.none) for name in chosen]
+    rows = [Composition.single(name) if name != "__base__" else Composition() for name in chosen]
     ours = engine.forward_logits(ids, mask, rows)
     assert_real_tokens_close(ours, peft_logits(peft_model, ids, mask, chosen), mask)
 
 
 def test_selection_uses_only_the_top_adapter(engine, peft_model):
     ids, mask = left_padded_batch([6, 6])
-    ours = engine.forward_logits(ids, mask, [(["r8", "r1", "r4"], [0.2, 0.3, 0.5], Mode.selection)] * 2)
+    ours = engine.forward_logits(ids, mask, [Composition.of(Mode.selection, ["r8", "r1", "r4"], [0.2, 0.3, 0.5])] * 2)
     assert_real_tokens_close(ours, peft_logits(peft_model, ids, mask, ["r8", "r8"]), mask)
 
 
 def test_adapters_change_the_output(engine, peft_model):
     """Guards the oracle: the adapters must move logits well beyond the tolerance."""
     ids, mask = left_padded_batch([6])
-    base = engine.forward_logits(ids, mask, [([], [], Mode.none)])
+    base = engine.forward_logits(ids, mask, [Composition()])
     for name in NAMES:
-        assert (engine.forward_logits(ids, mask, [([name], [1.0], Mode.selection)]) - base).abs().max() > 1e-2
+        assert (engine.forward_logits(ids, mask, [Composition.of(Mode.selection, [name], [1.0])]) - base).abs().max() > 1e-2
 
 
 def weighted_peft_adapter(peft_model, rows, make) -> list[str]:
     """One PEFT adapter per row, made by `make(name, adapters, weights)`; returns the names."""
     names = []
-    for i, (adapters, weights, _) in enumerate(rows):
+    for i, row in enumerate(rows):
         name = f"combo{len(peft_model.peft_config)}_{i}"
-        make(name, adapters, weights)
+        make(name, list(row.adapters), list(row.weights))
         names.append(name)
     return names
 
@@ -122,7 +122,7 @@ def weighted_peft_adapter(peft_model, rows, make) -> list[str]:
 def test_mixture_equals_weighted_sum_of_peft_adapters(engine, peft_model, batch, k):
     ids, mask = left_padded_batch([5, 2, 5, 4, 3, 5][:batch], seed=batch)
     rng = random.Random(k)
-    rows = [(adapters, [rng.uniform(0.1, 1.0) for _ in adapters], Mode.mixture)
+    rows = [Composition.of(Mode.mixture, adapters, [rng.uniform(0.1, 1.0) for _ in adapters])
             for adapters in random_rows(batch, k, seed=batch * 10 + k)]
     names = weighted_peft_adapter(peft_model, rows, partial(add_cat_adapter, peft_model))
     oracle = peft_logits(peft_model, ids, mask, names)
@@ -140,7 +140,7 @@ def test_mixture_layer_equals_explicit_sum_of_peft_deltas(engine, peft_model):
         deltas = [w * peft_layer.scaling[a] * peft_layer.lora_B[a](peft_layer.lora_A[a](x))
                   for a, w in zip(adapters, weights)]
         expected = peft_layer.base_layer(x) + sum(deltas)
-        with engine.composed([(adapters, weights, Mode.mixture)] * 2):
+        with engine.composed([Composition.of(Mode.mixture, adapters, weights)] * 2):
             ours = engine.model.get_submodule(layer_key)(x)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
@@ -177,7 +177,7 @@ def add_fused_adapter(peft_model, name, adapters, weights):
 def test_fusion_equals_peft_adapter_of_averaged_a_and_b(engine, peft_model, batch, k, same_rank):
     ids, mask = left_padded_batch([4, 6, 2, 6, 5][:batch], seed=k)
     groups = [["r4", "r16"]] * batch if same_rank else random_rows(batch, k, seed=batch + k)
-    rows = [(adapters, [1.0 / len(adapters)] * len(adapters), Mode.fusion) for adapters in groups]
+    rows = [Composition.of(Mode.fusion, adapters) for adapters in groups]  # uniform 1/k
     names = weighted_peft_adapter(peft_model, rows, partial(add_fused_adapter, peft_model))
     oracle = peft_logits(peft_model, ids, mask, names)
     assert_real_tokens_close(engine.forward_logits(ids, mask, rows), oracle, mask)
@@ -185,8 +185,8 @@ def test_fusion_equals_peft_adapter_of_averaged_a_and_b(engine, peft_model, batc
 
 def test_mixed_modes_in_one_batch(engine, peft_model):
     ids, mask = left_padded_batch([5, 3, 5, 4])
-    rows = [(["r1"], [1.0], Mode.selection), (["r4", "r8"], [0.6, 0.4], Mode.mixture),
-            (["r16", "r64"], [0.5, 0.5], Mode.fusion), ([], [], Mode.none)]
+    rows = [Composition.of(Mode.selection, ["r1"], [1.0]), Composition.of(Mode.mixture, ["r4", "r8"], [0.6, 0.4]),
+            Composition.of(Mode.fusion, ["r16", "r64"], [0.5, 0.5]), Composition()]
     names = [
         "r1",
         weighted_peft_adapter(peft_model, [rows[1]], partial(add_cat_adapter, peft_model))[0],
@@ -205,7 +205,7 @@ def test_fast_backends_equal_reference(engine, batch, k, seq):
     ids, mask = left_padded_batch([seq] * batch, seed=batch * k)
     modes = [Mode.mixture, Mode.fusion, Mode.selection, Mode.none]
     rng = random.Random(batch * 100 + k * 10 + seq)
-    rows = [(adapters, [rng.uniform(0.05, 1) for _ in adapters], modes[b % len(modes)])
+    rows = [Composition.of(modes[b % len(modes)], adapters, [rng.uniform(0.05, 1) for _ in adapters])
             for b, adapters in enumerate(random_rows(batch, k, seed=seq))]
     results = {}
     try:

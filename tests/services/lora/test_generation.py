@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from services.lora.engine import CompositionEngine
 from services.lora.generation import GenerationError, GenerationRequest, RowSampler, TextStream
-from services.schemas import CompositionMode as Mode
+from services.composition import Composition, CompositionMode as Mode
 
 VOCAB = 49152  # the SmolLM2 tokenizer's
 ADAPTERS = {"a": (4, ("q_proj", "v_proj", "down_proj")), "b": (16, ("k_proj", "o_proj", "gate_proj", "up_proj"))}
@@ -66,8 +66,8 @@ PROMPTS = [[1, 504, 3287, 30], [77, 9021], [1, 12, 13, 14, 15, 16, 17], [4000]]
 
 def selection_requests(adapters: list[str | None], max_tokens: int) -> list[GenerationRequest]:
     """One row per PROMPTS entry: its adapter selected, or the base model for None."""
-    return [GenerationRequest(prompt_ids=p, adapters=[a] if a else [], weights=[1.0] if a else [],
-                              mode=Mode.selection if a else Mode.none, max_tokens=max_tokens)
+    return [GenerationRequest(prompt_ids=p, composition=Composition.single(a) if a else Composition(),
+                              max_tokens=max_tokens)
             for p, a in zip(PROMPTS, adapters)]
 
 
@@ -104,10 +104,12 @@ def test_fitting_groups_first_fit_within_capacity():
 
 
 def test_sampling_is_reproducible_per_row_seed(engine):
+    mixture = Composition.of(Mode.mixture, ["a", "b"], [0.5, 0.5])
+
     def run(seeds):
         return [r.token_ids for r in engine.generate([
-            GenerationRequest(prompt_ids=[1, 2, 3], adapters=["a", "b"], weights=[0.5, 0.5], max_tokens=8,
-                              temperature=1.5, top_p=0.95, seed=s) for s in seeds])]
+            GenerationRequest(prompt_ids=[1, 2, 3], composition=mixture, max_tokens=8, temperature=1.5, top_p=0.95,
+                              seed=s) for s in seeds])]
     first = run([7, 8, 9])
     assert run([7, 8, 9]) == first
     assert run([7, 42, 9])[0] == first[0]  # a row's draw does not depend on its neighbours
@@ -116,18 +118,18 @@ def test_sampling_is_reproducible_per_row_seed(engine):
 
 def test_top_p_near_zero_is_greedy(engine):
     greedy, nucleus = engine.generate([
-        GenerationRequest(prompt_ids=[5, 6], adapters=["b"], weights=[1.0], max_tokens=6),
-        GenerationRequest(prompt_ids=[5, 6], adapters=["b"], weights=[1.0], max_tokens=6, temperature=1.0,
+        GenerationRequest(prompt_ids=[5, 6], composition=Composition.single("b"), max_tokens=6),
+        GenerationRequest(prompt_ids=[5, 6], composition=Composition.single("b"), max_tokens=6, temperature=1.0,
                           top_p=1e-6, seed=1)])
     assert nucleus.token_ids == greedy.token_ids
 
 
 def test_stop_string_cuts_text_and_streaming_matches(engine):
-    plain = engine.generate([GenerationRequest(prompt_ids=[1, 2], adapters=["a"], weights=[1.0], max_tokens=16)])[0]
+    plain = engine.generate([GenerationRequest(prompt_ids=[1, 2], composition=Composition.single("a"), max_tokens=16)])[0]
     assert plain.finish_reason == "length" and len(plain.token_ids) == 16
     stop = plain.text[len(plain.text) // 2: len(plain.text) // 2 + 2]
     pieces: list[str] = []
-    stopped = engine.generate([GenerationRequest(prompt_ids=[1, 2], adapters=["a"], weights=[1.0], max_tokens=16,
+    stopped = engine.generate([GenerationRequest(prompt_ids=[1, 2], composition=Composition.single("a"), max_tokens=16,
                                                  stop=[stop], on_token=pieces.append)])[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == plain.text[: plain.text.index(stop)]
@@ -150,7 +152,7 @@ def test_bad_requests_are_refused(engine):
     with pytest.raises(GenerationError, match="top_p"):
         engine.generate([GenerationRequest(prompt_ids=[1], top_p=0)])
     with pytest.raises(KeyError, match="not loaded"):
-        engine.generate([GenerationRequest(prompt_ids=[1], adapters=["zzz"], weights=[1.0])])
+        engine.generate([GenerationRequest(prompt_ids=[1], composition=Composition.single("zzz"))])
     assert engine.pool.in_use == {}  # a refused batch holds no adapter
 
 
@@ -159,7 +161,7 @@ def test_from_pretrained_folder_serves_the_same_tokens(engine, folders, tokenize
     tokenizer.save_pretrained(tmp_path)
     loaded = CompositionEngine.from_pretrained(tmp_path, device="auto", dtype="float32", max_adapters_per_row=2)
     loaded.load_adapter("a", folders["a"])
-    request = GenerationRequest(prompt_ids=PROMPTS[0], adapters=["a"], weights=[1.0], max_tokens=6)
+    request = GenerationRequest(prompt_ids=PROMPTS[0], composition=Composition.single("a"), max_tokens=6)
     assert loaded.generate([request])[0].token_ids == engine.generate([request])[0].token_ids
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from services.schemas import CompositionMode, LoraOptions, RetrievalResult, RetrievedAdapter, Weighting
 from services.serving.catalog import AdapterUnavailable, Catalog, canary_bucket
-from services.serving.planner import PlanDefaults, composition_weights, needs_retrieval, plan_composition
+from services.composition import composition_weights
+from services.serving.planner import PlanDefaults, needs_retrieval, plan_composition
 
 DEFAULTS = PlanDefaults(top_k=3, composition=CompositionMode.mixture, weighting=Weighting.uniform,
                         temperature=1.0, min_similarity=0.0)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import redis
 import pytest
 
-from services.tenancy.limits import LimitExceeded, TenantLimiter
-from services.tenancy.tenants import TenantError, TenantLimits, TenantStore, hash_key
+from services.errors import LimitExceeded
+from services.tenancy.limits import TenantLimiter
+from services.tenancy.tenants import TenantError, TenantLimits, TenantStore, UnknownTenant, hash_key
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def test_revoke_rejects_at_once_and_names_are_checked(store):
     k2 = store.issue_key("acme")
     assert store.revoke("acme") == 2
     assert store.authenticate(k1) is None and store.authenticate(k2) is None
-    with pytest.raises(TenantError, match="does not exist"):
+    with pytest.raises(UnknownTenant, match="does not exist"):
         store.revoke("acme")
     with pytest.raises(TenantError, match="must be"):
         store.add("../evil")

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import redis
 
-from cluster.config import AppConfig
-from cluster.errors import UserError
+from services.config import AppConfig, ConfigError, data_home
 
 DEMO_BASE_NAME = "SmolLM2-135M-Instruct"
 
@@ -22,13 +21,11 @@ def redis_client(cfg: AppConfig) -> redis.Redis:
 def base_model_path(cfg: AppConfig) -> Path:
     """The base model folder; 'demo' = the SmolLM2 folder `loraretriever demo build` writes."""
     if cfg.base_model.path == "demo":
-        from cluster.demo.zoo import default_root
-
-        path = default_root() / "base"
+        path = data_home() / "demo" / "base"
     else:
         path = Path(cfg.base_model.path)
     if not (path / "config.json").is_file():
-        raise UserError(f"base model folder {path} has no config.json (for the demo: `loraretriever demo build`)")
+        raise ConfigError(f"base model folder {path} has no config.json (for the demo: `loraretriever demo build`)")
     return path
 
 

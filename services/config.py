@@ -6,6 +6,7 @@ field unknown to it is rejected everywhere.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -13,6 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.retrieval import DEFAULT_INSTRUCTION  # one definition, shared with the embedder
 from services.schemas import CompositionMode, Weighting
+
+
+class ConfigError(ValueError):
+    """A setting that points at something missing or unusable; the CLI prints it as one sentence."""
+
+
+def data_home() -> Path:
+    """Where local state lives: $LORARETRIEVER_HOME, else ~/.cache/loraretriever (the demo zoo under demo/)."""
+    return Path(os.environ.get("LORARETRIEVER_HOME") or Path.home() / ".cache" / "loraretriever")
 
 
 class Section(BaseModel):
@@ -139,6 +149,23 @@ class ServerConfig(Section):
     auth_enabled: bool = Field(True, description="every request needs a tenant API key (Authorization: Bearer)")
 
 
+class RolloutConfig(Section):
+    """Quality gate and automatic canary verdicts (docs/rollout.md)."""
+
+    gate_margin: float = Field(2.0, ge=0, description="a staged version may score at most this many points "
+                               "(0-100 scale) below the active version; it must also beat the base model")
+    gate_max_samples: int = Field(32, ge=1, description="held-out samples scored per version")
+    gate_max_tokens: int = Field(24, ge=1, description="answer length limit when scoring")
+    card_moved_cosine: float = Field(0.9, ge=-1, le=1, description="card centroid cosine with the active "
+                                     "version below this flags that retrieval will route differently")
+    canary_min_requests: int = Field(100, ge=1, description="canary requests before an automatic verdict")
+    canary_alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the verdict's tests")
+    canary_error_floor: float = Field(0.01, ge=0, lt=1, description="error rate a canary may always have")
+    canary_latency_tolerance: float = Field(0.5, ge=0, description="mean latency a canary may add (0.5 = 50%)")
+    metrics_max_versions: int = Field(64, ge=1, description="adapter versions with their own metric labels "
+                                      "per process besides canaries; the rest are counted as '_other'")
+
+
 class AppConfig(Section):
     """Everything `build_app` needs. Every field has a default for a local run."""
 
@@ -151,6 +178,7 @@ class AppConfig(Section):
     composition: CompositionConfig = Field(default_factory=CompositionConfig)
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
 
 def load_config(path: str | Path | None) -> AppConfig:

@@ -1,0 +1,262 @@
+"""The request pipeline of the HTTP API: authenticate -> admit -> plan (retrieve) -> compose -> format.
+
+No Ray here: the retriever and composer calls are injected (the Ingress passes Serve handle calls,
+the unit tests pass plain functions), so the whole path runs in a test. One `RequestScope` per
+generation request holds its tenant lease, its token usage and its outcome, and is closed exactly
+once: by the pipeline for a JSON answer, by the event stream when a streamed answer ends or the
+client goes away.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+
+from services.errors import InvalidRequest, LimitExceeded, NotAuthenticated, ServiceError, TimedOut
+from services.schemas import ChatCompletionRequest, CompletionRequest, CompositionPlan, LoraOptions, RetrievalResult
+from services.serving import openai_format as fmt
+from services.serving.catalog import Catalog
+from services.serving.composer_service import ComposeJob
+from services.serving.planner import PlanDefaults, needs_retrieval, plan_composition
+from services.tenancy.gate import TenantGate
+from services.tenancy.limits import Lease
+from services.tenancy.tenants import Tenant
+
+log = logging.getLogger("ray.serve")
+
+# retrieve(text, *, top_k, exclude, min_similarity, tenant) -> a RetrievalResult as a dict
+RetrieveFn = Callable[..., Awaitable[dict]]
+# compose(job) -> the composer's GenerationResult as a dict
+ComposeFn = Callable[[ComposeJob], Awaitable[dict]]
+# stream(job) -> text pieces (str), then the GenerationResult dict; a part lost midway raises
+StreamFn = Callable[[ComposeJob], AsyncIterator[Any]]
+
+
+class Metrics(Protocol):
+    """What the pipeline reports (deployments/metrics.py exports it through Ray Serve)."""
+
+    def observe_retrieval(self, seconds: float, top1_score: float | None) -> None: ...
+    def observe_request(self, tenant: str | None, composition: str, adapters: int, status: int) -> None: ...
+    def observe_rejection(self, tenant: str | None, reason: str) -> None: ...
+    def observe_ttft(self, seconds: float) -> None: ...
+    def observe_versions(self, plans: list[CompositionPlan], status: int, seconds: float) -> None: ...
+
+
+@dataclass
+class JsonReply:
+    body: dict
+    headers: dict[str, str]
+
+
+@dataclass
+class StreamReply:
+    events: AsyncIterator[str]  # server-sent events, ending with [DONE]
+
+
+@dataclass
+class RequestScope:
+    """One generation request's lease, usage and outcome; `close` releases and records them once."""
+
+    gate: TenantGate
+    metrics: Metrics
+    tenant: Tenant | None
+    lease: Lease | None
+    started: float = field(default_factory=time.perf_counter)
+    plans: list[CompositionPlan] = field(default_factory=list)
+    status: int = 500  # until an answer or an error says otherwise
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    closed: bool = False
+
+    def count(self, result: dict) -> None:
+        self.prompt_tokens += result["prompt_tokens"]
+        self.completion_tokens += result["completion_tokens"]
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.gate.finish(self.tenant, self.lease, requests=1, prompt_tokens=self.prompt_tokens,
+                         completion_tokens=self.completion_tokens)
+        plans = self.plans
+        self.metrics.observe_request(tenant_name(self.tenant), plans[0].composition.value if plans else UNPLANNED,
+                                     max((len(p.adapters) for p in plans), default=0), self.status)
+        self.metrics.observe_versions(plans, self.status, time.perf_counter() - self.started)  # canary verdicts too
+
+
+UNPLANNED = "unplanned"  # the composition label of a request that failed before planning
+
+
+def tenant_name(tenant: Tenant | None) -> str | None:
+    return tenant.name if tenant else None
+
+
+def checked(fn):
+    """Call a schema method whose ValueError means a bad request."""
+    try:
+        return fn()
+    except ValueError as err:
+        raise InvalidRequest(str(err)) from err
+
+
+class RequestPipeline:
+    def __init__(self, *, gate: TenantGate, catalog, retrieve: RetrieveFn, compose: ComposeFn, stream: StreamFn,
+                 metrics: Metrics, status_of: Callable[[ServiceError], int], defaults: PlanDefaults,
+                 base_model_id: str, max_tokens_limit: int, request_timeout_s: float):
+        """catalog: has get() -> Catalog (one registry snapshot); status_of: the HTTP status of an error."""
+        self.gate, self.catalog, self.metrics, self.status_of = gate, catalog, metrics, status_of
+        self._retrieve_call, self._compose, self._stream = retrieve, compose, stream
+        self.defaults, self.base_model_id = defaults, base_model_id
+        self.max_tokens_limit, self.request_timeout_s = max_tokens_limit, request_timeout_s
+
+    # ---- the door --------------------------------------------------------
+    def authenticate(self, authorization: str | None) -> Tenant | None:
+        try:
+            return self.gate.authenticate(authorization)
+        except NotAuthenticated:
+            self.metrics.observe_rejection(None, "unauthorized")
+            raise
+
+    def _admit(self, tenant: Tenant | None, request_id: str, max_tokens: int) -> Lease | None:
+        try:
+            return self.gate.admit(tenant, request_id, max_tokens)
+        except LimitExceeded:
+            self.metrics.observe_rejection(tenant_name(tenant), "limited")
+            raise
+
+    # ---- endpoints -------------------------------------------------------
+    def models(self, tenant: Tenant | None) -> dict:
+        return fmt.models_body(self.base_model_id, self.catalog.get().visible(tenant_name(tenant)))
+
+    async def retrieve(self, prompts: list[str], opts: LoraOptions, tenant: Tenant | None) -> list[dict]:
+        return await self._timed(asyncio.gather(*(self._retrieve(p, opts, tenant_name(tenant)) for p in prompts)))
+
+    async def complete(self, body: CompletionRequest, tenant: Tenant | None, request_id: str) -> JsonReply | StreamReply:
+        prompts = checked(body.prompts)
+        return await self._generate(body, tenant, request_id, [{"prompt": p} for p in prompts], prompts, chat=False)
+
+    async def chat(self, body: ChatCompletionRequest, tenant: Tenant | None, request_id: str) -> JsonReply | StreamReply:
+        text = checked(body.retrieval_text)
+        return await self._generate(body, tenant, request_id, [{"messages": body.messages}], [text], chat=True)
+
+    # ---- generation ------------------------------------------------------
+    async def _generate(self, body, tenant: Tenant | None, request_id: str, inputs: list[dict], texts: list[str], *,
+                        chat: bool) -> JsonReply | StreamReply:
+        stops = checked(body.stop_list)
+        if body.max_tokens > self.max_tokens_limit:
+            raise InvalidRequest(f"max_tokens may be at most {self.max_tokens_limit}", param="max_tokens")
+        scope = RequestScope(self.gate, self.metrics, tenant, self._admit(tenant, request_id, body.max_tokens))
+        handed_to_stream = False
+        try:
+            catalog = self.catalog.get()  # one snapshot per request: one version per adapter throughout
+            scope.plans = await self._timed(asyncio.gather(
+                *(self._plan(body.model, body.lora, text, request_id, catalog, tenant_name(tenant)) for text in texts)))
+            planned = time.perf_counter()
+            jobs = [ComposeJob(request_id=request_id, plan=plan, max_tokens=body.max_tokens,
+                               temperature=body.temperature, top_p=body.top_p, stop=stops, seed=body.seed, **inp)
+                    for inp, plan in zip(inputs, scope.plans)]
+            if body.stream:
+                streams = [self._stream(job) for job in jobs]
+                try:
+                    firsts = await self._timed(asyncio.gather(*(anext(s) for s in streams)))
+                except BaseException:
+                    await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+                    raise
+                self.metrics.observe_ttft(time.perf_counter() - scope.started)
+                scope.status, handed_to_stream = 200, True
+                return StreamReply(self._events(request_id, body.model, streams, firsts, scope, chat))
+            results = await self._timed(asyncio.gather(*(self._compose(job) for job in jobs)))
+            for result in results:
+                scope.count(result)
+            reply = fmt.completion_body(request_id, body.model, results, scope.plans, chat=chat)
+            self._log_request(request_id, scope)
+            scope.status = 200
+            timing = fmt.server_timing(plan_s=planned - scope.started, total_s=time.perf_counter() - scope.started,
+                                       results=results)
+            return JsonReply(reply, {"Server-Timing": timing})
+        except ServiceError as err:
+            scope.status = self.status_of(err)
+            raise
+        finally:
+            if not handed_to_stream:
+                scope.close()
+
+    async def _events(self, request_id: str, model: str, streams: list[AsyncIterator], firsts: list,
+                      scope: RequestScope, chat: bool) -> AsyncIterator[str]:
+        """Interleave the prompts' streams as OpenAI chunks; each choice's first chunk names its
+        adapters. Closing this generator early (the client went away) stops the streams."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, stream: AsyncIterator, first) -> None:
+            try:
+                await queue.put((i, first))
+                async for item in stream:
+                    await queue.put((i, item))
+            except Exception as err:
+                await queue.put((i, err))
+            await queue.put((i, None))
+
+        tasks = [asyncio.ensure_future(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
+        started, open_streams = set(), len(streams)
+        deadline = time.monotonic() + self.request_timeout_s
+        try:
+            while open_streams:
+                i, item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+                plan = None if i in started else scope.plans[i]
+                if item is None:
+                    open_streams -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    yield f"data: {json.dumps(fmt.error_body(str(item)[:500], type='server_error'))}\n\n"
+                    continue
+                if isinstance(item, str):
+                    yield fmt.stream_chunk(request_id, model, i, chat=chat, text=item, plan=plan, first=plan is not None)
+                else:
+                    scope.count(item)
+                    yield fmt.stream_chunk(request_id, model, i, chat=chat, finish_reason=item["finish_reason"],
+                                           plan=plan, first=plan is not None)
+                started.add(i)
+            yield fmt.STREAM_DONE
+        except asyncio.TimeoutError:
+            yield f"data: {json.dumps(fmt.error_body('request timed out', type='timeout_error'))}\n\n"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            scope.close()
+
+    # ---- planning --------------------------------------------------------
+    async def _plan(self, model: str, opts: LoraOptions, text: str, request_id: str, catalog: Catalog,
+                    tenant: str | None) -> CompositionPlan:
+        retrieved = None
+        if needs_retrieval(model, opts):
+            retrieved = RetrievalResult.model_validate(await self._retrieve(text, opts, tenant))
+        return plan_composition(model=model, base_model_id=self.base_model_id, opts=opts, defaults=self.defaults,
+                                catalog=catalog, tenant=tenant, request_id=request_id, retrieved=retrieved)
+
+    async def _retrieve(self, text: str, opts: LoraOptions, tenant: str | None) -> dict:
+        min_sim = opts.min_similarity if opts.min_similarity is not None else self.defaults.min_similarity
+        started = time.perf_counter()
+        result = await self._retrieve_call(text, top_k=opts.top_k or self.defaults.top_k, exclude=list(opts.exclude),
+                                           min_similarity=min_sim, tenant=tenant)
+        self.metrics.observe_retrieval(time.perf_counter() - started,
+                                       result["adapters"][0]["score"] if result["adapters"] else None)
+        return result
+
+    async def _timed(self, awaitable):
+        try:
+            return await asyncio.wait_for(awaitable, self.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise TimedOut(f"no answer within {self.request_timeout_s:g} s") from None
+
+    @staticmethod
+    def _log_request(request_id: str, scope: RequestScope) -> None:
+        log.info(json.dumps({
+            "event": "request", "request_id": request_id, "tenant": tenant_name(scope.tenant),
+            "adapters": [p.keys() for p in scope.plans], "composition": [p.composition.value for p in scope.plans],
+            "completion_tokens": scope.completion_tokens,
+            "seconds": round(time.perf_counter() - scope.started, 4),
+        }))
