@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from services.config import AppConfig
+from services.config import AppConfig, data_home
 from cluster.errors import UserError
 from cluster.local_ray import RAY_HOME, init_local_ray
 from cluster.redis_server import RedisServer
@@ -51,6 +51,7 @@ class LocalCluster:
     # ---- start -----------------------------------------------------------
     def start(self) -> None:
         self._start_redis()
+        self._reconcile_store()
         self._ensure_admin_key()
         if self.demo:
             self._start_demo_build()
@@ -77,9 +78,29 @@ class LocalCluster:
         parsed = urlparse(self.cfg.redis.url)
         if parsed.hostname not in ("127.0.0.1", "localhost"):
             raise UserError(f"redis.start_local needs a loopback redis.url, not {self.cfg.redis.url}")
-        data_dir = RAY_HOME.parent / "redis"
+        data_dir = data_home() / "redis"  # append-only file here: state survives `down` and `up`
         self.redis = RedisServer(port=parsed.port or 6379, data_dir=data_dir).start()
         log.info("redis-server on %s", self.redis.url)
+
+    def _reconcile_store(self) -> None:
+        """Make the adapter store agree with the registry before anything serves: version folders
+        the registry does not know (left by a Redis that lost its data, or an add cut short) are
+        deleted, so version numbers continue from what the registry knows instead of drifting.
+        Only with the Redis `up` owns: nobody else adds versions then."""
+        if self.redis is None:
+            return
+        from services.registry.registry import AdapterRegistry
+        from services.registry.store import AdapterStore
+        from services.wiring import redis_client
+
+        registry = AdapterRegistry(redis_client(self.cfg), AdapterStore(self.cfg.adapter_store.path), base_model="")
+        deleted = registry.collect_garbage(min_age_s=0)
+        if deleted:
+            log.info("deleted adapter files the registry does not know: %s", ", ".join(deleted))
+        missing = registry.missing_files()
+        if missing:
+            log.warning("registered versions without files in the adapter store (retire them with "
+                        "`loraretriever adapters retire NAME@VERSION`): %s", ", ".join(missing))
 
     def _ensure_admin_key(self) -> None:
         """An admin key for the operator commands: the env var's, else one kept (0600) in the home."""

@@ -1,6 +1,8 @@
 """A redis-server process owned by the caller (local runs and tests).
 
-Binds 127.0.0.1 only; persistence off unless a directory is given.
+Binds 127.0.0.1 only. Given a data directory, it keeps its data there with append-only
+persistence (every write logged, fsync once a second, replayed at the next start), so a
+stop and start keeps tenants, keys, adapters and audit logs; without one it persists nothing.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ class RedisServer:
         config = f"requirepass {self.password}\n" if self.password else ""
         self.proc = subprocess.Popen(
             [binary, "-", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
-             "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
+             "--save", "", "--appendonly", "no" if self._owns_dir else "yes", "--appendfsync", "everysec",
+             "--protected-mode", "yes"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         self.proc.stdin.write(config.encode())
@@ -65,6 +68,7 @@ class RedisServer:
         return redis.Redis.from_url(self.url, password=self.password, **kwargs)
 
     def stop(self) -> None:
+        """SIGTERM: redis-server flushes its append-only file before it exits."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -38,13 +38,38 @@ def collect_status(cfg: AppConfig) -> dict:
         "serve": serve_status(cfg),
         "adapters": [
             {"name": r.name, "active": r.active_version, "versions": sorted(r.versions), "domain": r.domain,
-             "visibility": r.visibility, "owner": r.owner_tenant,
-             "canary": r.canary.model_dump() if r.canary else None}
+             "visibility": r.visibility, "owner": r.owner_tenant, "canary": canary_state(registry, r),
+             "last_verdict": r.last_verdict}
             for r in records
         ],
         "placement": {rid: {"resident": s.resident, "queue_len": s.queue_len, "hit_rate": hit_rate(s.pool),
                             "seen_s_ago": round(time.time() - s.last_seen, 1)} for rid, s in placement.items()},
     }
+
+
+def canary_state(registry, record) -> dict | None:
+    """The canary, and for an automatic one its counts per arm so far (docs/rollout.md)."""
+    from services.rollout.canary import progress
+
+    if record.canary is None:
+        return None
+    state = record.canary.model_dump(mode="json")
+    if record.canary.auto:
+        arms = progress(registry.r, record.name, record.canary.version)
+        state["arms"] = {arm: {"requests": a.requests, "errors": a.errors} for arm, a in arms.items()}
+    return state
+
+
+def render_canary(canary: dict | None) -> str:
+    if canary is None:
+        return ""
+    text = f" canary {canary['version']}@{canary['percent']}%"
+    if canary.get("auto"):
+        arms = canary.get("arms", {})
+        c, a = arms.get("canary", {}), arms.get("active", {})
+        text += (f" auto: {c.get('requests', 0)}/{canary['min_requests']} requests, {c.get('errors', 0)} errors"
+                 f" (active {a.get('errors', 0)}/{a.get('requests', 0)})")
+    return text
 
 
 def hit_rate(pool: dict) -> float | None:
@@ -66,9 +91,11 @@ def render_status(report: dict) -> str:
             lines.append(f"  composer {c['replica_id']}: queue {c['queue_len']}, pool {c['pool']}")
     lines.append(f"Adapters ({len(report['adapters'])}):")
     for a in report["adapters"]:
-        canary = f" canary {a['canary']['version']}@{a['canary']['percent']}%" if a["canary"] else ""
         lines.append(f"  {a['name']:<24} active {a['active']!s:<6} versions {','.join(a['versions'])}"
-                     f" {a['visibility']}{' of ' + a['owner'] if a['owner'] else ''} [{a['domain']}]{canary}")
+                     f" {a['visibility']}{' of ' + a['owner'] if a['owner'] else ''} [{a['domain']}]"
+                     f"{render_canary(a['canary'])}")
+        if a.get("last_verdict"):
+            lines.append(f"  {'':<24} last canary verdict: {a['last_verdict']}")
     lines.append(f"Placement ({len(report['placement'])} composer replicas):")
     for rid, p in report["placement"].items():
         rate = "-" if p["hit_rate"] is None else f"{p['hit_rate']:.0%}"

@@ -126,9 +126,8 @@ class AdminService:
         embeddings = await self.embed([s.inputs for s in card.sample])
         with tempfile.TemporaryDirectory(prefix="lr-upload-") as tmp:
             src = Path(body.path) if body.path else self._unpack_upload(body.files, Path(tmp))
-            version = self._registry_call(
-                self.registry.add_version, body.name, src, card, embeddings, tenant=body.tenant,
-                visibility=body.visibility, activate=body.activate, actor=actor)
+            version = self.registry.add_version(body.name, src, card, embeddings, tenant=body.tenant,
+                                                visibility=body.visibility, activate=body.activate, actor=actor)
         out = version.model_dump(mode="json", exclude={"card"})
         if not body.activate and self.answers is not None:
             report = await self._quality_gate(body.name, version.version, evaluation, source)
@@ -137,17 +136,17 @@ class AdminService:
 
     async def _quality_gate(self, name: str, version: str, evaluation: GateSamples, source: str):
         """Score a staged version against the active one and the base model; stored with the version."""
-        record = self._registry_call(self.registry.get, name)
+        record = self.registry.get(name)
         active = record.active_version
         cosine = None
         if active is not None:
-            cosine = centroid_cosine(self._registry_call(self.registry.card_embeddings, name, version),
-                                     self._registry_call(self.registry.card_embeddings, name, active))
+            cosine = centroid_cosine(self.registry.card_embeddings(name, version),
+                                     self.registry.card_embeddings(name, active))
         cfg = self.rollout
         report = await run_gate(self.answers, name=name, version=version, active_version=active,
                                 evaluation=evaluation, source=source, margin=cfg.gate_margin,
                                 max_samples=cfg.gate_max_samples, cosine=cosine, moved_below=cfg.card_moved_cosine)
-        self._registry_call(self.registry.set_quality, name, version, report)
+        self.registry.set_quality(name, version, report)
         return report
 
     @staticmethod
@@ -168,36 +167,36 @@ class AdminService:
 
     async def promote(self, name: str, body: PromoteRequest, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
-        self._registry_call(self.registry.activate, name, body.version, actor=actor, force=body.force)
+        self.registry.activate(name, body.version, actor=actor, force=body.force)
         return {"name": name, "active_version": body.version}
 
     async def canary(self, name: str, body: CanaryRequest, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
         min_requests = (body.min_requests or self.rollout.canary_min_requests) if body.auto else None
-        self._registry_call(canary_stats.reset, self.registry.r, name, body.version)
-        record = self._registry_call(self.registry.set_canary, name, body.version, body.percent, actor=actor,
-                                     auto=body.auto, min_requests=min_requests, force=body.force)
+        canary_stats.reset(self.registry.r, name, body.version)
+        record = self.registry.set_canary(name, body.version, body.percent, actor=actor, auto=body.auto,
+                                          min_requests=min_requests, force=body.force)
         return {"name": name, "canary": record.canary.model_dump(mode="json")}
 
     async def clear_canary(self, name: str, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
-        self._registry_call(self.registry.clear_canary, name, actor=actor)
+        self.registry.clear_canary(name, actor=actor)
         return {"name": name, "canary": None}
 
     async def set_visibility(self, name: str, body: VisibilityRequest, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
-        record = self._registry_call(self.registry.set_visibility, name, body.visibility, body.tenant, actor=actor)
+        record = self.registry.set_visibility(name, body.visibility, body.tenant, actor=actor)
         return {"name": name, "visibility": record.visibility, "owner_tenant": record.owner_tenant}
 
     async def retire_version(self, name: str, version: str, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
-        record = self._registry_call(self.registry.retire_version, name, version, actor=actor)
+        record = self.registry.retire_version(name, version, actor=actor)
         return {"name": name, "retired_version": version, "versions": sorted(record.versions)}
 
     async def collect_garbage(self, authorization: str | None) -> dict:
         """Delete store folders of retired versions that no composer replica holds."""
         self.require_admin(authorization)
-        return {"deleted": self._registry_call(self.registry.collect_garbage_unheld)}
+        return {"deleted": self.registry.collect_garbage_unheld()}
 
     async def rollback(self, name: str, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)

@@ -22,3 +22,15 @@ def test_render_shows_serve_adapters_and_placement():
     r1, r2 = (line for line in text.splitlines() if line.lstrip().startswith(("r1", "r2")))
     assert "hit rate 90%" in r1 and "add@v2" in r1
     assert "hit rate -" in r2 and r2.rstrip().endswith("resident: -")
+
+
+def test_render_shows_an_automatic_canary_progress_and_the_last_verdict():
+    canary = {"version": "v4", "percent": 20.0, "auto": True, "min_requests": 50,
+              "arms": {"canary": {"requests": 12, "errors": 1}, "active": {"requests": 40, "errors": 0}}}
+    report = {"serve": {"error": "no cluster"}, "placement": {},
+              "adapters": [{"name": "add", "active": "v3", "versions": ["v3", "v4"], "domain": "arithmetic",
+                            "visibility": "shared", "owner": None, "canary": canary,
+                            "last_verdict": "v3 promoted: errors 0/50"}]}
+    text = render_status(report)
+    assert "canary v4@20.0% auto: 12/50 requests, 1 errors (active 0/40)" in text
+    assert "last canary verdict: v3 promoted: errors 0/50" in text
