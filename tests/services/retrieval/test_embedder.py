@@ -1,4 +1,4 @@
-"""Embedder against plain transformers mean pooling (the oracle), instruction handling, errors."""
+"""Embedder backends against plain transformers mean pooling (the oracle), instruction handling, errors."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,14 +7,14 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from services.retrieval import DEFAULT_INSTRUCTION
-from services.retrieval.embedder import Embedder, EmbedderLoadError, packaged_model_path
+from services.retrieval.embedder import BACKENDS, Embedder, EmbedderLoadError, packaged_model_path
 
 
-def mean_pooled(texts: list[str]) -> np.ndarray:
+def mean_pooled(texts: list[str], max_length: int = 256) -> np.ndarray:
     """all-MiniLM-L6-v2's recipe written directly: masked mean of token states, L2-normalised."""
     tok = AutoTokenizer.from_pretrained(packaged_model_path())
     model = AutoModel.from_pretrained(packaged_model_path()).eval()
-    batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    batch = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     with torch.no_grad():
         states = model(**batch).last_hidden_state  # (n, tokens, dim)
     mask = batch["attention_mask"].unsqueeze(-1).float()  # (n, tokens, 1)
@@ -22,23 +22,65 @@ def mean_pooled(texts: list[str]) -> np.ndarray:
     return torch.nn.functional.normalize(pooled, dim=-1).numpy()
 
 
-def test_encode_matches_mean_pooling_with_the_instruction_prefixed(embedder):
-    texts = ["Reverse the word: lamp", "What is 3 plus 4? Please answer quickly, with a number only."]
-    out = embedder.encode(texts)
-    assert out.shape == (2, embedder.dim) and out.dtype == np.float32 and embedder.dim == 384
-    np.testing.assert_allclose(out, mean_pooled([DEFAULT_INSTRUCTION + t for t in texts]), atol=1e-5)
+TEXTS = ["Reverse the word: lamp", "What is 3 plus 4? Please answer quickly, with a number only.", "hi",
+         "Translate to German: the teacher works in the city every day. " * 3,
+         "Anna was reading a book in the park. " * 60 + "Question: what was Anna doing?"]  # past 256 tokens
 
 
-def test_instruction_is_configurable_and_may_be_empty(embedder):
-    bare = Embedder(instruction="")
+@pytest.fixture(scope="module")
+def reference(embedder_of):
+    return embedder_of("torch")
+
+
+@pytest.fixture(scope="module")
+def embedder_of():
+    made = {}
+    return lambda backend, **kw: made.setdefault((backend, *sorted(kw.items())), Embedder(backend=backend, **kw))
+
+
+def test_torch_backend_matches_mean_pooling_with_the_instruction_prefixed(reference):
+    out = reference.encode(TEXTS)
+    assert out.shape == (len(TEXTS), reference.dim) and out.dtype == np.float32 and reference.dim == 384
+    np.testing.assert_allclose(out, mean_pooled([DEFAULT_INSTRUCTION + t for t in TEXTS]), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,min_cosine", [("onnx", 0.9999), ("onnx-int8", 0.99)])
+def test_onnx_backends_agree_with_the_oracle_sentence_by_sentence(embedder_of, backend, min_cosine):
+    out = embedder_of(backend).encode(TEXTS)
+    assert out.shape == (len(TEXTS), 384) and out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    cosine = (out * mean_pooled([DEFAULT_INSTRUCTION + t for t in TEXTS])).sum(1)  # rows are unit length
+    assert cosine.min() > min_cosine, cosine
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_seq_length_truncates_like_the_oracle(embedder_of, backend):
+    out = embedder_of(backend, max_seq_length=32).encode(TEXTS)
+    cosine = (out * mean_pooled([DEFAULT_INSTRUCTION + t for t in TEXTS], max_length=32)).sum(1)
+    assert cosine.min() > 0.99, cosine
+    assert embedder_of(backend, max_seq_length=4096).max_seq_length == 256  # the model's own limit
+
+
+def test_the_onnx_export_is_cached_and_reused(embedder_of, tmp_path, monkeypatch):
+    from services.retrieval import onnx_encoder
+
+    embedder_of("onnx-int8")  # exported before, under the data home
+    monkeypatch.setattr(onnx_encoder, "export_onnx", lambda *a: pytest.fail("exported a second time"))
+    monkeypatch.setattr(onnx_encoder, "quantize_int8", lambda *a: pytest.fail("quantized a second time"))
+    assert Embedder(backend="onnx-int8").encode(["hello"]).shape == (1, 384)
+
+
+def test_instruction_is_configurable_and_may_be_empty(reference):
+    bare = Embedder(instruction="", backend="torch")
     np.testing.assert_allclose(bare.encode(["hello"]), mean_pooled(["hello"]), atol=1e-5)
-    assert not np.allclose(bare.encode(["hello"]), embedder.encode(["hello"]), atol=1e-3)
+    assert not np.allclose(bare.encode(["hello"]), reference.encode(["hello"]), atol=1e-3)
 
 
-def test_batching_does_not_change_the_vectors(embedder):
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_batching_does_not_change_the_vectors(embedder_of, backend):
     texts = [f"sentence number {i} about {w}" for i, w in enumerate(["cats", "rivers", "taxes", "music", "rain"])]
-    small = Embedder(batch_size=2)
-    np.testing.assert_allclose(small.encode(texts), embedder.encode(texts), atol=1e-5)
+    small = Embedder(batch_size=2, backend=backend)
+    np.testing.assert_allclose(small.encode(texts), embedder_of(backend).encode(texts), atol=1e-5)
 
 
 def test_empty_input_and_bad_arguments(embedder, tmp_path):
@@ -49,3 +91,19 @@ def test_empty_input_and_bad_arguments(embedder, tmp_path):
         Embedder(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="batch_size"):
         Embedder(batch_size=0)
+    with pytest.raises(EmbedderLoadError, match="backend must be one of"):
+        Embedder(backend="tensorrt")
+    with pytest.raises(EmbedderLoadError, match="threads"):
+        Embedder(threads=0)
+
+
+def test_onnx_backends_refuse_a_model_that_is_not_mean_pooled(tmp_path):
+    import shutil
+
+    folder = tmp_path / "cls"
+    shutil.copytree(packaged_model_path(), folder)
+    config = folder / "1_Pooling" / "config.json"
+    config.write_text(config.read_text().replace('"pooling_mode_mean_tokens": true', '"pooling_mode_mean_tokens": false')
+                      .replace('"pooling_mode_cls_token": false', '"pooling_mode_cls_token": true'))
+    with pytest.raises(EmbedderLoadError, match="mean Pooling"):
+        Embedder(str(folder), backend="onnx")

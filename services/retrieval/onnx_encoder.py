@@ -1,0 +1,146 @@
+"""A sentence-transformers mean-pooling model run by ONNX Runtime: exported once, cached, optionally int8.
+
+The export traces the PyTorch model with its pooling and L2 normalisation inside the graph, so
+the runtime only tokenizes and runs one session. Exports are cached under the data home, keyed
+by a hash of the model folder's files, so replicas and tests reuse them; a write goes to a
+temporary file renamed into place, so concurrent exporters never expose a half-written model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+# Bump when the exported graph or the quantization recipe changes: old cache entries are ignored.
+EXPORT_VERSION = "1"
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class OnnxExportError(ValueError):
+    """A model folder the ONNX path cannot serve (not a mean-pooled, normalised BERT-style model)."""
+
+
+def model_digest(model_path: str) -> str:
+    """Content hash of every file of the model folder (a retrained model in the same folder gets a new key)."""
+    h = hashlib.sha256(EXPORT_VERSION.encode())
+    for f in sorted(p for p in Path(model_path).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(model_path)).encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def check_mean_pooled(model_path: str) -> None:
+    """The graph hard-codes mean pooling and normalisation: refuse folders that say otherwise."""
+    modules = json.loads((Path(model_path) / "modules.json").read_text()) if (Path(model_path) / "modules.json").is_file() else []
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+    pooling = next((m for m in modules if m.get("type", "").endswith("Pooling")), None)
+    mean = pooling is not None and json.loads((Path(model_path) / pooling["path"] / "config.json").read_text()).get(
+        "pooling_mode_mean_tokens", False)
+    if kinds[:1] != ["Transformer"] or not mean or "Normalize" not in kinds or len(kinds) != 3:
+        raise OnnxExportError(f"{model_path}: the ONNX backends serve Transformer + mean Pooling + Normalize models "
+                              f"only (found {kinds or 'no modules.json'}); use embedder.backend: torch")
+
+
+def export_onnx(model_path: str, out: Path) -> None:
+    """Trace the model, mean pooling and normalisation into `out` (float32, dynamic batch and length)."""
+    import torch
+    from transformers import AutoModel
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            states = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                token_type_ids=token_type_ids).last_hidden_state  # (n, tokens, dim)
+            mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (n, tokens, 1)
+            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (n, dim)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    model = Pooled(AutoModel.from_pretrained(model_path, local_files_only=True).eval())
+    example = torch.ones((2, 8), dtype=torch.long)
+    axes = {name: {0: "batch", 1: "tokens"} for name in _INPUTS}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches: shapes stay dynamic
+        torch.onnx.export(model, (example, example, torch.zeros_like(example)), str(out), input_names=list(_INPUTS),
+                          output_names=["embedding"], dynamic_axes={**axes, "embedding": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+
+
+def quantize_int8(src: Path, out: Path) -> None:
+    """Dynamic int8 (per-channel weights, activations quantized per call) of the weight MatMuls.
+
+    The feed-forward output projections stay float: their inputs (after GELU) carry outliers that a
+    per-tensor activation scale flattens; quantizing them too drops the cosine to the float model
+    below 0.99 for some sentences, while leaving them float keeps every sentence above 0.99.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    names = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "MatMul"]
+    keep_float = [n for n in names if n.endswith("/output/dense/MatMul") and "/attention/" not in n]
+    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_float)
+
+
+def cached_onnx_model(model_path: str, int8: bool, cache_dir: Path) -> Path:
+    """The exported (and quantized) model file, made on first use and reused after."""
+    folder = cache_dir / f"{Path(model_path).name}-{model_digest(model_path)}"
+    fp32, q8 = folder / "model.onnx", folder / "model-int8.onnx"
+    target = q8 if int8 else fp32
+    if target.is_file():
+        return target
+    check_mean_pooled(model_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not fp32.is_file():
+        _write_atomically(fp32, lambda tmp: export_onnx(model_path, tmp))
+    if int8 and not q8.is_file():
+        _write_atomically(q8, lambda tmp: quantize_int8(fp32, tmp))
+    return target
+
+
+def _write_atomically(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; other users' replicas read the cache too
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+class OnnxEncoder:
+    """Tokenize (truncated to max_seq_length) and run the exported graph; rows come out L2-normalised."""
+
+    def __init__(self, model_file: Path, tokenizer_file: Path, max_seq_length: int, threads: int | None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.tokenizer.enable_truncation(max_seq_length)
+        self.tokenizer.no_padding()
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """(n, dim) float32 for one batch, padded to its longest text."""
+        encodings = self.tokenizer.encode_batch(texts)
+        width = max(len(e.ids) for e in encodings)
+        feed = {name: np.zeros((len(texts), width), dtype=np.int64) for name in _INPUTS}  # (n, tokens) each
+        for row, e in enumerate(encodings):  # pad id 0, mask 0: padding adds nothing to the mean
+            feed["input_ids"][row, :len(e.ids)] = e.ids
+            feed["attention_mask"][row, :len(e.ids)] = 1
+            feed["token_type_ids"][row, :len(e.ids)] = e.type_ids
+        return self.session.run(None, feed)[0]
