@@ -32,6 +32,20 @@ from services.tenancy.tenants import TenantStore
 from services.wiring import base_model_name, make_registry, redis_client
 
 
+def http_reply(reply) -> JSONResponse | StreamingResponse:
+    if isinstance(reply, JsonReply):
+        return JSONResponse(reply.body, headers=reply.headers)
+    return StreamingResponse(reply.events, media_type="text/event-stream")
+
+
+def request_id(request: Request) -> str:
+    """Serve's id for this request: the client's X-Request-Id if it sent one, else generated.
+    Serve's proxy echoes it in the response header; we carry it to logs and composers."""
+    return _get_serve_request_context().request_id or request.headers.get(REQUEST_ID_HEADER) or (
+        f"req-{uuid.uuid4().hex}")
+
+
+# Helpers above stand before the class: Serve wraps the routes while this module is still executing.
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
@@ -178,15 +192,3 @@ class Ingress:
     async def admin_usage(self, name: str, request: Request) -> dict:
         return await self.admin.usage(name, request.headers.get("authorization"))
 
-
-def http_reply(reply) -> JSONResponse | StreamingResponse:
-    if isinstance(reply, JsonReply):
-        return JSONResponse(reply.body, headers=reply.headers)
-    return StreamingResponse(reply.events, media_type="text/event-stream")
-
-
-def request_id(request: Request) -> str:
-    """Serve's id for this request: the client's X-Request-Id if it sent one, else generated.
-    Serve's proxy echoes it in the response header; we carry it to logs and composers."""
-    return _get_serve_request_context().request_id or request.headers.get(REQUEST_ID_HEADER) or (
-        f"req-{uuid.uuid4().hex}")

@@ -59,6 +59,10 @@ class AdapterPool:
                          "disk_reloads": 0, "load_seconds": 0.0}
         self.lock = threading.RLock()
 
+    # Every public method takes self.lock (an RLock: they call each other); the `_` helpers below
+    # them assume the caller holds it. The lock guards bookkeeping only and is never held across
+    # a forward pass: the engine's device_lock (taken first, never inside this one) does that.
+
     # -- CPU tier ---------------------------------------------------------
     def add(self, key: str, weights: LoraAdapterWeights, path: Path) -> None:
         """Register an adapter (replacing one of the same key that no batch uses)."""
@@ -67,7 +71,7 @@ class AdapterPool:
                 self.remove(key)
             self.paths[key] = Path(path)
             self.cpu[key] = weights
-            self.trim_cpu_tier()
+            self._trim_cpu_tier()
 
     def remove(self, key: str) -> None:
         with self.lock:
@@ -83,7 +87,7 @@ class AdapterPool:
     def contains(self, key: str) -> bool:
         return key in self.paths
 
-    def trim_cpu_tier(self) -> None:
+    def _trim_cpu_tier(self) -> None:
         """Let go of the least recently used CPU copies beyond cpu_slots; they stay loaded and are
         re-read from their folder when next needed."""
         while len(self.cpu) > self.cpu_slots:
@@ -91,14 +95,14 @@ class AdapterPool:
             del self.cpu[key]
             self.counters["cpu_evictions"] += 1
 
-    def cpu_weights(self, key: str) -> LoraAdapterWeights:
+    def _cpu_weights(self, key: str) -> LoraAdapterWeights:
         if key in self.cpu:
             self.cpu.move_to_end(key)
             return self.cpu[key]
         weights = self.reload(key, self.paths[key])
         self.counters["disk_reloads"] += 1
         self.cpu[key] = weights
-        self.trim_cpu_tier()
+        self._trim_cpu_tier()
         return weights
 
     def ensure_in_memory(self, key: str) -> None:
@@ -107,7 +111,7 @@ class AdapterPool:
         whole batch)."""
         with self.lock:
             if key not in self.slot_of and key not in self.cpu:
-                self.cpu_weights(key)
+                self._cpu_weights(key)
 
     # -- device tier ------------------------------------------------------
     def pin(self, key: str) -> None:
@@ -146,7 +150,7 @@ class AdapterPool:
             self.counters["hits"] += len(keys) - len(missing)
             self.counters["misses"] += len(missing)
             for key in missing:
-                self.load_to_device(key, evictable)
+                self._load_to_device(key, evictable)
             for key in keys:
                 self.slot_of.move_to_end(key)
                 self.in_use[key] = self.in_use.get(key, 0) + 1
@@ -159,7 +163,7 @@ class AdapterPool:
                 if not self.in_use[key]:
                     del self.in_use[key]
 
-    def load_to_device(self, key: str, evictable: list[str]) -> None:
+    def _load_to_device(self, key: str, evictable: list[str]) -> None:
         started = time.perf_counter()
         taken = set(self.slot_of.values())
         free = [s for s in range(self.device_slots) if s not in taken]
@@ -170,15 +174,15 @@ class AdapterPool:
             slot = self.slot_of.pop(victim)
             self.counters["evictions"] += 1
             log.debug("evicted adapter %s from device slot %d", victim, slot)
-        weights = self.cpu_weights(key)
-        self.write_slot(slot, weights)
+        weights = self._cpu_weights(key)
+        self._write_slot(slot, weights)
         self.slot_of[key] = slot
         self.counters["loads"] += 1
         self.counters["load_seconds"] += time.perf_counter() - started
 
-    def write_slot(self, slot: int, weights: LoraAdapterWeights) -> None:
+    def _write_slot(self, slot: int, weights: LoraAdapterWeights) -> None:
         if weights.rank > self.rank:
-            self.grow_rank(weights.rank)
+            self._grow_rank(weights.rank)
         for layer in weights.a:
             if layer not in self.stacks:
                 in_features, out_features = self.layer_shapes[layer]
@@ -193,7 +197,7 @@ class AdapterPool:
                 stack.a[slot, :r] = weights.a[layer].to(self.device, self.dtype)
                 stack.b[slot, :r] = (weights.b[layer].T * weights.scaling).to(self.device, self.dtype)
 
-    def grow_rank(self, rank: int) -> None:
+    def _grow_rank(self, rank: int) -> None:
         """Zero-pad every stack to a larger rank; padded components contribute nothing."""
         for stack in self.stacks.values():
             pad = rank - self.rank

@@ -77,7 +77,7 @@ class ComposerService:
         An adapter that cannot be read now (its CPU copy was let go and its store files are gone)
         fails only the rows that use it, with the reason; the other rows run."""
         failed: dict[str, Exception] = {}
-        for key in sorted({key for r in requests for key in r.adapters}):
+        for key in sorted({key for r in requests for key in r.composition.adapters}):
             try:
                 self.ensure_loaded([key])
                 self.ensure_readable(key)
@@ -85,8 +85,8 @@ class ComposerService:
                 failed[key] = err
         if not failed:
             return self.engine.generate(requests)
-        run = [i for i, r in enumerate(requests) if not failed.keys() & set(r.adapters)]
-        out: list = [next((failed[k] for k in r.adapters if k in failed), None) for r in requests]
+        run = [i for i, r in enumerate(requests) if not failed.keys() & set(r.composition.adapters)]
+        out: list = [next((failed[k] for k in r.composition.adapters if k in failed), None) for r in requests]
         for i, result in zip(run, self.engine.generate([requests[i] for i in run])):
             out[i] = result
         return out
