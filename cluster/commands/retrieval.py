@@ -64,6 +64,7 @@ def cmd_retriever_train(args: argparse.Namespace) -> int:
     from services.retrieval.evaluation import EvaluationInputError, load_cards
     from services.retrieval.finetune import TrainingInputError, train_retriever
 
+    _check_folder_out("--out", Path(args.out))
     try:
         cards = load_cards(args.cards)
         out = train_retriever(cards, args.out, epochs=args.epochs, seed=args.seed,
@@ -74,12 +75,40 @@ def cmd_retriever_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable(path: Path) -> None:
-    """Fail before the work, not after it, when the result cannot be written."""
-    if not path.parent.is_dir():
-        raise UserError(f"--json {path}: folder {path.parent} does not exist")
+# Output paths are checked before the work, not after it: a result that cannot be written
+# would otherwise cost the whole run and end in a traceback.
+
+def _check_writable(path: Path, flag: str = "--json") -> None:
+    """A file to be written: not a folder, in an existing folder this process can write in."""
     if path.is_dir():
-        raise UserError(f"--json {path}: is a folder")
+        raise UserError(f"{flag} {path}: is a folder, not a file")
+    if not path.parent.is_dir():
+        state = "is not a folder" if path.parent.exists() else "does not exist"
+        raise UserError(f"{flag} {path}: {path.parent} {state}")
+    _check_can_write_in(flag, path, path.parent)
+
+
+def _check_folder_out(flag: str, path: Path) -> None:
+    """A folder to be created (with its missing parents) or filled: not a file, and the nearest
+    existing folder above it writable (the result is staged next to it, then renamed)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: is a file, not a folder")
+    above = path.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(f"{flag} {path}: {above} is a file, not a folder")
+    _check_can_write_in(flag, path, above)
+
+
+def _check_can_write_in(flag: str, path: Path, folder: Path) -> None:
+    """Create and remove a file in folder: permissions, read-only mounts and root all answer truly."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot write in {folder} ({err.strerror})") from err
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -62,6 +62,21 @@ def test_bad_files_give_one_line_exit_2_and_write_nothing(files, tmp_path, capsy
     assert not out.exists()
 
 
+def test_bad_embedder_settings_exit_2(files, capsys):
+    args = ["eval", "retrieval", "--cards", str(files[0]), "--queries", str(files[1])]
+    assert main([*args, "--max-seq-length", "3"]) == 2
+    assert "max_seq_length must be at least 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses an unknown backend by name
+        main([*args, "--backend", "tpu"])
+    assert exit_info.value.code == 2 and "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+def test_backends_give_the_same_ranking_on_the_tiny_files(files, capsys):
+    for backend in ("torch", "onnx"):
+        assert main(["eval", "retrieval", "--cards", str(files[0]), "--queries", str(files[1]), "--backend", backend]) == 0
+        assert json.loads(capsys.readouterr().out)["top1"] == 100.0
+
+
 def test_bad_embedder_folder_is_a_user_error(files, tmp_path, capsys):
     code = main(["eval", "retrieval", "--cards", str(files[0]), "--queries", str(files[1]),
                  "--embedder", str(tmp_path / "none")])
@@ -76,9 +91,45 @@ def test_train_refuses_cards_it_cannot_train_on_and_writes_nothing(tmp_path, cap
     assert not (tmp_path / "model").exists()
 
 
-def test_train_writes_a_model_folder_that_eval_loads(files, tmp_path, capsys):
+def test_train_writes_a_model_folder_that_eval_loads(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LORARETRIEVER_HOME", str(tmp_path / "home"))  # the ONNX export of this model goes here
     model = tmp_path / "model"
     assert main(["retriever", "train", "--cards", str(files[0]), "--out", str(model), "--epochs", "1"]) == 0
     assert (model / "config.json").is_file()
     assert main(["eval", "retrieval", "--cards", str(files[0]), "--queries", str(files[1]), "--embedder", str(model)]) == 0
     assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["queries"] == 2
+    assert list((tmp_path / "home" / "embedders").glob("model-*/model-int8.onnx"))
+
+
+def _a_file(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    return tmp_path / "file.txt"
+
+
+# /sys refuses new files to everyone, root included (a chmod-ed folder would not stop root).
+@pytest.mark.parametrize("command, target, message", [
+    ("eval", lambda tmp: "/sys/result.json", "cannot write in /sys"),
+    ("eval", lambda tmp: tmp, "is a folder, not a file"),
+    ("eval", lambda tmp: _a_file(tmp) / "result.json", "file.txt is not a folder"),
+    ("eval", lambda tmp: tmp / "missing" / "result.json", "missing does not exist"),
+    ("train", lambda tmp: "/sys/model", "cannot write in /sys"),
+    ("train", lambda tmp: "/sys/new/deeper/model", "cannot write in /sys"),
+    ("train", lambda tmp: _a_file(tmp), "is a file, not a folder"),
+    ("train", lambda tmp: _a_file(tmp) / "model", "file.txt is a file, not a folder"),
+])
+def test_output_paths_are_checked_before_the_work(tmp_path, capsys, command, target, message):
+    """The cards file does not exist either: the output path's error comes first, so nothing was
+    loaded, embedded or trained before it."""
+    missing = str(tmp_path / "no-cards.json")
+    args = (["eval", "retrieval", "--cards", missing, "--queries", missing, "--json", str(target(tmp_path))]
+            if command == "eval" else ["retriever", "train", "--cards", missing, "--out", str(target(tmp_path))])
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and not list(tmp_path.glob(".write-check.*"))
+
+
+def test_train_creates_missing_parents_of_out(files, tmp_path):
+    model = tmp_path / "new" / "deeper" / "model"
+    assert main(["retriever", "train", "--cards", str(files[0]), "--out", str(model), "--epochs", "1"]) == 0
+    assert (model / "config.json").is_file()
