@@ -46,9 +46,9 @@ class Composer:
         self._synced_generation = None
 
     async def generate(self, job: ComposeJob):
-        """Streams text pieces (str), then the GenerationResult as a dict."""
+        """Streams text pieces (str, or {"text", "logprobs"} when asked), then the GenerationResult as a dict."""
         async for item in self.service.generate(job):
-            if isinstance(item, str):
+            if isinstance(item, (str, dict)):
                 yield item
                 continue
             log.info(json.dumps({"event": "compose", "request_id": job.request_id, "replica": self.replica_id,

@@ -35,7 +35,7 @@ from services.wiring import base_model_name, make_registry, redis_client
 def http_reply(reply) -> JSONResponse | StreamingResponse:
     if isinstance(reply, JsonReply):
         return JSONResponse(reply.body, headers=reply.headers)
-    return StreamingResponse(reply.events, media_type="text/event-stream")
+    return StreamingResponse(reply.events, media_type="text/event-stream", headers=reply.headers)
 
 
 def request_id(request: Request) -> str:
@@ -87,6 +87,10 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         return self.pipeline.models(self.pipeline.authenticate(request.headers.get("authorization")))
+
+    @app.get("/v1/models/{model_id}")
+    async def model(self, model_id: str, request: Request) -> dict:
+        return self.pipeline.model(self.pipeline.authenticate(request.headers.get("authorization")), model_id)
 
     @app.post("/v1/retrieve")
     async def retrieve(self, body: RetrieveRequest, request: Request) -> JSONResponse:

@@ -125,7 +125,7 @@ class CompositionEngine:
         if not requests:
             return []
         for request in requests:
-            check_request(request)
+            check_request(request, self.vocab_size)
         with self.device_lock:
             pinned = set(self.pool.pinned)
             capacity = self.pool.device_slots - len(pinned)  # pinned adapters keep their slots
@@ -140,10 +140,15 @@ class CompositionEngine:
                 results[i] = result
         return results
 
-    def step(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def step(self, input_ids, attention_mask, position_ids, cache, all_positions: bool = False) -> torch.Tensor:
+        """Logits (batch, vocab) of the last position; (batch, seq, vocab) of all with all_positions."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]  # (batch, vocab)
+                         cache=cache, use_cache=True, logits_to_keep=0 if all_positions else 1)
+        return out.logits if all_positions else out.logits[:, -1]
 
 
 def fitting_groups(needs: list[set[str]], capacity: int) -> list[list[int]]:

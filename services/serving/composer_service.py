@@ -3,6 +3,7 @@ into the engine's pool on first use, tokenize, and feed the dynamic batcher."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 from typing import AsyncIterator
@@ -12,6 +13,7 @@ from pydantic import Field
 from services.composition import AdapterKey
 from services.lora.adapter_files import AdapterValidationError
 from services.lora.generation import GenerationRequest, GenerationResult
+from services.lora.structured import JsonGrammars
 from services.schemas import ChatMessage, CompositionPlan, Strict
 from services.serving.batcher import DynamicBatcher
 from services.errors import InvalidRequest, Unavailable
@@ -38,6 +40,12 @@ class ComposeJob(Strict):
     top_p: float = 1.0
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    logprobs: int | None = None  # alternatives per token; None: no logprobs
+    prompt_logprobs: bool = False
+    response_format: dict | None = None  # ResponseFormat.wire(): constrained decoding
 
 
 class ComposerService:
@@ -48,6 +56,11 @@ class ComposerService:
         self.max_prompt_tokens = max_prompt_tokens
         self.batcher = DynamicBatcher(self._run_batch, max_batch_size=max_batch_size, wait_timeout_s=wait_timeout_s,
                                       on_batch=on_batch)
+
+    @functools.cached_property
+    def grammars(self) -> JsonGrammars:
+        """Made on the first request with a response_format (wrapping the tokenizer takes about 1 s)."""
+        return JsonGrammars(self.engine.tokenizer, self.engine.vocab_size)
 
     def adapter_path(self, key: str) -> Path:
         adapter = AdapterKey.parse(key)
@@ -102,7 +115,7 @@ class ComposerService:
     def tokenize(self, job: ComposeJob) -> list[int]:
         tok = self.engine.tokenizer
         if job.messages is not None:
-            ids = tok.apply_chat_template([m.model_dump() for m in job.messages], add_generation_prompt=True,
+            ids = tok.apply_chat_template([m.template_turn() for m in job.messages], add_generation_prompt=True,
                                           tokenize=True, return_dict=False)
         else:
             ids = tok(job.prompt, add_special_tokens=False)["input_ids"]
@@ -119,6 +132,12 @@ class ComposerService:
             top_p=job.top_p,
             stop=list(job.stop),
             seed=job.seed,
+            presence_penalty=job.presence_penalty,
+            frequency_penalty=job.frequency_penalty,
+            logit_bias=dict(job.logit_bias),
+            logprobs=job.logprobs,
+            prompt_logprobs=job.prompt_logprobs,
+            constraint=self.grammars.constraint(job.response_format) if job.response_format else None,
         )
 
     async def generate(self, job: ComposeJob) -> AsyncIterator[str | GenerationResult]:

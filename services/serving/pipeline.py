@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
-from services.errors import InvalidRequest, LimitExceeded, NotAuthenticated, ServiceError, TimedOut
+from services.errors import InvalidRequest, LimitExceeded, NotAuthenticated, NotFound, ServiceError, TimedOut
 from services.schemas import ChatCompletionRequest, CompletionRequest, CompositionPlan, LoraOptions, RetrievalResult
 from services.serving import openai_format as fmt
 from services.serving.catalog import Catalog
@@ -54,6 +54,7 @@ class JsonReply:
 @dataclass
 class StreamReply:
     events: AsyncIterator[str]  # server-sent events, ending with [DONE]
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -71,9 +72,14 @@ class RequestScope:
     completion_tokens: int = 0
     closed: bool = False
 
-    def count(self, result: dict) -> None:
-        self.prompt_tokens += result["prompt_tokens"]
+    def count(self, result: dict, *, prompt: bool = True) -> None:
+        """Add one row's tokens; prompt=False for a prompt's second and later answers (n > 1),
+        whose prompt is billed once."""
+        self.prompt_tokens += result["prompt_tokens"] if prompt else 0
         self.completion_tokens += result["completion_tokens"]
+
+    def usage(self) -> dict:
+        return fmt.usage(self.prompt_tokens, self.completion_tokens)
 
     def close(self) -> None:
         if self.closed:
@@ -99,7 +105,18 @@ def checked(fn):
     try:
         return fn()
     except ValueError as err:
-        raise InvalidRequest(str(err)) from err
+        raise InvalidRequest(str(err), param=getattr(err, "param", None)) from err
+
+
+def include_usage(body) -> bool:
+    return bool(body.stream and body.stream_options and body.stream_options.include_usage)
+
+
+def ignored_header(body) -> dict[str, str]:
+    """Unknown request fields, named back to the caller (accepted and ignored)."""
+    ignored = body.ignored_fields()
+    # JSON-escaped: a header carries ASCII only
+    return {fmt.IGNORED_FIELDS_HEADER: ", ".join(json.dumps(n)[1:-1] for n in ignored)[:2000]} if ignored else {}
 
 
 class RequestPipeline:
@@ -131,33 +148,58 @@ class RequestPipeline:
     def models(self, tenant: Tenant | None) -> dict:
         return fmt.models_body(self.base_model_id, self.catalog.get().visible(tenant_name(tenant)))
 
+    def model(self, tenant: Tenant | None, model_id: str) -> dict:
+        """GET /v1/models/{id}: one entry of the caller's list."""
+        entries = fmt.model_entries(self.base_model_id, self.catalog.get().visible(tenant_name(tenant)))
+        found = next((e for e in entries if e["id"] == model_id), None)
+        if found is None:
+            raise NotFound(f"model '{model_id}' does not exist or is not available to you", param="model")
+        return found
+
     async def retrieve(self, prompts: list[str], opts: LoraOptions, tenant: Tenant | None) -> list[dict]:
         return await self._timed(asyncio.gather(*(self._retrieve(p, opts, tenant_name(tenant)) for p in prompts)))
 
     async def complete(self, body: CompletionRequest, tenant: Tenant | None, request_id: str) -> JsonReply | StreamReply:
         prompts = checked(body.prompts)
-        return await self._generate(body, tenant, request_id, [{"prompt": p} for p in prompts], prompts, chat=False)
+        shape = fmt.ReplyShape(chat=False, logprobs=body.logprobs is not None, include_usage=include_usage(body),
+                               echo=tuple(p for p in prompts for _ in range(body.n)) if body.echo else None)
+        return await self._generate(body, tenant, request_id, [{"prompt": p} for p in prompts], prompts, shape)
 
     async def chat(self, body: ChatCompletionRequest, tenant: Tenant | None, request_id: str) -> JsonReply | StreamReply:
         text = checked(body.retrieval_text)
-        return await self._generate(body, tenant, request_id, [{"messages": body.messages}], [text], chat=True)
+        shape = fmt.ReplyShape(chat=True, logprobs=bool(body.logprobs), include_usage=include_usage(body))
+        return await self._generate(body, tenant, request_id, [{"messages": body.messages}], [text], shape)
 
     # ---- generation ------------------------------------------------------
-    async def _generate(self, body, tenant: Tenant | None, request_id: str, inputs: list[dict], texts: list[str], *,
-                        chat: bool) -> JsonReply | StreamReply:
-        stops = checked(body.stop_list)
-        if body.max_tokens > self.max_tokens_limit:
+    def _sampling(self, body) -> dict:
+        """The ComposeJob fields every row of the request shares."""
+        checked(body.check_supported)
+        max_tokens = body.token_limit()
+        if max_tokens > self.max_tokens_limit:
             raise InvalidRequest(f"max_tokens may be at most {self.max_tokens_limit}", param="max_tokens")
-        scope = RequestScope(self.gate, self.metrics, tenant, self._admit(tenant, request_id, body.max_tokens))
+        return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+                "stop": checked(body.stop_list), "presence_penalty": body.presence_penalty,
+                "frequency_penalty": body.frequency_penalty, "logit_bias": checked(body.bias),
+                "logprobs": body.top_logprobs_count(), "prompt_logprobs": body.prompt_logprobs(),
+                "response_format": body.response_format.wire() if body.response_format else None}
+
+    async def _generate(self, body, tenant: Tenant | None, request_id: str, inputs: list[dict], texts: list[str],
+                        shape: fmt.ReplyShape) -> JsonReply | StreamReply:
+        sampling = self._sampling(body)
+        headers = ignored_header(body)
+        scope = RequestScope(self.gate, self.metrics, tenant, self._admit(tenant, request_id, sampling["max_tokens"]))
         handed_to_stream = False
         try:
             catalog = self.catalog.get()  # one snapshot per request: one version per adapter throughout
             scope.plans = await self._timed(asyncio.gather(
                 *(self._plan(body.model, body.lora, text, request_id, catalog, tenant_name(tenant)) for text in texts)))
             planned = time.perf_counter()
-            jobs = [ComposeJob(request_id=request_id, plan=plan, max_tokens=body.max_tokens,
-                               temperature=body.temperature, top_p=body.top_p, stop=stops, seed=body.seed, **inp)
-                    for inp, plan in zip(inputs, scope.plans)]
+            # n rows per prompt, sent together (one batch); row j samples with seed + j
+            rows = [(p, j) for p in range(len(texts)) for j in range(body.n)]
+            jobs = [ComposeJob(request_id=request_id, plan=scope.plans[p], **inputs[p], **sampling,
+                               seed=None if body.seed is None else (body.seed + j) % 2**63) for p, j in rows]
+            first_rows = [j == 0 for _, j in rows]  # a prompt is billed once, however many answers
+            plans = [scope.plans[p] for p, _ in rows]
             if body.stream:
                 streams = [self._stream(job) for job in jobs]
                 try:
@@ -167,16 +209,17 @@ class RequestPipeline:
                     raise
                 self.metrics.observe_ttft(time.perf_counter() - scope.started)
                 scope.status, handed_to_stream = 200, True
-                return StreamReply(self._events(request_id, body.model, streams, firsts, scope, chat))
+                events = self._events(request_id, body.model, streams, firsts, scope, plans, first_rows, shape)
+                return StreamReply(events, headers)
             results = await self._timed(asyncio.gather(*(self._compose(job) for job in jobs)))
-            for result in results:
-                scope.count(result)
-            reply = fmt.completion_body(request_id, body.model, results, scope.plans, chat=chat)
+            for result, first in zip(results, first_rows):
+                scope.count(result, prompt=first)
+            reply = fmt.completion_body(request_id, body.model, results, plans, shape, scope.usage())
             self._log_request(request_id, scope)
             scope.status = 200
             timing = fmt.server_timing(plan_s=planned - scope.started, total_s=time.perf_counter() - scope.started,
                                        results=results)
-            return JsonReply(reply, {"Server-Timing": timing})
+            return JsonReply(reply, {"Server-Timing": timing, **headers})
         except ServiceError as err:
             scope.status = self.status_of(err)
             raise
@@ -185,8 +228,9 @@ class RequestPipeline:
                 scope.close()
 
     async def _events(self, request_id: str, model: str, streams: list[AsyncIterator], firsts: list,
-                      scope: RequestScope, chat: bool) -> AsyncIterator[str]:
-        """Interleave the prompts' streams as OpenAI chunks; each choice's first chunk names its
+                      scope: RequestScope, plans: list[CompositionPlan], first_rows: list[bool],
+                      shape: fmt.ReplyShape) -> AsyncIterator[str]:
+        """Interleave the rows' streams as OpenAI chunks; each choice's first chunk names its
         adapters. Closing this generator early (the client went away) stops the streams."""
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -201,27 +245,33 @@ class RequestPipeline:
 
         tasks = [asyncio.ensure_future(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
         started, open_streams = set(), len(streams)
+        offsets = [len(shape.echo[i]) if shape.echo else 0 for i in range(len(streams))]  # legacy text_offset
         deadline = time.monotonic() + self.request_timeout_s
         try:
             while open_streams:
                 i, item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
-                plan = None if i in started else scope.plans[i]
+                plan = None if i in started else plans[i]
                 if item is None:
                     open_streams -= 1
                     continue
                 if isinstance(item, BaseException):
-                    yield f"data: {json.dumps(fmt.error_body(str(item)[:500], type='server_error'))}\n\n"
+                    yield fmt.sse(fmt.error_body(str(item)[:500], type="server_error"))
                     continue
-                if isinstance(item, str):
-                    yield fmt.stream_chunk(request_id, model, i, chat=chat, text=item, plan=plan, first=plan is not None)
+                if isinstance(item, str) or "finish_reason" not in item:  # a text piece, not the row's result
+                    text, logprobs = (item, None) if isinstance(item, str) else (item["text"], item["logprobs"])
+                    yield fmt.stream_chunk(request_id, model, i, shape, text=text, logprobs=logprobs,
+                                           offset=offsets[i], plan=plan)
+                    offsets[i] += sum(len(e["token"]) for e in logprobs or [])
                 else:
-                    scope.count(item)
-                    yield fmt.stream_chunk(request_id, model, i, chat=chat, finish_reason=item["finish_reason"],
-                                           plan=plan, first=plan is not None)
+                    scope.count(item, prompt=first_rows[i])
+                    yield fmt.stream_chunk(request_id, model, i, shape, finish_reason=item["finish_reason"],
+                                           plan=plan)
                 started.add(i)
+            if shape.include_usage:
+                yield fmt.usage_chunk(request_id, model, shape, scope.usage())
             yield fmt.STREAM_DONE
         except asyncio.TimeoutError:
-            yield f"data: {json.dumps(fmt.error_body('request timed out', type='timeout_error'))}\n\n"
+            yield fmt.sse(fmt.error_body("request timed out", type="timeout_error"))
         finally:
             for task in tasks:
                 task.cancel()
@@ -257,6 +307,6 @@ class RequestPipeline:
         log.info(json.dumps({
             "event": "request", "request_id": request_id, "tenant": tenant_name(scope.tenant),
             "adapters": [p.keys() for p in scope.plans], "composition": [p.composition.value for p in scope.plans],
-            "completion_tokens": scope.completion_tokens,
+            "prompt_tokens": scope.prompt_tokens, "completion_tokens": scope.completion_tokens,
             "seconds": round(time.perf_counter() - scope.started, 4),
         }))
