@@ -11,6 +11,7 @@ from peft_adapters import tiny_model, write_peft_adapter
 from transformers import AutoTokenizer
 
 from services.lora.engine import CompositionEngine
+from services.errors import InvalidRequest
 from services.lora.generation import GenerationError, GenerationRequest, RowSampler, TextStream
 from services.composition import Composition, CompositionMode as Mode
 
@@ -172,3 +173,95 @@ def test_vanishing_temperature_or_top_p_samples_the_top_token_instead_of_failing
     logits = torch.tensor([1.0, 3.0, -2.0, 2.5])
     sampler = RowSampler(GenerationRequest(prompt_ids=[1], temperature=temperature, top_p=top_p, seed=0), "cpu")
     assert [sampler(logits) for _ in range(5)] == [1] * 5
+
+
+def peft_logprobs(peft_model, tokens: list[int], adapter: str | None) -> torch.Tensor:
+    """The oracle: PEFT's own forward over the whole sequence, log-softmax per position (seq, vocab)."""
+    ids = torch.tensor([tokens])
+    with torch.inference_mode():
+        if adapter is None:
+            with peft_model.disable_adapter():
+                logits = peft_model(input_ids=ids).logits[0]
+        else:
+            peft_model.set_adapter(adapter)
+            logits = peft_model(input_ids=ids).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_prompt_and_token_logprobs_equal_peft_under_each_rows_composition(engine, peft_model):
+    """Rows of different lengths and adapters in one batch: every prompt token's logprob (echo),
+    every generated token's logprob and its top alternatives equal PEFT's forward over the row."""
+    adapters = ["a", None, "b"]
+    requests = [GenerationRequest(prompt_ids=p, composition=Composition.single(a) if a else Composition(),
+                                  max_tokens=5, logprobs=3, prompt_logprobs=True)
+                for p, a in zip(PROMPTS, adapters)]
+    for request, adapter, result in zip(requests, adapters, engine.generate(requests)):
+        tokens = request.prompt_ids + result.token_ids
+        oracle = peft_logprobs(peft_model, tokens, adapter)
+        entries = result.prompt_logprobs + result.logprobs
+        assert len(result.prompt_logprobs) == len(request.prompt_ids) and entries[0]["logprob"] is None
+        for pos, entry in enumerate(entries[1:], start=1):
+            expected = oracle[pos - 1]
+            assert entry["logprob"] == pytest.approx(float(expected[tokens[pos]]), abs=1e-4)
+            top = [t["logprob"] for t in entry["top"]]
+            assert top == pytest.approx(expected.topk(3).values.tolist(), abs=1e-4)
+        assert [e["token"] for e in result.logprobs] == [engine.tokenizer.decode([t]) for t in result.token_ids]
+
+
+def test_max_tokens_zero_reads_the_prompt_only(engine):
+    [result] = engine.generate([GenerationRequest(prompt_ids=PROMPTS[2], max_tokens=0, logprobs=0,
+                                                  prompt_logprobs=True)])
+    assert result.token_ids == [] and result.finish_reason == "length" and result.completion_tokens == 0
+    assert len(result.prompt_logprobs) == len(PROMPTS[2]) and all(e["top"] == [] for e in result.prompt_logprobs)
+    with pytest.raises(GenerationError, match="max_tokens"):
+        engine.generate([GenerationRequest(prompt_ids=[1], max_tokens=0)])
+
+
+def test_penalties_and_logit_bias_shape_the_logits_as_openai_defines():
+    """logit - presence * [count > 0] - frequency * count + bias, recomputed by hand."""
+    logits = torch.tensor([3.0, 2.5, 0.0, -1.0])
+    sampler = RowSampler(GenerationRequest(prompt_ids=[1], frequency_penalty=0.75, presence_penalty=0.5,
+                                           logit_bias={3: 4.5}), "cpu", vocab=4)
+    assert sampler(logits) == 3  # -1 + 4.5 = 3.5 beats 3.0
+    assert sampler(logits) == 0  # token 3 now 3.5 - 0.5 - 0.75 = 2.25 < 3.0
+    assert sampler(logits) == 1  # token 0 now 3.0 - 1.25 = 1.75 < 2.5
+    assert sampler.shaped(logits).tolist() == pytest.approx([1.75, 1.25, 0.0, 2.25])
+
+
+def test_logit_bias_forces_a_token_and_refuses_ids_outside_the_vocabulary(engine):
+    [forced] = engine.generate([GenerationRequest(prompt_ids=[5, 6], max_tokens=4, logit_bias={1234: 100.0})])
+    assert forced.token_ids == [1234] * 4
+    with pytest.raises(GenerationError, match="logit_bias"):
+        engine.generate([GenerationRequest(prompt_ids=[5, 6], logit_bias={VOCAB: 1.0})])
+
+
+def test_json_schema_constraint_gives_valid_json_and_streams_logprobs_with_the_text(engine):
+    import json
+
+    from services.lora.structured import JsonGrammars
+
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green"]}, "ok": {"type": "boolean"},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["colour", "ok", "n"], "additionalProperties": False}
+    grammars = JsonGrammars(engine.tokenizer, engine.vocab_size)
+    pieces: list[dict] = []
+    rows = [GenerationRequest(prompt_ids=p, composition=Composition.single("a"), max_tokens=40, logprobs=1,
+                              on_token=pieces.append if i == 0 else None, temperature=0.0 if i == 0 else 1.0, seed=i,
+                              constraint=grammars.constraint({"type": "json_schema", "json_schema": {"schema": schema}}))
+            for i, p in enumerate(PROMPTS[:3])]
+    results = engine.generate(rows)
+    for result in results:
+        value = json.loads(result.text)
+        assert set(value) == {"colour", "ok", "n"} and value["colour"] in ("red", "green") and 0 <= value["n"] <= 9
+        assert result.finish_reason == "stop"
+    assert "".join(p["text"] for p in pieces) == results[0].text
+    assert [e for p in pieces for e in p["logprobs"]] == results[0].logprobs
+    assert len(results[0].logprobs) == results[0].completion_tokens
+
+
+def test_a_schema_that_cannot_be_compiled_is_a_bad_request(engine):
+    from services.lora.structured import JsonGrammars
+
+    with pytest.raises(InvalidRequest, match="response_format"):
+        JsonGrammars(engine.tokenizer, engine.vocab_size).constraint(
+            {"type": "json_schema", "json_schema": {"schema": {"type": "objectt"}}})

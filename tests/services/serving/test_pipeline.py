@@ -4,6 +4,7 @@ billed usage, metrics) when retrieval fails, a composer fails, or the client cut
 from __future__ import annotations
 
 import asyncio
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -232,3 +233,122 @@ def test_door_refusals_are_counted(world):
         run(world.pipeline.complete(CompletionRequest(model="upper", prompt="x", max_tokens=65), world.tenant, "r8"))
     assert world.metrics.rejections == [(None, "unauthorized")]
     assert world.limiter.usage("acme") == {}  # refused before admission: nothing billed
+
+
+def entry(token, logprob):
+    return {"token": token, "bytes": list(token.encode()), "logprob": logprob,
+            "top": [] if logprob is None else [{"token": token, "bytes": list(token.encode()), "logprob": logprob}]}
+
+
+def test_unknown_fields_are_ignored_and_named_in_a_header(world):
+    body = ChatCompletionRequest.model_validate({
+        "model": "upper", "future_knob": 1, "parallel_tool_calls": False, "user": "u1",
+        "stream_options": None, "messages": [
+            {"role": "developer", "content": "be brief", "cache_hint": True},
+            {"role": "user", "name": "ann", "content": [{"type": "text", "text": "make it "}, {"type": "text", "text": "loud"}]}]})
+    reply = run(world.pipeline.chat(body, world.tenant, "r9"))
+    assert reply.headers["X-Ignored-Fields"] == "future_knob, messages[0].cache_hint"
+    [job] = world.parts.jobs
+    assert [m.template_turn() for m in job.messages] == [{"role": "system", "content": "be brief"},
+                                                         {"role": "user", "content": "make it loud"}]
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
+    ({"logit_bias": {"the": 1}}, "logit_bias"),
+])
+def test_fields_that_would_change_the_answer_are_refused_by_name(world, extra, param):
+    body = ChatCompletionRequest.model_validate({"model": "upper", "messages": [{"role": "user", "content": "x"}],
+                                                 **extra})
+    with pytest.raises(InvalidRequest) as refused:
+        run(world.pipeline.chat(body, world.tenant, "r10"))
+    assert refused.value.param == param and param in refused.value.message
+    assert world.parts.jobs == [] and world.limiter.usage("acme") == {}  # refused before admission
+
+
+@pytest.mark.parametrize("extra, param", [({"suffix": "tail"}, "suffix"), ({"best_of": 3}, "best_of"),
+                                          ({"stream": True, "echo": True, "logprobs": 1}, "echo")])
+def test_completion_fields_refused_by_name(world, extra, param):
+    with pytest.raises(InvalidRequest) as refused:
+        run(world.pipeline.complete(CompletionRequest(model="upper", prompt="x", **extra), world.tenant, "r11"))
+    assert refused.value.param == param
+
+
+def test_n_rows_share_the_plan_take_consecutive_seeds_and_bill_the_prompt_once(world):
+    body = CompletionRequest(model="auto", prompt=["one two", "three"], n=3, seed=40, max_completion_tokens=1,
+                             max_tokens=7, presence_penalty=0.5, frequency_penalty=-0.5, logit_bias={"17": -100})
+    reply = run(world.pipeline.complete(body, world.tenant, "r12"))
+    jobs = world.parts.jobs
+    assert [c["index"] for c in reply.body["choices"]] == list(range(6))
+    assert [j.seed for j in jobs] == [40, 41, 42, 40, 41, 42] and [j.prompt for j in jobs] == ["one two"] * 3 + ["three"] * 3
+    assert all(j.max_tokens == 7 and j.logit_bias == {17: -100} and j.presence_penalty == 0.5 for j in jobs)
+    completion = sum(len(" ".join(j.plan.keys()).split()) for j in jobs)
+    assert reply.body["usage"] == {"prompt_tokens": 2 + 1, "completion_tokens": completion,
+                                   "total_tokens": 3 + completion}
+    assert world.limiter.usage("acme") == {"requests": 1, "prompt_tokens": 3, "completion_tokens": completion}
+
+
+def test_stream_with_include_usage_ends_with_the_usage_chunk(world):
+    body = ChatCompletionRequest(model="upper", messages=[{"role": "user", "content": "hi"}], stream=True,
+                                 stream_options={"include_usage": True})
+
+    async def drain():
+        reply = await world.pipeline.chat(body, world.tenant, "r13")
+        return [event async for event in reply.events]
+
+    events = run(drain())
+    last = json.loads(events[-2].removeprefix("data: "))
+    assert last["choices"] == [] and last["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert world.limiter.usage("acme") == {"requests": 1, "prompt_tokens": 3, "completion_tokens": 2}
+
+
+def test_echo_and_logprobs_in_the_completions_shape(world):
+    async def compose(job):
+        world.parts.jobs.append(job)
+        return {**result(job, "C"), "prompt_tokens": 2, "completion_tokens": 1,
+                "prompt_logprobs": [entry("ab", None), entry("cd", -0.5)], "logprobs": [entry("C", -0.25)]}
+
+    world.parts.compose = compose
+    body = CompletionRequest(model="upper", prompt="abcd", echo=True, logprobs=1, max_tokens=0)
+    choice = run(world.pipeline.complete(body, world.tenant, "r14")).body["choices"][0]
+    [job] = world.parts.jobs
+    assert job.prompt_logprobs and job.logprobs == 1 and job.max_tokens == 0
+    assert choice["text"] == "abcdC"
+    assert choice["logprobs"] == {"tokens": ["ab", "cd", "C"], "token_logprobs": [None, -0.5, -0.25],
+                                  "top_logprobs": [None, {"cd": -0.5}, {"C": -0.25}], "text_offset": [0, 2, 4]}
+
+
+def test_chat_logprobs_in_the_chat_shape_streamed_and_not(world):
+    async def stream(job):
+        yield {"text": "HI", "logprobs": [entry("HI", -0.1)]}
+        yield {**result(job, "HI"), "logprobs": [entry("HI", -0.1)]}
+
+    async def compose(job):
+        return {**result(job, "HI"), "logprobs": [entry("HI", -0.1)]}
+
+    world.parts.stream, world.parts.compose = stream, compose
+    expected = {"content": [{"token": "HI", "logprob": -0.1, "bytes": [72, 73],
+                             "top_logprobs": [{"token": "HI", "logprob": -0.1, "bytes": [72, 73]}]}], "refusal": None}
+    body = dict(model="upper", messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=1)
+    reply = run(world.pipeline.chat(ChatCompletionRequest(**body), world.tenant, "r15"))
+    assert reply.body["choices"][0]["logprobs"] == expected
+
+    async def drain():
+        streamed = await world.pipeline.chat(ChatCompletionRequest(**body, stream=True), world.tenant, "r16")
+        return [event async for event in streamed.events]
+
+    first = json.loads(run(drain())[0].removeprefix("data: "))
+    assert first["choices"][0]["logprobs"] == expected and first["choices"][0]["delta"]["content"] == "HI"
+
+
+def test_model_entries_carry_lineage_and_an_unknown_id_is_not_found(world):
+    assert world.pipeline.model(world.tenant, "upper")["root"] == "base"
+    assert world.pipeline.model(world.tenant, "upper")["parent"] == "base"
+    assert world.pipeline.model(world.tenant, "base")["parent"] is None
+    with pytest.raises(NotFound, match="nope"):
+        world.pipeline.model(world.tenant, "nope")
