@@ -7,8 +7,7 @@ from ray import serve
 
 from services.config import AppConfig
 from services.wiring import make_index, make_registry, redis_client
-from services.retrieval.embedder import Embedder
-from services.retrieval.index import IndexInputError
+from services.retrieval.embedder import embedder_from_config
 from services.serving.index_sync import REBUILD_EPOCH_KEY, IndexSync
 
 log = logging.getLogger("ray.serve")
@@ -18,27 +17,29 @@ log = logging.getLogger("ray.serve")
 class Retriever:
     def __init__(self, config: dict):
         cfg = AppConfig.model_validate(config)
-        self.embedder = Embedder(cfg.embedder.model_path, cfg.embedder.instruction, batch_size=cfg.embedder.batch_size)
+        self.embedder = embedder_from_config(cfg.embedder)
         redis = redis_client(cfg)
         self.sync = IndexSync(make_registry(cfg), make_index(cfg, self.embedder.dim),
                               rebuild_epoch=lambda: redis.get(REBUILD_EPOCH_KEY))
         self.sync.refresh(force=True)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _embed(self, texts: list[str]) -> list:
-        return list(self.embedder.encode(texts))  # one (dim,) row per caller
-
     async def retrieve(self, text: str, **search: object) -> dict:
         """RetrievalResult as a dict; `search` holds AdapterIndex.search keywords."""
+        self.sync.index.check_options(search)  # a bad option fails its own request, not its whole batch
+        return await self._retrieve((text, search))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _retrieve(self, requests: list[tuple[str, dict]]) -> list[dict]:
+        """One embedding call and one index search call for the whole batch."""
         index = self.sync.refresh()
-        vector = await self._embed(text)
+        vectors = self.embedder.encode([text for text, _ in requests])  # (batch, dim)
+        options = [search for _, search in requests]
         try:
-            return index.search(vector[None, :], **search)[0].model_dump()
-        except IndexInputError:
-            raise
+            results = index.search_batch(vectors, options)
         except Exception as err:  # the index lost its collection since the last refresh: rebuild, search again
             log.warning("index search failed (%s); rebuilding from the registry", err)
-            return self.sync.refresh(force=True).search(vector[None, :], **search)[0].model_dump()
+            results = self.sync.refresh(force=True).search_batch(vectors, options)
+        return [r.model_dump() for r in results]
 
     async def embed(self, texts: list[str]):
         """Card embeddings for the admin API: (n, dim) float32."""

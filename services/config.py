@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.retrieval import DEFAULT_INSTRUCTION  # one definition, shared with the embedder
+from services.retrieval import (  # one definition, shared with the embedder
+    DEFAULT_EMBEDDER_BACKEND, DEFAULT_INSTRUCTION, DEFAULT_MAX_SEQ_LENGTH)
 from services.schemas import CompositionMode, Weighting
 
 
@@ -51,6 +52,12 @@ class EmbedderConfig(Section):
     )
     instruction: str = Field(DEFAULT_INSTRUCTION, description="prefix added to every text before embedding; may be empty")
     batch_size: int = Field(32, ge=1, le=1024, description="texts per encoding batch")
+    backend: str = Field(DEFAULT_EMBEDDER_BACKEND, pattern="^(onnx-int8|onnx|torch)$",
+                         description="runtime: ONNX Runtime int8 or float32 (exported once, cached under the data "
+                         "home), or PyTorch (the reference); docs/retrieval.md compares them")
+    max_seq_length: int = Field(DEFAULT_MAX_SEQ_LENGTH, ge=8, le=8192,
+                                description="tokens kept per text (the rest is cut); capped by the model's own limit")
+    threads: int | None = Field(1, ge=1, description="CPU threads per encoding call; None = all cores")
 
 
 class QdrantConfig(Section):

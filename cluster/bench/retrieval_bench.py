@@ -1,7 +1,10 @@
 """Retrieval quality and cost on the synthetic tasks; writes JSON, docs/retrieval.png and the tables of docs/retrieval.md.
 
-Compares centroid vs per-sample scoring, with and without the instruction, and the packaged
-embedder vs one fine-tuned on 40% of the adapters (scored on the other 60%), and times a query.
+Compares the embedder backends (PyTorch reference, ONNX Runtime float32 and int8) with and
+without the instruction, on short prompts and on long ones at several sequence-length limits;
+centroid vs per-sample scoring; the packaged embedder vs one fine-tuned on 40% of the adapters
+(scored on the other 60%); and times embedding and search apart, warmed up, threads pinned,
+one prompt alone and batches of 32, at the suite's 54 adapters and at 1,000.
 
     python -m cluster.bench.retrieval_bench [--epochs 4] [--out var/bench/retrieval]
 """
@@ -9,14 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import statistics
 import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
+# One BLAS thread for the search (as Ray gives a retriever replica reserving under one CPU);
+# the embedder's threads are set per configuration below. Set before numpy loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -35,13 +45,14 @@ DOC = Path("docs/retrieval.md")
 PLOT = Path("docs/retrieval.png")
 BEGIN, END = "<!-- retrieval-bench:begin -->", "<!-- retrieval-bench:end -->"
 SCORINGS = (("centroid", "centroid", 1), ("best sample", "samples", 1), ("top-3 samples", "samples", 3))
+SEQ_LENGTHS = (64, 128, 256)
 
 
 class CachedEmbedder(Embedder):
     """Each text is encoded once across the many configurations compared here (timings are taken apart)."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, threads=1, **kwargs)
         self._cache: dict[str, np.ndarray] = {}
 
     def encode(self, texts, *, progress=False):
@@ -61,26 +72,73 @@ def compare_scorings(embedder, cards, queries, **kw) -> dict:
     return {label: run(embedder, cards, queries, scoring, m, **kw) for label, scoring, m in SCORINGS}
 
 
-def query_cost(cards, queries, n: int = 100) -> dict:
-    """Milliseconds per query, uncached: embedding one prompt at a time and 32 at a time, and each search."""
-    embedder = Embedder()
-    texts = [q.inputs for q in queries[:n]]
+def compare_backends(cards, queries, model: str | None = None) -> dict:
+    """Centroid top-k of every backend, with and without the instruction."""
+    out = {}
+    for backend in BACKENDS:
+        for label, kw in (("instruction", {}), ("no instruction", {"instruction": ""})):
+            out[f"{backend}, {label}"] = run(CachedEmbedder(model, backend=backend, **kw), cards, queries, "centroid", 1)
+    return out
+
+
+def compare_lengths(cards, queries) -> dict:
+    """Long prompts: centroid top-k and batch-32 embedding cost per backend and sequence-length limit."""
+    out = {}
+    for backend in BACKENDS:
+        for length in SEQ_LENGTHS:
+            r = run(CachedEmbedder(backend=backend, max_seq_length=length), cards, queries, "centroid", 1)
+            out[f"{backend}, {length} tokens"] = r
+            print(f"long prompts, {backend}, {length} tokens: top-1 {r['top1']}, {r['embed_ms_per_query']} ms", flush=True)
+    return out
+
+
+def embed_cost(short: list[str], long: list[str], backend: str, threads: int, max_seq_length: int) -> dict:
+    """Milliseconds: load, first call, one prompt alone (median), and per prompt in batches of 32."""
     t0 = time.perf_counter()
-    for t in texts:
-        embedder.encode([t])
-    t1 = time.perf_counter()
-    vectors = embedder.encode(texts)  # (n, dim) in batches of 32
-    t2 = time.perf_counter()
-    out = {"embed_ms_batch1": 1000 * (t1 - t0) / n, "embed_ms_batch32": 1000 * (t2 - t1) / n}
-    for label, scoring, m in SCORINGS:
-        index = AdapterIndex(embedder.dim, scoring=scoring, sample_top_m=m)
+    embedder = Embedder(backend=backend, threads=threads, max_seq_length=max_seq_length)
+    out = {"load s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    embedder.encode(short[:1])
+    out["first call ms"] = 1000 * (time.perf_counter() - t0)
+    for label, texts in (("short", short), ("long", long)):
+        singles = []
+        for text in texts[:48]:
+            t0 = time.perf_counter()
+            embedder.encode([text])
+            singles.append(1000 * (time.perf_counter() - t0))
+        out[f"{label} 1 prompt ms"] = statistics.median(singles)
+        batches = [texts[i:i + 32] for i in range(0, 96, 32)]
+        out[f"{label} batch-32 ms/prompt"] = min(timed_ms(lambda b=b: embedder.encode(b), 1) for b in batches) / 32
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def search_cost(index: AdapterIndex, vectors: np.ndarray) -> dict:
+    """Milliseconds per query: one query per call and 32 per call (one batched call)."""
+    return {"1 query ms": timed_ms(lambda: index.search(vectors[:1], top_k=3), 40),
+            "batch-32 ms/query": timed_ms(lambda: index.search(vectors[:32], top_k=3), 10) / 32}
+
+
+def query_cost(cards, queries, long_queries) -> dict:
+    """Embedding per backend and thread count; search at the suite's size and at 1,000 adapters."""
+    short = [q.inputs for q in queries[::5]]
+    long = [q.inputs for q in long_queries[::5]]
+    out = {"embed": {f"{b}, {t} thread{'s' * (t > 1)}": embed_cost(short, long, b, t, DEFAULT_MAX_SEQ_LENGTH)
+                     for b in BACKENDS for t in (1, 2)}}
+    embedder = Embedder(threads=1)
+    vectors = embedder.encode(short[:32])
+    search = {}
+    for label, memory in (("in-memory", True), ("embedded Qdrant", False)):
+        index = AdapterIndex(embedder.dim, memory_search=memory)
         for card in cards:
             index.upsert(card.model_name, embedder.encode([s.inputs for s in card.sample]))
-        t3 = time.perf_counter()
-        for v in vectors:
-            index.search(v[None, :], top_k=3)
-        out[f"search_ms {label}"] = 1000 * (time.perf_counter() - t3) / n
-    return {k: round(v, 2) for k, v in out.items()}
+        search[f"{len(cards)} adapters, {label}"] = search_cost(index, vectors)
+    rng = np.random.default_rng(0)
+    index = AdapterIndex(embedder.dim)
+    for a in range(1000):
+        index.upsert(f"a{a}", unit_rows(rng, 20))
+    search["1000 adapters, in-memory"] = search_cost(index, vectors)
+    out["search"] = {k: {m: round(v, 3) for m, v in r.items()} for k, r in search.items()}
+    return out
 
 
 def main() -> int:
@@ -95,16 +153,24 @@ def main() -> int:
         plot(results)
         write_doc(results)
         return 0
-    command = command_line("cluster.bench.retrieval_bench")
+    command = "python -m cluster.bench.retrieval_bench " + " ".join(sys.argv[1:])
 
     cards_path, queries_path = write_task_files(args.out, seed=args.seed)
     cards = load_cards(cards_path)
     queries = load_queries(queries_path, cards)
-    results: dict = {"command": command, "tasks": len(cards), "queries": len(queries)}
+    long_cards_path, long_queries_path = write_task_files(args.out / "long", seed=args.seed, queries_per_task=5, long=True)
+    long_cards = load_cards(long_cards_path)
+    long_queries = load_queries(long_queries_path, long_cards)
+    results: dict = {"command": command, "tasks": len(cards), "queries": len(queries),
+                     "long_queries": len(long_queries), "default_backend": DEFAULT_BACKEND}
 
+    results["cost"] = query_cost(cards, queries, long_queries)
+    print(json.dumps(results["cost"], indent=1), flush=True)
+    results["backends"] = compare_backends(cards, queries)
     base = {"instruction": CachedEmbedder(), "no instruction": CachedEmbedder(instruction="")}
     results["all_tasks"] = {name: compare_scorings(e, cards, queries) for name, e in base.items()}
     results["exclude_own"] = run(base["instruction"], cards, queries, "centroid", 1, exclude_own=True)
+    results["long"] = compare_lengths(long_cards, long_queries)
 
     # fine-tune on 40% of the adapters, score queries of the other 60% (against all adapters, and held-out only)
     names = sorted(c.model_name for c in cards)
@@ -116,21 +182,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = train_retriever([c for c in cards if c.model_name in train], Path(tmp) / "model",
                                 epochs=args.epochs, seed=args.seed)
-        tuned = CachedEmbedder(str(model))
         train_seconds = time.perf_counter() - started
+        tuned = CachedEmbedder(str(model))
         results["finetune"] = {
             "train_adapters": sorted(train), "epochs": args.epochs, "train_seconds": round(train_seconds, 1),
             "pools": {pool: {"before": compare_scorings(base["instruction"], pool_cards, held_queries),
                              "after": compare_scorings(tuned, pool_cards, held_queries)}
                       for pool, pool_cards in (("all adapters", cards), ("held-out adapters", held_cards))},
+            "backends after": compare_backends(cards, held_queries, str(model)),
         }
-    results["cost"] = query_cost(cards, queries)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results)
     write_doc(results)
-    print(json.dumps({k: v for k, v in results.items() if k != "finetune"}, indent=1)[:4000])
     print(f"wrote {args.out / 'results.json'}, {PLOT}, {DOC}")
     return 0
 
@@ -142,23 +207,43 @@ def _row(label: str, r: dict) -> str:
 def write_doc(results: dict) -> None:
     head = "| configuration | " + " | ".join(f"top-{k} %" for k in KS) + " |\n|---|" + "---:|" * len(KS)
     lines = [f"Made by `{results['command'].strip()}` ({results['tasks']} tasks in "
-             f"{len({t.domain for t in TASKS})} domains, 20 card samples each, {results['queries']} queries).", "",
-             "**All adapters, all queries (packaged all-MiniLM-L6-v2):**", "", head]
+             f"{len({t.domain for t in TASKS})} domains, 20 card samples each, {results['queries']} short queries; "
+             f"the long-prompt variant has {results['long_queries']} queries). Default backend: "
+             f"`{results['default_backend']}`.", "",
+             "**Embedder backends, all adapters, all queries (centroid scoring; packaged all-MiniLM-L6-v2):**", "", head]
+    lines += [_row(label, r) for label, r in results["backends"].items()]
+    lines += ["", "**Long prompts** (every card sample and query wrapped in a 120-320 word task-neutral passage, "
+              "before or after the task text; centroid, instruction; ms = embedding per prompt in batches of 32, "
+              "1 thread):", "", "| configuration | top-1 % | top-3 % | embed ms/prompt |", "|---|---:|---:|---:|"]
+    lines += [f"| {label} | {r['top1']:.1f} | {r['top3']:.1f} | {r['embed_ms_per_query']:.1f} |"
+              for label, r in results["long"].items()]
+    lines += ["", f"**Scorings, default backend:**", "", head]
     for emb, by_scoring in results["all_tasks"].items():
         lines += [_row(f"{scoring}, {emb}", r) for scoring, r in by_scoring.items()]
     ft = results["finetune"]
     lines += ["", f"**Fine-tuned on {len(ft['train_adapters'])} adapters (40%), {ft['epochs']} epochs, "
               f"{ft['train_seconds']:.0f} s on this machine's CPU; queries of the other "
-              f"{results['tasks'] - len(ft['train_adapters'])} tasks only (with the instruction):**", "", head]
+              f"{results['tasks'] - len(ft['train_adapters'])} tasks only (with the instruction, default backend):**",
+              "", head]
     for pool, phases in ft["pools"].items():
         for phase, by_scoring in phases.items():
             lines += [_row(f"{scoring}, {phase}, candidates: {pool}", r) for scoring, r in by_scoring.items()]
+    lines += ["", "**Fine-tuned model per backend** (centroid, all adapters, held-out tasks' queries):", "", head]
+    lines += [_row(label, r) for label, r in ft["backends after"].items()]
     ex = results["exclude_own"]
     lines += ["", f"**Out-of-domain protocol** (`--exclude-own`, centroid, instruction): an adapter of the query's "
               f"domain is top-1 for {ex['top1']:.1f}% of queries and in the top-3 for {ex['top3']:.1f}%.", "",
-              "**Cost per query** (ms, this machine's CPU, shared; 54 adapters in embedded Qdrant):", "",
-              "| step | ms |", "|---|---:|"]
-    lines += [f"| {k.replace('_', ' ')} | {v:.1f} |" for k, v in results["cost"].items()]
+              "**Embedding cost** (warmed up: the first call is reported apart; threads pinned; median of 48 "
+              "single prompts; batches of 32, best of 3):", "",
+              "| backend, threads | load s | first call ms | short: 1 prompt ms | short: batch-32 ms/prompt "
+              "| long: 1 prompt ms | long: batch-32 ms/prompt |", "|---|---:|---:|---:|---:|---:|---:|"]
+    keys = ("load s", "first call ms", "short 1 prompt ms", "short batch-32 ms/prompt", "long 1 prompt ms",
+            "long batch-32 ms/prompt")
+    lines += [f"| {label} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |" for label, r in results["cost"]["embed"].items()]
+    lines += ["", "**Search cost** (top-3, centroid, median; one BLAS thread):", "",
+              "| index | 1 query ms | batch-32 ms/query |", "|---|---:|---:|"]
+    lines += [f"| {label} | {r['1 query ms']:.3f} | {r['batch-32 ms/query']:.3f} |"
+              for label, r in results["cost"]["search"].items()]
     text = DOC.read_text()
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
     if not pattern.search(text):
@@ -167,13 +252,14 @@ def write_doc(results: dict) -> None:
 
 
 def plot(results: dict) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    bars = {f"{s}\n{e}": r for e, by in results["all_tasks"].items() for s, r in by.items()}
-    _bars(axes[0], bars, "all 54 adapters, all queries")
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
+    _bars(axes[0], {k.replace(", ", "\n"): r for k, r in results["backends"].items()},
+          "backends, short prompts, all 54 adapters")
+    _bars(axes[1], {k.replace(", ", "\n"): r for k, r in results["long"].items()}, "long prompts, by length limit")
     pools = results["finetune"]["pools"]["all adapters"]
-    _bars(axes[1], {f"{s}\n{phase}": r for phase, by in
+    _bars(axes[2], {f"{s}\n{phase}": r for phase, by in
                     (("before", pools["before"]), ("after", pools["after"])) for s, r in by.items()},
-          "queries of the 60% held-out tasks, before/after fine-tuning")
+          "held-out tasks' queries, before/after fine-tuning")
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
 

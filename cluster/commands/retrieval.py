@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cluster.cli import command_group
 from cluster.errors import UserError
-from services.retrieval import DEFAULT_INSTRUCTION
+from services.retrieval import DEFAULT_EMBEDDER_BACKEND, DEFAULT_INSTRUCTION, DEFAULT_MAX_SEQ_LENGTH, EMBEDDER_BACKENDS
 
 
 def register(sub) -> None:
@@ -19,6 +19,9 @@ def register(sub) -> None:
     ev.add_argument("--queries", required=True, help="QUERIES.json: [{inputs, targets, task, domain, metric}]")
     ev.add_argument("--embedder", help="sentence-transformers model folder (default: packaged all-MiniLM-L6-v2)")
     ev.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="prefix of every embedded text; '' for none")
+    ev.add_argument("--backend", choices=EMBEDDER_BACKENDS, default=DEFAULT_EMBEDDER_BACKEND,
+                    help="embedding runtime (torch is the reference)")
+    ev.add_argument("--max-seq-length", type=int, default=DEFAULT_MAX_SEQ_LENGTH, help="tokens kept per text")
     ev.add_argument("--scoring", choices=("centroid", "samples"), help="adapter scoring (default: the index's)")
     ev.add_argument("--exclude-own", action="store_true",
                     help="remove each query's own adapter; report how often an adapter of its domain ranks in the top k")
@@ -47,7 +50,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     try:
         cards = load_cards(args.cards)
         queries = load_queries(args.queries, cards)
-        embedder = Embedder(args.embedder, args.instruction)
+        embedder = Embedder(args.embedder, args.instruction, backend=args.backend, max_seq_length=args.max_seq_length)
     except (EvaluationInputError, EmbedderLoadError) as err:
         raise UserError(str(err)) from err
     result = evaluate(Retriever(embedder, AdapterIndex(embedder.dim)), cards, queries,

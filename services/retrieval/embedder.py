@@ -10,11 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from services.retrieval import DEFAULT_INSTRUCTION
-
-BACKENDS = ("onnx-int8", "onnx", "torch")
-DEFAULT_BACKEND = "onnx-int8"
-DEFAULT_MAX_SEQ_LENGTH = 256
+from services.retrieval import DEFAULT_EMBEDDER_BACKEND as DEFAULT_BACKEND
+from services.retrieval import DEFAULT_INSTRUCTION, DEFAULT_MAX_SEQ_LENGTH
+from services.retrieval import EMBEDDER_BACKENDS as BACKENDS
 
 
 class EmbedderLoadError(ValueError):
@@ -52,6 +50,12 @@ def _model_seq_limit(path: str) -> int | None:
     if st_config.is_file() and json.loads(st_config.read_text()).get("max_seq_length"):
         return int(json.loads(st_config.read_text())["max_seq_length"])
     return json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+
+
+def embedder_from_config(cfg) -> "Embedder":
+    """The Embedder an EmbedderConfig section describes."""
+    return Embedder(cfg.model_path, cfg.instruction, batch_size=cfg.batch_size, backend=cfg.backend,
+                    max_seq_length=cfg.max_seq_length, threads=cfg.threads)
 
 
 def onnx_cache_dir() -> Path:

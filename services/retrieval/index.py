@@ -152,7 +152,7 @@ class AdapterIndex:
         queries = self._checked_matrix(queries, "queries")
         if len(options) != len(queries):
             raise IndexInputError(f"got {len(queries)} queries and {len(options)} option sets")
-        specs = [self._checked_options(o) for o in options]
+        specs = [self.check_options(o) for o in options]
         queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)  # (n, dim) cosine = dot product
         ranked: list[list[RetrievedAdapter]] = [[] for _ in specs]
         groups: dict[tuple, list[int]] = {}
@@ -175,7 +175,7 @@ class AdapterIndex:
         return [RetrievalResult(adapters=[a for a in row if spec[4] is None or a.score >= spec[4]])
                 for row, spec in zip(ranked, specs)]
 
-    def _checked_options(self, options: Mapping) -> tuple:
+    def check_options(self, options: Mapping) -> tuple:
         """(top_k, tenant, base_model, exclude, min_similarity, scoring), hashable, defaults filled in."""
         unknown = set(options) - _SEARCH_KEYS
         if unknown:

@@ -15,12 +15,13 @@ import numpy as np
 from services.schemas import RetrievedAdapter
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Entry:
     version: str
     tenant: str | None
     base_model: str | None
-    samples: np.ndarray  # (samples, dim) unit rows
+    centroid: np.ndarray  # (dim,) unit mean of the samples
+    samples: np.ndarray  # (samples, dim) unit rows; a view into the stacked matrix once that is built
 
 
 class MatrixIndex:
@@ -31,7 +32,8 @@ class MatrixIndex:
         self._samples = None
 
     def put(self, name: str, samples: np.ndarray, version: str, tenant: str | None, base_model: str | None) -> None:
-        self._entries[name] = _Entry(version, tenant, base_model, samples)
+        centroid = samples.mean(0)
+        self._entries[name] = _Entry(version, tenant, base_model, centroid / np.linalg.norm(centroid), samples)
         self._centroids = self._samples = None
 
     def drop(self, name: str) -> None:
@@ -42,10 +44,13 @@ class MatrixIndex:
         return sorted(self._entries)
 
     def nbytes(self) -> int:
-        """Vector memory: the card samples plus, once built, the search matrices."""
-        built = (self._centroids[-1].nbytes if self._centroids else 0) + (
-            self._samples[0].nbytes + self._samples[1].nbytes if self._samples else 0)
-        return built + sum(e.samples.nbytes for e in self._entries.values())
+        """Vector memory: centroids and card samples (stored once: entries view the stacked matrix)."""
+        if self._samples is None:
+            samples = sum(e.samples.nbytes for e in self._entries.values())
+        else:
+            samples = self._samples[0].nbytes + self._samples[1].nbytes
+        centroids = sum(e.centroid.nbytes for e in self._entries.values())
+        return samples + centroids + (self._centroids[-1].nbytes if self._centroids else 0)
 
     def search(self, queries: np.ndarray, *, top_k: int, tenant: str | None, base_model: str | None,
                exclude: Sequence[str], scoring: str, sample_top_m: int) -> list[list[RetrievedAdapter]]:
@@ -76,8 +81,7 @@ class MatrixIndex:
     def _centroid_arrays(self):
         if self._centroids is None:
             entries = self._entries.items()
-            centroids = np.stack([e.samples.mean(0) for _, e in entries])  # (adapters, dim)
-            centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+            centroids = np.stack([e.centroid for _, e in entries])  # (adapters, dim)
             self._centroids = (np.array([n for n, _ in entries], dtype=object),
                                np.array([e.version for _, e in entries], dtype=object),
                                np.array([e.tenant for _, e in entries], dtype=object),
@@ -93,7 +97,10 @@ class MatrixIndex:
             starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
             for a, (start, count) in enumerate(zip(starts, counts)):
                 slots[a, :count] = np.arange(start, start + count)
-            self._samples = (np.concatenate([e.samples for e in self._entries.values()]), slots)
+            stacked = np.concatenate([e.samples for e in self._entries.values()])  # (all samples, dim)
+            for entry, start, count in zip(self._entries.values(), starts, counts):
+                entry.samples = stacked[start:start + count]  # hold the rows once, not twice
+            self._samples = (stacked, slots)
         stacked, slots = self._samples
         sims = queries @ stacked.T  # (n, all samples)
         per_card = np.where(slots >= 0, sims[:, slots], -np.inf)  # (n, adapters, widest card)

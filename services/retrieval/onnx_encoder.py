@@ -41,8 +41,11 @@ def check_mean_pooled(model_path: str) -> None:
     modules = json.loads((Path(model_path) / "modules.json").read_text()) if (Path(model_path) / "modules.json").is_file() else []
     kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
     pooling = next((m for m in modules if m.get("type", "").endswith("Pooling")), None)
-    mean = pooling is not None and json.loads((Path(model_path) / pooling["path"] / "config.json").read_text()).get(
-        "pooling_mode_mean_tokens", False)
+    config = json.loads((Path(model_path) / pooling["path"] / "config.json").read_text()) if pooling else {}
+    # sentence-transformers 6 writes pooling_mode: "mean"; older folders pooling_mode_mean_tokens: true
+    mean = config.get("pooling_mode") in ("mean", ["mean"]) or (
+        "pooling_mode" not in config and config.get("pooling_mode_mean_tokens", False)
+        and not any(v for k, v in config.items() if k.startswith("pooling_mode_") and k != "pooling_mode_mean_tokens"))
     if kinds[:1] != ["Transformer"] or not mean or "Normalize" not in kinds or len(kinds) != 3:
         raise OnnxExportError(f"{model_path}: the ONNX backends serve Transformer + mean Pooling + Normalize models "
                               f"only (found {kinds or 'no modules.json'}); use embedder.backend: torch")

@@ -73,7 +73,7 @@ def test_fine_tuning_saves_a_model_the_embedder_loads_and_moves_it(tiny_cards, t
     out = train_retriever(tiny_cards, tmp_path / "model", epochs=1, seed=0, progress=False)
     info = json.loads((out / TRAINING_INFO_FILE).read_text())
     assert info["adapters"] == ["addition", "reverse", "to_french"]
-    tuned = Embedder(str(out))
+    tuned = Embedder(str(out), backend="torch")
     text = ["What is 3 plus 4?"]
     assert tuned.dim == 384
     assert not np.allclose(tuned.encode(text), embedder.encode(text), atol=1e-4)  # the weights did change
