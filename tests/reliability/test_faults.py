@@ -168,46 +168,38 @@ def kill_replica(deployment: str) -> tuple[int, float]:
     return pid, time.monotonic()
 
 
-class FakeRegistry:
-    """The registry surface IndexSync reads (generation, snapshot, card embeddings)."""
-
-    def __init__(self, names: list[str], dim: int):
-        from types import SimpleNamespace
-
-        self.records = [SimpleNamespace(name=n, active_version="v1", owner_tenant=None, visibility="shared",
-                                        base_model="base", domain="d") for n in names]
-        self.dim = dim
-
-    def generation(self) -> int:
-        return 1
-
-    def snapshot(self):
-        return list(self.records)
-
-    def card_embeddings(self, name: str, version: str):
-        import numpy as np
-
-        rng = np.random.default_rng(abs(hash(name)) % 2**32)
-        return rng.standard_normal((3, self.dim)).astype("float32")
-
-
-def test_index_sync_recreates_a_lost_collection_from_the_registry():
+def test_index_sync_recreates_a_lost_collection_from_the_registry(tiny_zoo, redis_server, tmp_path):
     """A Qdrant server restarted without its storage has no collection at all: the next refresh
-    recreates it and indexes the registry again (before, every search failed until a restart)."""
-    import numpy as np
-
+    recreates it and indexes the registry again (before, every search failed until a restart).
+    The registry is the real stack's: Redis, the adapter store, card embeddings from the embedder."""
+    from cluster.adapter_admin import AdapterAdmin
+    from services.config import AppConfig
     from services.retrieval.index import AdapterIndex
     from services.serving.index_sync import IndexSync
 
-    index = AdapterIndex(8)
-    sync = IndexSync(FakeRegistry(["a", "b", "c"], 8), index, min_interval_s=0.0)
-    assert sync.refresh(force=True).names() == ["a", "b", "c"]
+    redis_url = redis_server.url.rsplit("/", 1)[0] + "/5"  # a database of its own: the module's cluster uses 0
+    redis.Redis.from_url(redis_url).flushdb()
+    cfg = AppConfig.model_validate({"base_model": {"path": str(tiny_zoo.base), "name": "tiny-random-llama"},
+                                    "adapter_store": {"path": str(tmp_path / "store")},
+                                    "redis": {"url": redis_url, "start_local": False}})
+    admin = AdapterAdmin.from_config(cfg)
+    for card in tiny_zoo.cards:
+        admin.add(card.model_name, tiny_zoo.adapters[card.model_name], card)
+    names = sorted(tiny_zoo.adapters)
+    queries = admin.embedder.encode([q.inputs for q in tiny_zoo.queries])
+
+    def ranking() -> list[list[str]]:
+        return [[a.name for a in r.adapters] for r in index.search(queries, top_k=len(names))]
+
+    index = AdapterIndex(admin.embedder.dim, memory_search=False)  # reads Qdrant itself, as with a server
+    sync = IndexSync(admin.registry, index, min_interval_s=0.0)
+    assert sorted(sync.refresh(force=True).names()) == names
+    before = ranking()
     index.client.delete_collection(index.collection)
     with pytest.raises(Exception):
         index.names()
-    assert sync.refresh().names() == ["a", "b", "c"]
-    found = index.search(np.ones((1, 8), dtype="float32"), top_k=3)[0]
-    assert {a.name for a in found.adapters} == {"a", "b", "c"}
+    assert sorted(sync.refresh().names()) == names
+    assert ranking() == before
 
 
 def test_an_adapter_whose_files_vanished_after_its_cpu_copy_was_dropped_fails_only_its_rows(tiny_zoo, tmp_path):
