@@ -11,13 +11,15 @@ at ~/.cache/loraretriever/demo by default; `--zoo` for another, e.g. a tiny one)
   retrieve  /v1/retrieve only
 Every --rollout-every seconds an operator rollout runs over the admin API on the next
 adapter in turn: add a new version (staged), canary it at 20 %, promote it, and every
-second time roll back. Every --sample-every seconds the RSS of each Ray worker process of
-this cluster (the descendants of this process named ray::...) is recorded, grouped by role.
+second time roll back. Every --sample-every seconds the RSS of every process of this
+cluster is recorded, grouped by role: each Serve deployment's replicas (ray::...), Ray's
+raylet and GCS, its other helpers (agents, monitors, idle workers), redis-server, and this
+driver (which also runs the clients and the operator).
 
-Writes OUT/soak.json (every sample and request outcome, plus a summary: RSS at start and
-end of the load per role, the slope of the total over the second half, error count,
-p50/p99 latency per minute and overall) and OUT/soak.png (RSS and latency over time, with
-the rollouts marked).
+Writes OUT/soak.json (the exact command, every sample and request outcome, plus a summary:
+RSS per role in the first and the last minute of the load and at every 10th minute, the
+slope of the total over the second half, error count, p50/p99 latency per minute and
+overall) and OUT/soak.png (RSS and latency over time, with the rollouts marked).
 """
 from __future__ import annotations
 
@@ -42,30 +44,34 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from cluster.bench.run_record import command_line  # noqa: E402
 from cluster.demo.variants import variant_adapter  # noqa: E402
 
 log = logging.getLogger("bench.soak")
 
 KINDS = ("chat", "stream", "named", "retrieve", "chat", "named", "chat", "stream")  # the mix, in turn
-ROLES = ("Composer", "Retriever", "Ingress", "ProxyActor", "ServeController")
+SERVE_ROLES = ("Composer", "Retriever", "Ingress", "ProxyActor", "ServeController")
+ROLES = SERVE_ROLES + ("raylet", "gcs_server", "ray other", "redis", "driver")
 
 
 def role_of(cmdline: str) -> str:
-    for role in ROLES:
-        if role in cmdline:
+    """The role of one descendant process, from its command line."""
+    if cmdline.startswith("ray::"):
+        return next((role for role in SERVE_ROLES if role in cmdline), "ray other")  # ray::IDLE and the like
+    program = cmdline.split(" ", 1)[0]
+    for role in ("raylet", "gcs_server", "redis"):
+        if role in program.rsplit("/", 1)[-1]:
             return role
-    return "other"
+    return "ray other"  # Ray's agents and monitors (python .../ray/...)
 
 
-def ray_worker_rss() -> dict[str, float]:
-    """MiB of resident memory per role over this process's Ray worker descendants (ray::...)."""
-    out: dict[str, float] = {}
-    for proc in psutil.Process().children(recursive=True):
+def cluster_rss() -> dict[str, float]:
+    """MiB of resident memory per role over this process and all its descendants."""
+    me = psutil.Process()
+    out = {"driver": me.memory_info().rss / 2**20}
+    for proc in me.children(recursive=True):
         try:
-            cmd = " ".join(proc.cmdline())
-            if not cmd.startswith("ray::"):
-                continue
-            role = role_of(cmd)
+            role = role_of(" ".join(proc.cmdline()))
             out[role] = out.get(role, 0.0) + proc.memory_info().rss / 2**20
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -172,7 +178,7 @@ def rollout_loop(base: str, admin_key: str, zoo, work: Path, stop: threading.Eve
 
 def sample_loop(stop: threading.Event, every: float, rec: Recorder) -> None:
     while True:
-        rss = ray_worker_rss()
+        rss = cluster_rss()
         with rec.lock:
             rec.rss.append({"t": rec.now(), **{k: round(v, 1) for k, v in rss.items()}})
         if stop.wait(every):
@@ -216,6 +222,10 @@ def summarize(rec: Recorder, load_start: float, load_end: float) -> dict:
         "p50_s": round(float(np.percentile(lat, 50)), 3), "p99_s": round(float(np.percentile(lat, 99)), 3),
         "rss_mib_first_minute": window_mean(load_start, load_start + minute),
         "rss_mib_last_minute": window_mean(load_end - minute, load_end),
+        # one minute's mean at minute 0, 10, 20, ... of the load, then the last minute
+        "rss_mib_every_10_min": [{"minute": round((lo - load_start) / minute), **window_mean(lo, lo + minute)}
+                                 for lo in [*np.arange(load_start, load_end - minute, 10 * minute),
+                                            load_end - minute]],
         "rss_total_slope_mib_per_min_second_half": None if slope is None else round(slope, 2),
         "rollouts": len(rec.rollouts), "rollout_failures": len(rollout_failures),
         "latency_per_minute": per_minute,
@@ -234,7 +244,7 @@ def plot(rec: Recorder, summary: dict, load_start: float, path: Path) -> None:
         if any(role in s for s in rec.rss):
             ax1.plot(t, [s.get(role, np.nan) for s in rec.rss], label=role, lw=2 if role == "total" else 1)
     ax1.set_ylabel("RSS, MiB")
-    ax1.set_title(f"Ray worker RSS (start {summary['rss_mib_first_minute'].get('total')} MiB, "
+    ax1.set_title(f"RSS of the cluster's processes (start {summary['rss_mib_first_minute'].get('total')} MiB, "
                   f"end {summary['rss_mib_last_minute'].get('total')} MiB)")
     ax1.legend(fontsize=8, ncol=3)
     ok = [r for r in rec.requests if r[2] == 200]
@@ -314,14 +324,14 @@ def main(argv: list[str] | None = None) -> int:
             stop.set()
             for th in threads:
                 th.join(timeout=120)
-            rec.rss.append({"t": rec.now(), **{k: round(v, 1) for k, v in ray_worker_rss().items()}})
+            rec.rss.append({"t": rec.now(), **{k: round(v, 1) for k, v in cluster_rss().items()}})
         finally:
             stop.set()
             stack.stop()
     summary = summarize(rec, load_start, load_end)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps({
-        "command": "python -m cluster.bench.soak " + " ".join(argv or []),
+        "command": command_line("cluster.bench.soak", argv),
         "zoo": str(zoo.root), "adapters": len(zoo.adapters), "clients": args.clients, "seconds": args.seconds,
         "max_tokens": args.max_tokens, "rollout_every_s": args.rollout_every, "summary": summary,
         "rollouts": rec.rollouts, "rss_samples": rec.rss,
