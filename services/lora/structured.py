@@ -39,12 +39,14 @@ def schema_of(response_format: dict) -> dict | None:
 class JsonConstraint:
     """One row's matcher: masks the logits with the grammar's allowed tokens, advances on each token."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab: int):
-        self.matcher, self.vocab = matcher, vocab
+    def __init__(self, matcher: llguidance.LLMatcher, vocab: int, eos: int):
+        self.matcher, self.vocab, self.eos = matcher, vocab, eos
 
     def mask(self, logits: torch.Tensor) -> None:
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(bits, bitorder="little")[: logits.shape[-1]]
+        if not allowed.any():  # the grammar is done (or broken): only end of text, never an all -inf row
+            allowed[self.eos] = 1
         forbidden = torch.from_numpy(allowed == 0)
         if forbidden.shape[0] < logits.shape[-1]:  # logits past the tokenizer's vocabulary
             forbidden = torch.cat([forbidden, torch.ones(logits.shape[-1] - forbidden.shape[0], dtype=torch.bool)])
@@ -81,4 +83,4 @@ class JsonGrammars:
         if matcher.is_error():
             raise InvalidRequest(f"response_format: the JSON schema cannot be used: {matcher.get_error()[:300]}",
                                  param="response_format")
-        return JsonConstraint(matcher, self.vocab)
+        return JsonConstraint(matcher, self.vocab, self.tokenizer.eos_token_id)

@@ -11,8 +11,10 @@ from typing import AsyncIterator
 from pydantic import Field
 
 from services.composition import AdapterKey
+from services.evaluation.generation import chat_prompt_ids
 from services.lora.adapter_files import AdapterValidationError
-from services.lora.generation import GenerationRequest, GenerationResult
+from services.lora.compatibility import CardTokens, PairScore, pair_score
+from services.lora.generation import GenerationRequest, GenerationResult, check_request
 from services.lora.structured import JsonGrammars
 from services.schemas import ChatMessage, CompositionPlan, Strict
 from services.serving.batcher import DynamicBatcher
@@ -112,6 +114,20 @@ class ComposerService:
         except (AdapterValidationError, OSError) as err:
             raise store_fault(key, err) from err
 
+    async def score_pairs(self, pairs: list[tuple[str, str]],
+                          cards: dict[str, list[tuple[str, str]]]) -> list[PairScore]:
+        """Compatibility of each pair of name@version keys on their card samples (inputs, targets),
+        on the batch thread between batches (services/lora/compatibility.py)."""
+        return await self.batcher.run_exclusive(self._score_pairs, pairs, cards)
+
+    def _score_pairs(self, pairs, cards) -> list[PairScore]:
+        self.ensure_loaded(sorted({key for pair in pairs for key in pair}))
+        tok = self.engine.tokenizer
+        tokens = {key: CardTokens([chat_prompt_ids(tok, inputs) for inputs, _ in samples],
+                                  [tok(targets, add_special_tokens=False)["input_ids"] for _, targets in samples])
+                  for key, samples in cards.items()}
+        return [pair_score(self.engine, a, tokens[a], b, tokens[b]) for a, b in pairs]
+
     def tokenize(self, job: ComposeJob) -> list[int]:
         tok = self.engine.tokenizer
         if job.messages is not None:
@@ -124,7 +140,8 @@ class ComposerService:
         return list(ids)
 
     def to_request(self, job: ComposeJob) -> GenerationRequest:
-        return GenerationRequest(
+        """The row for the batcher, checked here: a bad row must not fail the batch it would join."""
+        request = GenerationRequest(
             prompt_ids=self.tokenize(job),
             composition=job.plan.to_composition(),
             max_tokens=job.max_tokens,
@@ -139,6 +156,8 @@ class ComposerService:
             prompt_logprobs=job.prompt_logprobs,
             constraint=self.grammars.constraint(job.response_format) if job.response_format else None,
         )
+        check_request(request, self.engine.vocab_size)
+        return request
 
     async def generate(self, job: ComposeJob) -> AsyncIterator[str | GenerationResult]:
         """Text pieces, then the result; loads the plan's adapters first."""
