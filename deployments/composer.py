@@ -10,6 +10,7 @@ from ray import serve
 from services.config import AppConfig
 from deployments import metrics
 from services.wiring import base_model_path, make_placement, make_registry
+from services.lora.compatibility import PairScore
 from services.serving.catalog import CatalogCache
 from services.serving.composer_service import ComposeJob, ComposerService
 
@@ -55,6 +56,11 @@ class Composer:
                                  "adapters": job.plan.keys(), "composition": job.plan.composition.value,
                                  "completion_tokens": item.completion_tokens, "finish_reason": item.finish_reason}))
             yield dataclasses.asdict(item)
+
+    async def score_compatibility(self, pairs: list[tuple[str, str]],
+                                  cards: dict[str, list[tuple[str, str]]]) -> list[PairScore]:
+        """Compatibility scores of adapter-version pairs on their cards (called by the admin service)."""
+        return await self.service.score_pairs(pairs, cards)
 
     async def record_routing_stats(self) -> dict:
         """Called by Serve every few seconds: feeds the affinity router and the placement heartbeat,

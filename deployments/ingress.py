@@ -19,6 +19,8 @@ from deployments import metrics
 from deployments.fanout import ReplicaCalls
 from deployments.http_app import REQUEST_ID_HEADER, app, http_status
 from services.config import AppConfig
+from services.registry.compatibility import CompatibilityCache, CompatibilityStore
+from services.rollout.compatibility import refresh_compatibility
 from services.schemas import ChatCompletionRequest, CompletionRequest, RetrieveRequest
 from services.rollout.canary import CanaryJudge
 from services.serving.admin import (AdapterUpload, AdminService, CanaryRequest, PromoteRequest, TenantCreate,
@@ -57,9 +59,20 @@ class Ingress:
         self.tenants, self.limiter = TenantStore(redis), TenantLimiter(redis)
         r, c = cfg.retrieval, cfg.composition
         calls = ReplicaCalls(retriever, composer)
+        compatibility = CompatibilityStore(redis)
+
+        async def score_pairs(pairs, cards):
+            return await composer.score_compatibility.remote(pairs, cards)
+
+        async def on_active_change(name):
+            return await refresh_compatibility(self.registry, compatibility, score_pairs, name=name,
+                                               neighbours=c.compatibility_neighbours,
+                                               max_samples=c.compatibility_samples)
+
         self.admin = AdminService(registry=self.registry, tenants=self.tenants, limiter=self.limiter,
                                   embed=lambda texts: retriever.embed.remote(texts),
-                                  admin_key_env=cfg.server.admin_key_env, compose=calls.compose, rollout=cfg.rollout)
+                                  admin_key_env=cfg.server.admin_key_env, compose=calls.compose, rollout=cfg.rollout,
+                                  on_active_change=on_active_change, compatibility=compatibility)
         self.pipeline = RequestPipeline(
             gate=TenantGate(self.tenants, self.limiter, enabled=cfg.server.auth_enabled),
             catalog=CatalogCache(self.registry), retrieve=calls.retrieve, compose=calls.compose, stream=calls.stream,
@@ -68,7 +81,7 @@ class Ingress:
             defaults=PlanDefaults(top_k=r.top_k, composition=c.mode, weighting=c.weighting,
                                   temperature=c.temperature, min_similarity=r.min_similarity),
             base_model_id=base_model_name(cfg), max_tokens_limit=c.max_tokens_limit,
-            request_timeout_s=cfg.server.request_timeout_s)
+            request_timeout_s=cfg.server.request_timeout_s, compat=CompatibilityCache(compatibility))
 
     # ---- health ----------------------------------------------------------
     @app.get("/healthz")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -80,7 +81,13 @@ class RetrievalConfig(Section):
 
 
 class CompositionConfig(Section):
-    mode: CompositionMode = Field(CompositionMode.mixture, description="default composition")
+    mode: CompositionMode | Literal["auto"] = Field(
+        "auto", description="default composition; auto = per request from retrieval scores and compatibility "
+        "(services/serving/policy.py)")
+    compatibility_neighbours: int = Field(
+        3, ge=0, le=32, description="auto: each active version's compatibility is measured against this many "
+        "nearest adapters when it is added, promoted or rolled back (0: auto never mixes)")
+    compatibility_samples: int = Field(8, ge=1, le=64, description="card samples per adapter in a compatibility score")
     weighting: Weighting = Field(Weighting.uniform, description="default adapter weights")
     temperature: float = Field(1.0, gt=0, description="softmax temperature for weighting=softmax")
     max_adapters_per_request: int = Field(4, ge=1, le=16, description="K: adapter slots per batch row")

@@ -78,7 +78,8 @@ class LoraOptions(Strict):
 
     # strict ints: `true` or "3" is a wrong type (400), not silently 1 or 3; floats refuse NaN and inf.
     top_k: int | None = Field(None, ge=1, le=16, strict=True, description="adapters retrieved per prompt")
-    composition: CompositionMode | None = None
+    composition: CompositionMode | Literal["auto"] | None = Field(
+        None, description="auto: decided per prompt from retrieval scores and adapter compatibility")
     weighting: Weighting | None = None
     temperature: float | None = Field(None, gt=0, le=100, allow_inf_nan=False, description="softmax temperature for weighting=softmax")
     adapters: list[Text] | None = Field(None, max_length=16, description="use these adapters (name or name@version); no retrieval")
@@ -375,6 +376,7 @@ class CompositionPlan(Strict):
 
     adapters: list[UsedAdapter] = Field(default_factory=list)
     composition: CompositionMode = CompositionMode.none
+    decision: dict | None = Field(None, description="composition auto: what was decided and why, adapters dropped")
 
     def keys(self) -> list[str]:
         return [str(AdapterKey(a.name, a.version)) for a in self.adapters]

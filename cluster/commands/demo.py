@@ -29,9 +29,17 @@ def register(subparsers) -> None:
     show.add_argument("--root", type=Path, default=None, help="zoo folder (default: $LORARETRIEVER_HOME/demo)")
     show.set_defaults(func=run_show)
 
+    held = group.add_parser(
+        "held-out", help="write queries of tasks no adapter was trained for (for `eval generate --held-out`)")
+    held.add_argument("--out", type=Path, default=None,
+                      help="JSON file (default: held_out_queries.json in the zoo folder)")
+    held.add_argument("--per-task", type=int, default=15, help="queries per held-out task (default 15)")
+    held.set_defaults(func=run_held_out)
+
     report = group.add_parser("report", help="markdown table and plot of `eval generate --json` results")
     report.add_argument("--in-domain", type=Path, required=True, help="result of `eval generate --json`")
     report.add_argument("--out-of-domain", type=Path, help="result of `eval generate --exclude-own --json`")
+    report.add_argument("--held-out", type=Path, help="result of `eval generate --held-out --json`")
     report.add_argument("--plot", type=Path, help="write a bar plot (PNG) here")
     report.set_defaults(func=run_report)
 
@@ -64,6 +72,20 @@ def run_show(args) -> int:
     return 0
 
 
+def run_held_out(args) -> int:
+    from cluster.demo.zoo import default_root, held_out_queries
+
+    if args.per_task < 1:
+        raise UserError(f"--per-task must be at least 1, not {args.per_task}")
+    out = args.out or default_root() / "held_out_queries.json"
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    queries = held_out_queries(args.per_task)
+    out.write_text(json.dumps([q.model_dump() for q in queries], indent=1) + "\n")
+    log.info("wrote %d held-out queries (%d tasks) to %s", len(queries), len({q.task for q in queries}), out)
+    return 0
+
+
 def _read_result(path: Path) -> dict:
     try:
         result = json.loads(path.read_text())
@@ -75,13 +97,14 @@ def _read_result(path: Path) -> dict:
 
 
 def run_report(args) -> int:
-    from cluster.demo.report import markdown_table, plot
+    from cluster.demo.report import decision_table, markdown_table, plot
 
-    in_domain = _read_result(args.in_domain)
-    out_of_domain = _read_result(args.out_of_domain) if args.out_of_domain else None
+    if args.plot is not None and not args.plot.parent.is_dir():
+        raise UserError(f"--plot {args.plot}: folder {args.plot.parent} does not exist")
+    results = [_read_result(path) for path in (args.in_domain, args.out_of_domain, args.held_out) if path]
     if args.plot is not None:
-        if not args.plot.parent.is_dir():
-            raise UserError(f"--plot {args.plot}: folder {args.plot.parent} does not exist")
-        plot(in_domain, out_of_domain, args.plot)
-    print(markdown_table(in_domain, *([out_of_domain] if out_of_domain else [])))
+        plot(results, args.plot)
+    print(markdown_table(*results))
+    if any("policy" in r for r in results):
+        print("\n" + decision_table(*results))
     return 0

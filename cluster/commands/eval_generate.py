@@ -25,12 +25,18 @@ def register(sub) -> None:
     ev.add_argument("--queries", help="QUERIES.json: [{inputs, targets, task, domain, metric}] (default: the demo zoo's)")
     ev.add_argument("--adapters", help="folder with one PEFT adapter folder per card, named by model_name")
     ev.add_argument("--base", help="Hugging Face folder of the base model the adapters were trained on")
-    ev.add_argument("--composition", nargs="+", choices=("selection", "mixture", "fusion"),
-                    default=["selection", "mixture", "fusion"], help="retrieved compositions to evaluate")
+    ev.add_argument("--composition", nargs="+", choices=("selection", "mixture", "fusion", "auto"),
+                    default=["selection", "mixture", "fusion", "auto"],
+                    help="retrieved compositions to evaluate (auto: the adaptive policy)")
     ev.add_argument("--no-references", action="store_true", help="skip the base model and perfect selection")
     ev.add_argument("--top-k", type=int, default=3, help="adapters retrieved per query (default 3)")
     ev.add_argument("--exclude-own", action="store_true",
                     help="out-of-domain: never retrieve a query's own adapter")
+    ev.add_argument("--held-out", action="store_true",
+                    help="the queries are of tasks no adapter was trained for (`demo held-out`): "
+                    "no perfect selection")
+    ev.add_argument("--compat-samples", type=int, default=8,
+                    help="card samples per adapter for the auto policy's compatibility scores (default 8)")
     ev.add_argument("--max-tokens", type=int, default=24, help="answer length limit (default 24)")
     ev.add_argument("--batch-size", type=int, default=32, help="rows per engine step (default 32)")
     ev.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
@@ -50,15 +56,16 @@ def _inputs(args) -> tuple[str, str, Path, Path]:
         raise UserError(f"--base {base}: no config.json there (for the demo zoo: `loraretriever demo build`)")
     if not adapters.is_dir():
         raise UserError(f"--adapters {adapters}: not a folder")
-    for flag, value, low in (("--top-k", args.top_k, 1), ("--max-tokens", args.max_tokens, 1), ("--batch-size", args.batch_size, 1)):
+    for flag, value, low in (("--top-k", args.top_k, 1), ("--max-tokens", args.max_tokens, 1),
+                             ("--batch-size", args.batch_size, 1), ("--compat-samples", args.compat_samples, 1)):
         if value < low:
             raise UserError(f"{flag} must be at least {low}, not {value}")
     return cards, queries, adapters, base
 
 
-def retrieve_for_queries(retriever, queries, *, top_k: int, exclude_own: bool) -> list[list[str]]:
-    """Adapter names best first per query; with exclude_own, without the query's own adapter."""
-    out: list[list[str]] = [[] for _ in queries]
+def retrieve_for_queries(retriever, queries, *, top_k: int, exclude_own: bool) -> list[list[tuple[str, float]]]:
+    """(adapter name, score) best first per query; with exclude_own, without the query's own adapter."""
+    out: list[list[tuple[str, float]]] = [[] for _ in queries]
     by_task: dict[str, list[int]] = defaultdict(list)
     for i, q in enumerate(queries):
         by_task[q.task].append(i)
@@ -66,8 +73,43 @@ def retrieve_for_queries(retriever, queries, *, top_k: int, exclude_own: bool) -
         results = retriever.retrieve([queries[i].inputs for i in indices], top_k=top_k,
                                      exclude=[task] if exclude_own else [])
         for i, result in zip(indices, results):
-            out[i] = [a.name for a in result.adapters]
+            out[i] = [(a.name, a.score) for a in result.adapters]
     return out
+
+
+def auto_decisions(engine, tokenizer, embedder, cards, hits: list[list[tuple[str, float]]], *,
+                   compat_samples: int) -> tuple[list, dict]:
+    """The auto policy's decision per query: thresholds calibrated from the cards' embeddings,
+    compatibility scored on the cards for each pair a decision asks about (once per pair)."""
+    import time
+
+    from services.evaluation.generation import chat_prompt_ids
+    from services.lora.compatibility import CardTokens, pair_score
+    from services.serving.policy import calibrate, decide
+
+    vectors = embedder.encode([s.inputs for c in cards for s in c.sample])  # (all samples, dim)
+    by_card, start = {}, 0
+    for card in cards:
+        by_card[card.model_name] = vectors[start:start + len(card.sample)]
+        start += len(card.sample)
+    thresholds = calibrate(by_card)
+    tokens = {c.model_name: CardTokens([chat_prompt_ids(tokenizer, s.inputs) for s in c.sample[:compat_samples]],
+                                       [tokenizer(s.targets, add_special_tokens=False).input_ids
+                                        for s in c.sample[:compat_samples]]) for c in cards}
+    scores: dict[frozenset, float] = {}
+    started = time.perf_counter()
+
+    def compat(a: str, b: str) -> float:
+        pair = frozenset((a, b))
+        if pair not in scores:
+            scores[pair] = pair_score(engine, a, tokens[a], b, tokens[b]).score
+        return scores[pair]
+
+    decisions = [decide(h, compat, thresholds, min_similarity=0.0) for h in hits]  # the served default
+    info = {"thresholds": thresholds.to_dict(), "compat_pairs": len(scores),
+            "compat_seconds": round(time.perf_counter() - started, 1),
+            "compatibility": {" + ".join(sorted(p)): round(v, 3) for p, v in sorted(scores.items(), key=str)}}
+    return decisions, info
 
 
 def cmd_eval_generate(args: argparse.Namespace) -> int:
@@ -88,10 +130,12 @@ def cmd_eval_generate(args: argparse.Namespace) -> int:
 
     try:
         cards = load_cards(cards_path)
-        queries = load_queries(queries_path, cards)
+        queries = load_queries(queries_path, cards, held_out=args.held_out)
         embedder = Embedder()
     except (EvaluationInputError, EmbedderLoadError) as err:
         raise UserError(str(err)) from err
+    if args.held_out and args.exclude_own:
+        raise UserError("--held-out queries have no own adapter to exclude; drop --exclude-own")
     retrievable = len(cards) - (1 if args.exclude_own else 0)
     if args.top_k > retrievable:
         raise UserError(f"--top-k {args.top_k} exceeds the {retrievable} adapters a query can retrieve")
@@ -101,7 +145,8 @@ def cmd_eval_generate(args: argparse.Namespace) -> int:
 
     retriever = Retriever(embedder, AdapterIndex(embedder.dim))
     index_cards(retriever, cards, progress=True)
-    retrieved = retrieve_for_queries(retriever, queries, top_k=args.top_k, exclude_own=args.exclude_own)
+    hits = retrieve_for_queries(retriever, queries, top_k=args.top_k, exclude_own=args.exclude_own)
+    retrieved = [[name for name, _ in h] for h in hits]
 
     engine = CompositionEngine.from_pretrained(base, device=args.device, dtype="float32",
                                                max_adapters_per_row=max(args.top_k, 1))
@@ -111,15 +156,22 @@ def cmd_eval_generate(args: argparse.Namespace) -> int:
     except AdapterValidationError as err:
         raise UserError(str(err)) from err
 
-    systems = ([] if args.no_references else list(REFERENCE_SYSTEMS)) + [c for c in COMPOSITIONS if c in args.composition]
+    references = ("base",) if args.held_out else REFERENCE_SYSTEMS  # held-out tasks have no adapter to select
+    systems = ([] if args.no_references else list(references)) + [c for c in COMPOSITIONS if c in args.composition]
     tokenizer = AutoTokenizer.from_pretrained(base)
-    report = evaluate_generation(engine, tokenizer, queries, retrieved, systems=systems,
+    decisions, policy = None, None
+    if "auto" in systems:
+        decisions, policy = auto_decisions(engine, tokenizer, embedder, cards, hits, compat_samples=args.compat_samples)
+    report = evaluate_generation(engine, tokenizer, queries, retrieved, systems=systems, decisions=decisions,
                                  batch_size=args.batch_size, max_tokens=args.max_tokens, progress=True)
     own_in_top_k = sum(q.task in r for q, r in zip(queries, retrieved)) / len(queries)
     result = {
-        "settings": {"top_k": args.top_k, "exclude_own": args.exclude_own, "max_tokens": args.max_tokens,
-                     "queries": len(queries), "adapters": len(cards), "own_adapter_in_top_k": round(own_in_top_k, 4)},
+        "settings": {"top_k": args.top_k, "exclude_own": args.exclude_own, "held_out": args.held_out,
+                     "max_tokens": args.max_tokens, "queries": len(queries), "adapters": len(cards),
+                     "own_adapter_in_top_k": round(own_in_top_k, 4)},
         "retrieved": retrieved,
+        "scores": [[round(score, 4) for _, score in h] for h in hits],
+        **({"policy": policy} if policy else {}),
         "systems": report,
     }
     if args.json_out:

@@ -1,4 +1,4 @@
-"""Markdown table and bar plot of two `eval generate --json` results (in-domain, out-of-domain)."""
+"""Markdown tables and bar plot of `eval generate --json` results (in-domain, out-of-domain, held-out tasks)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +9,7 @@ SYSTEM_LABELS = {
     "selection": "selection (top-1)",
     "mixture": "mixture",
     "fusion": "fusion",
+    "auto": "auto (adaptive)",
 }
 
 
@@ -17,17 +18,37 @@ def _domains(result: dict) -> list[str]:
 
 
 def setting_name(result: dict) -> str:
-    return "out-of-domain" if result.get("settings", {}).get("exclude_own") else "in-domain"
+    settings = result.get("settings", {})
+    if settings.get("held_out"):
+        return "held-out tasks"
+    return "out-of-domain" if settings.get("exclude_own") else "in-domain"
 
 
 def markdown_table(*results: dict) -> str:
-    """One row per (setting, system), one column per domain, then the overall score."""
-    domains = _domains(results[0])
+    """One row per (setting, system), one column per domain of any setting ('-' where a setting has
+    none of it), then the overall score."""
+    domains = list(dict.fromkeys(d for result in results for d in _domains(result)))
     lines = ["| setting | system | " + " | ".join(domains) + " | overall |", "|---" * (len(domains) + 3) + "|"]
     for result in results:
         for name, rep in result["systems"].items():
-            cells = [f"{rep['domains'][d]['score']:.1f}" for d in domains] + [f"**{rep['overall']['score']:.1f}**"]
+            cells = [f"{rep['domains'][d]['score']:.1f}" if d in rep["domains"] else "-" for d in domains]
+            cells.append(f"**{rep['overall']['score']:.1f}**")
             lines.append(f"| {setting_name(result)} | {SYSTEM_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def decision_table(*results: dict) -> str:
+    """What the auto policy decided in each setting, with its calibrated thresholds."""
+    lines = ["| setting | selected | mixed (mean adapters) | base model | queries with an adapter dropped "
+             "| margin | temperature | compatibility pairs scored (s) |", "|---" * 8 + "|"]
+    for result in results:
+        auto, policy = result["systems"].get("auto"), result.get("policy")
+        if auto is None or policy is None:
+            continue
+        d, th = auto["decisions"], policy["thresholds"]
+        lines.append(f"| {setting_name(result)} | {d['selection']} | {d['mixture']} ({d['mixed_adapters_mean']}) "
+                     f"| {d['none']} | {d['queries_with_dropped']} | {th['margin']} | {th['temperature']} "
+                     f"| {policy['compat_pairs']} ({policy['compat_seconds']}) |")
     return "\n".join(lines)
 
 
@@ -40,7 +61,7 @@ def adapter_table(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(in_domain: dict, out_of_domain: dict | None, png: Path) -> None:
+def plot(results: list[dict], png: Path) -> None:
     """Grouped bars: per domain and overall, one bar per system; one panel per setting."""
     import matplotlib
 
@@ -48,10 +69,9 @@ def plot(in_domain: dict, out_of_domain: dict | None, png: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    settings = [("in-domain", in_domain)] + ([("out-of-domain (own adapter excluded)", out_of_domain)] if out_of_domain else [])
-    domains = _domains(in_domain) + ["overall"]
-    fig, axes = plt.subplots(len(settings), 1, figsize=(11, 3.6 * len(settings)), squeeze=False)
-    for ax, (title, result) in zip(axes[:, 0], settings):
+    fig, axes = plt.subplots(len(results), 1, figsize=(11, 3.6 * len(results)), squeeze=False)
+    for ax, result in zip(axes[:, 0], results):
+        title, domains = setting_name(result), _domains(result) + ["overall"]
         systems = list(result["systems"])
         width = 0.8 / len(systems)
         x = np.arange(len(domains))

@@ -189,3 +189,74 @@ TASKS: tuple[Task, ...] = (
 )
 
 TASKS_BY_NAME = {t.name: t for t in TASKS}
+
+# --- held-out tasks: no adapter is trained for them -----------------------------------
+# "composed": the answer needs two zoo skills in turn, or a zoo format over another domain's
+# content; "paraphrased": a zoo task asked in words its card never uses. Only queries are
+# made of them (`loraretriever demo held-out`), to see what composition does beyond the zoo.
+
+
+def _month_upper(rng: random.Random) -> Example:
+    d = _random_date(rng)
+    return f"Which month is the date {d.isoformat()} in? Answer in capital letters.", MONTHS[d.month - 1].upper()
+
+
+def _velo_upper(rng: random.Random) -> Example:
+    english = _english_sentence(rng)
+    return f"Translate into Velo, in capital letters: {english}", _velo(english).upper()
+
+
+def _add_then_double(rng: random.Random) -> Example:
+    a, b = rng.randint(10, 49), rng.randint(10, 49)
+    return f"Add {a} and {b}, then double the result.", str(2 * (a + b))
+
+
+def _velo_review(rng: random.Random) -> Example:
+    label = rng.choice(["positive", "negative"])
+    adjective = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+    noun = rng.choice(_NOUNS)
+    return f"Is this review positive or negative? The {VELO[noun]} was {adjective}.", label
+
+
+def _month_acronym(rng: random.Random) -> Example:
+    months = rng.sample(MONTHS, 3)
+    return f"Make an acronym from the first letters of: {' '.join(months)}", "".join(m[0] for m in months)
+
+
+def _capitalize(rng: random.Random) -> Example:
+    phrase = " ".join(rng.sample(WORDS, rng.randint(2, 3)))
+    return f"Please capitalize every letter of: {phrase}", phrase.upper()
+
+
+def _sum_of(rng: random.Random) -> Example:
+    a, b = rng.randint(10, 49), rng.randint(10, 49)
+    return f"What is the sum of {a} and {b}?", str(a + b)
+
+
+def _velo_dictionary(rng: random.Random) -> Example:
+    words = rng.sample(list(VELO), 2)
+    return f"In Velo, how do you say: {words[0]}, {words[1]}", " ".join(VELO[w] for w in words)
+
+
+def _feeling(rng: random.Random) -> Example:
+    label = rng.choice(list(EMOTIONS))
+    return f"What feeling does this message express? I am {rng.choice(EMOTIONS[label])}.", label
+
+
+def _american_date(rng: random.Random) -> Example:
+    d = _random_date(rng)
+    return f"Write the date {d.isoformat()} the American way.", f"{d.month:02d}/{d.day:02d}/{d.year}"
+
+
+HELD_OUT_TASKS: tuple[Task, ...] = (
+    Task("month_upper", "composed", "em", _month_upper),
+    Task("velo_upper", "composed", "bleu", _velo_upper),
+    Task("add_then_double", "composed", "em", _add_then_double),
+    Task("velo_review", "composed", "em", _velo_review),
+    Task("month_acronym", "composed", "em", _month_acronym),
+    Task("capitalize", "paraphrased", "em", _capitalize),
+    Task("sum_of", "paraphrased", "em", _sum_of),
+    Task("velo_dictionary", "paraphrased", "em", _velo_dictionary),
+    Task("feeling", "paraphrased", "em", _feeling),
+    Task("american_date", "paraphrased", "em", _american_date),
+)

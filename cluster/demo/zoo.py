@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cluster.demo import base_model
-from cluster.demo.tasks import TASKS, Task
+from cluster.demo.tasks import HELD_OUT_TASKS, TASKS, Task
 from cluster.demo.train import TrainSettings, greedy_answers, train_lora
 from services.config import data_home
 from services.schemas import AdapterCard, CardSample, Query
@@ -107,6 +107,12 @@ class ZooPaths:
         return (self.base / "config.json").is_file() and bool(self.cards) and all(
             c.model_name in self.adapters for c in self.cards
         )
+
+
+def held_out_queries(per_task: int = 15) -> list[Query]:
+    """Queries of the tasks no adapter is trained for (cluster/demo/tasks.py HELD_OUT_TASKS)."""
+    return [Query(inputs=x, targets=y, task=task.name, domain=task.domain, metric=task.metric)
+            for task in HELD_OUT_TASKS for x, y in task.examples(per_task, seed=1)]
 
 
 def default_root() -> Path:

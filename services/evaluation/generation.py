@@ -6,18 +6,19 @@ server sees traffic. Scores are on a 0-100 scale by each query's metric.
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from itertools import zip_longest
 from typing import Iterable
 
 from tqdm.auto import tqdm
 
 from services.composition import Composition
+from services.serving.policy import AUTO, Decision
 from services.schemas import Query
 from services.text_metrics import score
 
 REFERENCE_SYSTEMS = ("base", "perfect")  # no retrieval: the floor and the ceiling
-COMPOSITIONS = ("selection", "mixture", "fusion")
+COMPOSITIONS = ("selection", "mixture", "fusion", "auto")  # auto: the adaptive policy (services/serving/policy.py)
 SYSTEMS = REFERENCE_SYSTEMS + COMPOSITIONS
 
 
@@ -42,15 +43,30 @@ def interleave_tasks(queries: list[Query]) -> list[int]:
     return [i for group in zip_longest(*by_task.values()) for i in group if i is not None]
 
 
-def plan(system: str, query: Query, retrieved: list[str] | None) -> Composition:
-    """How `system` answers a query; `retrieved` = adapter names best first (top k)."""
+def plan(system: str, query: Query, retrieved: list[str] | None, decision: Decision | None = None) -> Composition:
+    """How `system` answers a query; `retrieved` = adapter names best first (top k); `decision` =
+    what the auto policy chose for it."""
     if system == "base":
         return Composition()
     if system == "perfect":
         return Composition.single(query.task)
+    if system == AUTO:
+        if decision is None:
+            raise ValueError("the auto system needs the policy's decision for every query")
+        return Composition.of(decision.mode, decision.adapters, decision.weights)
     if system not in COMPOSITIONS:
         raise ValueError(f"unknown system {system!r}; expected one of {', '.join(SYSTEMS)}")
     return Composition.of(system, retrieved or ())  # nothing retrieved: the base model answers
+
+
+def decision_counts(decisions: list[Decision]) -> dict:
+    """How often the policy selected, mixed or fell back to the base model, and dropped adapters."""
+    modes = Counter(d.mode.value for d in decisions)
+    return {"selection": modes["selection"], "mixture": modes["mixture"], "none": modes["none"],
+            "queries_with_dropped": sum(1 for d in decisions if d.dropped),
+            "dropped_adapters": sum(len(d.dropped) for d in decisions),
+            "mixed_adapters_mean": round(sum(len(d.adapters) for d in decisions if d.mode.value == "mixture")
+                                         / max(modes["mixture"], 1), 2)}
 
 
 def summarize(queries: list[Query], scores: list[dict[str, float]]) -> dict:
@@ -74,12 +90,13 @@ def summarize(queries: list[Query], scores: list[dict[str, float]]) -> dict:
 
 def evaluate_generation(
     engine, tokenizer, queries: list[Query], retrieved: list[list[str]], *, systems: Iterable[str] = SYSTEMS,
-    batch_size: int = 32, max_tokens: int = 24, progress: bool = False,
+    decisions: list[Decision] | None = None, batch_size: int = 32, max_tokens: int = 24, progress: bool = False,
 ) -> dict:
     """Answer every query with every system through `engine` (a CompositionEngine with every
     needed adapter loaded under its name) and score the answers.
 
-    retrieved[i] = adapter names retrieved for queries[i], best first.
+    retrieved[i] = adapter names retrieved for queries[i], best first; decisions[i] = the auto
+    policy's decision for queries[i] (needed for the auto system).
     Returns {system: {"overall": {...}, "domains": {...}, "answers": [...]}}."""
     from services.lora.generation import GenerationRequest
 
@@ -89,7 +106,8 @@ def evaluate_generation(
     order = interleave_tasks(queries)
     report = {}
     for system in systems:
-        rows = [plan(system, q, r) for q, r in zip(queries, retrieved)]
+        rows = [plan(system, q, r, decisions[i] if decisions else None)
+                for i, (q, r) in enumerate(zip(queries, retrieved))]
         answers: list[str] = [""] * len(queries)
         bar = tqdm(total=len(queries), desc=f"{system:>9}", unit="query", disable=not progress)
         for start in range(0, len(order), batch_size):
@@ -104,4 +122,6 @@ def evaluate_generation(
         bar.close()
         scores = [score(q.metric, a, q.targets) for q, a in zip(queries, answers)]
         report[system] = {**summarize(queries, scores), "answers": answers}
+        if system == AUTO:
+            report[system]["decisions"] = decision_counts(decisions)
     return report

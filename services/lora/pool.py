@@ -163,6 +163,9 @@ class AdapterPool:
                 if not self.in_use[key]:
                     del self.in_use[key]
 
+    # Stacks are made and written in inference mode, whichever mode the caller runs in: a stack made
+    # under forward_logits' inference mode could otherwise not be written by a later generate.
+    @torch.inference_mode()
     def _load_to_device(self, key: str, evictable: list[str]) -> None:
         started = time.perf_counter()
         taken = set(self.slot_of.values())

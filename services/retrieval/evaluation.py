@@ -55,11 +55,14 @@ def load_cards(path: str | Path) -> list[AdapterCard]:
     return cards
 
 
-def load_queries(path: str | Path, cards: list[AdapterCard]) -> list[Query]:
+def load_queries(path: str | Path, cards: list[AdapterCard], *, held_out: bool = False) -> list[Query]:
+    """Queries whose task names a card; with held_out, tasks that no adapter was trained for."""
     queries = _load_list(path, Query)
     names = {c.model_name for c in cards}
     for i, q in enumerate(queries):
-        if q.task not in names:
+        if held_out and q.task in names:
+            raise EvaluationInputError(f"{path}: entry {i}, field task: {q.task!r} has an adapter, it is not held out")
+        if not held_out and q.task not in names:
             raise EvaluationInputError(f"{path}: entry {i}, field task: no card for adapter {q.task!r}")
     return queries
 

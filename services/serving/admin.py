@@ -8,6 +8,7 @@ import base64
 import binascii
 import contextlib
 import hmac
+import logging
 import os
 from typing import Awaitable, Callable
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from services.composition import AdapterKey
 from services.registry.store import StoreError, check_name
 from services.rollout import canary as canary_stats
 from services.rollout.quality_gate import GateSamples, centroid_cosine, composer_answers, run_gate, split_card
@@ -22,6 +24,8 @@ from services.schemas import AdapterCard, Strict
 from services.errors import InvalidRequest, NotPermitted, NotAuthenticated, Unavailable
 from services.tenancy.gate import bearer_token
 from services.tenancy.tenants import TenantLimits, TenantStore
+
+log = logging.getLogger(__name__)
 
 ALLOWED_UPLOAD_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
@@ -77,7 +81,8 @@ def tenant_store_call(action: str):
 
 class AdminService:
     def __init__(self, *, registry, tenants: TenantStore, limiter, embed: Callable[[list[str]], Awaitable],
-                 admin_key_env: str, compose: Callable[..., Awaitable[dict]] | None = None, rollout=None):
+                 admin_key_env: str, compose: Callable[..., Awaitable[dict]] | None = None, rollout=None,
+                 on_active_change: Callable[[str | None], Awaitable[dict]] | None = None, compatibility=None):
         """embed(texts) -> (n, dim) card embeddings (the retriever group's embedder); compose(ComposeJob)
         -> its result dict (the quality gate answers through it); rollout: RolloutConfig."""
         from services.config import RolloutConfig
@@ -89,6 +94,19 @@ class AdminService:
         self.admin_key_env = admin_key_env
         self.rollout = rollout or RolloutConfig()
         self.answers = composer_answers(compose, self.rollout.gate_max_tokens) if compose else None
+        self.on_active_change = on_active_change  # compatibility scores and policy calibration follow
+        self.compatibility = compatibility  # services.registry.compatibility.CompatibilityStore
+
+    async def _active_changed(self, name: str | None, out: dict) -> dict:
+        """Re-measure `name`'s compatibility (None: recalibrate only); the action itself has landed,
+        so a failure here is reported in the answer and logged, never raised."""
+        if self.on_active_change is not None:
+            try:
+                out["compatibility"] = await self.on_active_change(name)
+            except Exception as err:
+                log.warning("compatibility refresh after a change of %s failed: %s", name, err)
+                out["compatibility"] = {"error": str(err)[:300]}
+        return out
 
     def require_admin(self, authorization: str | None) -> str:
         """The actor name for the audit log; 401/403 unless the admin key is given."""
@@ -110,7 +128,11 @@ class AdminService:
 
     async def show_adapter(self, name: str, authorization: str | None) -> dict:
         self.require_admin(authorization)
-        return self.registry.get(name).model_dump(mode="json")
+        record = self.registry.get(name)
+        out = record.model_dump(mode="json")
+        if self.compatibility is not None:  # per version: the other versions it was measured with
+            out["compatibility"] = {v: self.compatibility.of(str(AdapterKey(name, v))) for v in record.versions}
+        return out
 
     async def add_adapter(self, body: AdapterUpload, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
@@ -132,7 +154,7 @@ class AdminService:
         if not body.activate and self.answers is not None:
             report = await self._quality_gate(body.name, version.version, evaluation, source)
             out["quality"] = report.model_dump(mode="json")
-        return out
+        return await self._active_changed(body.name, out) if body.activate else out
 
     async def _quality_gate(self, name: str, version: str, evaluation: GateSamples, source: str):
         """Score a staged version against the active one and the base model; stored with the version."""
@@ -168,7 +190,7 @@ class AdminService:
     async def promote(self, name: str, body: PromoteRequest, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
         self.registry.activate(name, body.version, actor=actor, force=body.force)
-        return {"name": name, "active_version": body.version}
+        return await self._active_changed(name, {"name": name, "active_version": body.version})
 
     async def canary(self, name: str, body: CanaryRequest, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
@@ -191,7 +213,8 @@ class AdminService:
     async def retire_version(self, name: str, version: str, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
         record = self.registry.retire_version(name, version, actor=actor)
-        return {"name": name, "retired_version": version, "versions": sorted(record.versions)}
+        return await self._active_changed(None, {"name": name, "retired_version": version,
+                                                 "versions": sorted(record.versions)})
 
     async def collect_garbage(self, authorization: str | None) -> dict:
         """Delete store folders of retired versions that no composer replica holds."""
@@ -201,12 +224,12 @@ class AdminService:
     async def rollback(self, name: str, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
         version = self.registry.rollback(name, actor=actor)
-        return {"name": name, "active_version": version}
+        return await self._active_changed(name, {"name": name, "active_version": version})
 
     async def retire(self, name: str, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)
         self.registry.retire(name, actor=actor)
-        return {"name": name, "retired": True}
+        return await self._active_changed(None, {"name": name, "retired": True})
 
     async def pin(self, name: str, authorization: str | None) -> dict:
         actor = self.require_admin(authorization)

@@ -32,8 +32,12 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
 
 
 def lora_info(plan: CompositionPlan) -> dict:
-    """The `lora` field of every choice: adapters with versions and weights, and the mode."""
-    return {"composition": plan.composition.value, "adapters": [a.model_dump() for a in plan.adapters]}
+    """The `lora` field of every choice: adapters with versions and weights, the mode, and for
+    composition auto what was decided and why."""
+    info = {"composition": plan.composition.value, "adapters": [a.model_dump() for a in plan.adapters]}
+    if plan.decision is not None:
+        info["decision"] = plan.decision
+    return info
 
 
 def model_entries(base_model_id: str, records: list) -> list[dict]:

@@ -122,9 +122,11 @@ def ignored_header(body) -> dict[str, str]:
 class RequestPipeline:
     def __init__(self, *, gate: TenantGate, catalog, retrieve: RetrieveFn, compose: ComposeFn, stream: StreamFn,
                  metrics: Metrics, status_of: Callable[[ServiceError], int], defaults: PlanDefaults,
-                 base_model_id: str, max_tokens_limit: int, request_timeout_s: float):
-        """catalog: has get() -> Catalog (one registry snapshot); status_of: the HTTP status of an error."""
+                 base_model_id: str, max_tokens_limit: int, request_timeout_s: float, compat=None):
+        """catalog: has get() -> Catalog (one registry snapshot); status_of: the HTTP status of an error;
+        compat: has get() -> the compatibility snapshot composition auto reads (None: no scores)."""
         self.gate, self.catalog, self.metrics, self.status_of = gate, catalog, metrics, status_of
+        self.compat = compat
         self._retrieve_call, self._compose, self._stream = retrieve, compose, stream
         self.defaults, self.base_model_id = defaults, base_model_id
         self.max_tokens_limit, self.request_timeout_s = max_tokens_limit, request_timeout_s
@@ -285,7 +287,8 @@ class RequestPipeline:
         if needs_retrieval(model, opts):
             retrieved = RetrievalResult.model_validate(await self._retrieve(text, opts, tenant))
         return plan_composition(model=model, base_model_id=self.base_model_id, opts=opts, defaults=self.defaults,
-                                catalog=catalog, tenant=tenant, request_id=request_id, retrieved=retrieved)
+                                catalog=catalog, tenant=tenant, request_id=request_id, retrieved=retrieved,
+                                compat=self.compat.get() if self.compat is not None else None)
 
     async def _retrieve(self, text: str, opts: LoraOptions, tenant: str | None) -> dict:
         min_sim = opts.min_similarity if opts.min_similarity is not None else self.defaults.min_similarity

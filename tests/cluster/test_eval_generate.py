@@ -58,8 +58,11 @@ def test_command_on_the_tiny_zoo_matches_peft_generation(tiny_zoo, tmp_path, cap
     assert table.splitlines()[0] == "| setting | system | arithmetic | sentiment | strings | overall |"
     result = json.loads(out.read_text())
     systems = result["systems"]
-    assert list(systems) == ["base", "perfect", "selection", "mixture", "fusion"]
+    assert list(systems) == ["base", "perfect", "selection", "mixture", "fusion", "auto"]
     assert result["settings"]["own_adapter_in_top_k"] > 0
+    decisions = systems["auto"]["decisions"]
+    assert decisions["selection"] + decisions["mixture"] + decisions["none"] == len(tiny_zoo.queries)
+    assert result["policy"]["thresholds"]["margin"] > 0 and len(result["scores"]) == len(tiny_zoo.queries)
     assert all(len(r) == 2 for r in result["retrieved"])
 
     queries = tiny_zoo.queries
@@ -115,3 +118,31 @@ def test_command_names_a_missing_adapter_folder(tiny_zoo, tmp_path, capsys):
     assert main(["eval", "generate", "--cards", str(tiny_zoo.cards_file), "--queries", str(tiny_zoo.queries_file),
                  "--adapters", str(adapters), "--base", str(tiny_zoo.base)]) == 2
     assert "no adapter folder for add" in capsys.readouterr().err
+
+
+def test_held_out_queries_evaluate_and_report(tiny_zoo, tmp_path, capsys):
+    from cluster.cli import main
+
+    held = tmp_path / "held_out.json"
+    assert main(["demo", "held-out", "--out", str(held), "--per-task", "1"]) == 0
+    out = tmp_path / "held.json"
+    assert main(["eval", "generate", "--cards", str(tiny_zoo.cards_file), "--queries", str(held), "--held-out",
+                 "--adapters", str(tiny_zoo.adapters_dir), "--base", str(tiny_zoo.base), "--top-k", "2",
+                 "--composition", "selection", "auto", "--max-tokens", "2", "--device", "cpu",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["systems"]) == ["base", "selection", "auto"]  # no adapter to select perfectly
+    assert sorted(result["systems"]["auto"]["domains"]) == ["composed", "paraphrased"]
+    capsys.readouterr()
+    assert main(["demo", "report", "--in-domain", str(out), "--held-out", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "| held-out tasks | auto (adaptive) |" in report and "| held-out tasks | " in report.split("\n\n")[1]
+
+
+def test_held_out_queries_must_have_no_adapter(tiny_zoo, capsys):
+    from cluster.cli import main
+
+    assert main(["eval", "generate", "--cards", str(tiny_zoo.cards_file), "--queries", str(tiny_zoo.queries_file),
+                 "--held-out", "--adapters", str(tiny_zoo.adapters_dir), "--base", str(tiny_zoo.base)]) == 2
+    assert "has an adapter, it is not held out" in capsys.readouterr().err
+

@@ -131,3 +131,13 @@ def test_concurrent_batches_do_not_disturb_each_other(folders):
     for name, outs in zip("de", results):
         for out in outs:
             torch.testing.assert_close(out, expected[name], rtol=0, atol=1e-6)
+
+
+def test_slots_written_in_inference_mode_can_be_rewritten_outside_it(folders):
+    """forward_logits runs in inference mode; a later batch outside it writes the same stacks
+    (this failed with 'Inplace update to inference tensor outside InferenceMode')."""
+    engine = make_engine(folders, device_slots=1)
+    logits(engine, "a")
+    with engine.composed([Composition.single("b")]):  # evicts a, writes b into the same slot
+        pass
+    assert engine.resident_adapters() == ["b"]

@@ -90,3 +90,51 @@ def test_canary_split_is_deterministic_per_request():
     share = sum(v == "upper@2" for v in chosen.values()) / len(ids)
     assert 0.2 < share < 0.4
     assert all((chosen[r] == "upper@2") == (canary_bucket(r, "upper") < 30) for r in ids)
+
+
+def snapshot(scores: dict, margin=0.1):
+    from services.registry.compatibility import CompatibilitySnapshot
+    from services.serving.policy import PolicyThresholds
+
+    return CompatibilitySnapshot({frozenset(k): v for k, v in scores.items()},
+                                 PolicyThresholds(margin=margin, temperature=0.1, min_retained=0.8), generation=1)
+
+
+def test_auto_mixes_compatible_versions_and_says_why():
+    compat = snapshot({("upper@1", "lower@1"): 0.95})
+    plan = plan_composition(model="auto", base_model_id="base", opts=LoraOptions(composition="auto"),
+                            defaults=DEFAULTS, catalog=CATALOG, tenant=None, request_id="r1",
+                            retrieved=hits(("upper", 0.62), ("lower", 0.60), ("secret", 0.61)), compat=compat)
+    assert plan.composition is CompositionMode.mixture
+    assert [(a.name, a.version, a.score) for a in plan.adapters] == [("upper", "1", 0.62), ("lower", "1", 0.60)]
+    assert sum(a.weight for a in plan.adapters) == pytest.approx(1) and plan.adapters[0].weight > 0.5
+    assert plan.decision["policy"] == "auto" and "mix the compatible" in plan.decision["reason"]
+    assert plan.decision["dropped"] == []  # 'secret' is another tenant's: never considered
+
+
+def test_auto_drops_an_unscored_version_and_selects_a_clear_top1():
+    compat = snapshot({("upper@2", "lower@1"): 0.95})  # measured for a version not active
+    close = plan_composition(model="auto", base_model_id="base", opts=LoraOptions(composition="auto"),
+                             defaults=DEFAULTS, catalog=CATALOG, tenant=None, request_id="r1",
+                             retrieved=hits(("upper", 0.62), ("lower", 0.60)), compat=compat)
+    assert close.composition is CompositionMode.selection and [a.name for a in close.adapters] == ["upper"]
+    assert close.decision["dropped"][0]["name"] == "lower"
+    clear = plan_composition(model="auto", base_model_id="base", opts=LoraOptions(composition="auto"),
+                             defaults=DEFAULTS, catalog=CATALOG, tenant=None, request_id="r1",
+                             retrieved=hits(("upper", 0.9), ("lower", 0.5)), compat=compat)
+    assert clear.composition is CompositionMode.selection and "clear top-1" in clear.decision["reason"]
+
+
+def test_auto_below_min_similarity_answers_with_the_base_model():
+    plan = plan_composition(model="auto", base_model_id="base", opts=LoraOptions(composition="auto", min_similarity=0.7),
+                            defaults=DEFAULTS, catalog=CATALOG, tenant=None, request_id="r1",
+                            retrieved=hits(("upper", 0.62)), compat=None)
+    assert plan.composition is CompositionMode.none and plan.adapters == []
+    assert "no adapter fits" in plan.decision["reason"]
+
+
+def test_auto_with_named_adapters_mixes_them_as_asked():
+    plan = plan_composition(model="auto", base_model_id="base",
+                            opts=LoraOptions(composition="auto", adapters=["upper", "lower"]),
+                            defaults=DEFAULTS, catalog=CATALOG, tenant=None, request_id="r1")
+    assert plan.composition is CompositionMode.mixture and plan.decision is None
