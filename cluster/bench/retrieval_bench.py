@@ -14,8 +14,8 @@ import argparse
 import json
 import os
 import random
-import statistics
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -32,10 +32,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cluster.bench.retrieval_scale import timed_ms, unit_rows  # noqa: E402
 from cluster.bench.retrieval_tasks import TASKS, write_task_files  # noqa: E402
 from cluster.bench.run_record import command_line  # noqa: E402
-from services.retrieval import DEFAULT_INSTRUCTION  # noqa: E402
-from services.retrieval.embedder import Embedder  # noqa: E402
+from services.retrieval.embedder import BACKENDS, DEFAULT_BACKEND, DEFAULT_MAX_SEQ_LENGTH, Embedder  # noqa: E402
 from services.retrieval.evaluation import KS, evaluate, load_cards, load_queries  # noqa: E402
 from services.retrieval.finetune import train_retriever  # noqa: E402
 from services.retrieval.index import AdapterIndex  # noqa: E402
@@ -45,7 +45,8 @@ DOC = Path("docs/retrieval.md")
 PLOT = Path("docs/retrieval.png")
 BEGIN, END = "<!-- retrieval-bench:begin -->", "<!-- retrieval-bench:end -->"
 SCORINGS = (("centroid", "centroid", 1), ("best sample", "samples", 1), ("top-3 samples", "samples", 3))
-SEQ_LENGTHS = (64, 128, 256)
+# (backend, max_seq_length) on long prompts: every backend at the model's limit, shorter limits on the default
+LENGTHS = tuple((b, 256) for b in BACKENDS) + ((DEFAULT_BACKEND, 128), (DEFAULT_BACKEND, 64), ("torch", 128))
 
 
 class CachedEmbedder(Embedder):
@@ -84,11 +85,10 @@ def compare_backends(cards, queries, model: str | None = None) -> dict:
 def compare_lengths(cards, queries) -> dict:
     """Long prompts: centroid top-k and batch-32 embedding cost per backend and sequence-length limit."""
     out = {}
-    for backend in BACKENDS:
-        for length in SEQ_LENGTHS:
-            r = run(CachedEmbedder(backend=backend, max_seq_length=length), cards, queries, "centroid", 1)
-            out[f"{backend}, {length} tokens"] = r
-            print(f"long prompts, {backend}, {length} tokens: top-1 {r['top1']}, {r['embed_ms_per_query']} ms", flush=True)
+    for backend, length in LENGTHS:
+        r = run(CachedEmbedder(backend=backend, max_seq_length=length), cards, queries, "centroid", 1)
+        out[f"{backend}, {length} tokens"] = r
+        print(f"long prompts, {backend}, {length} tokens: top-1 {r['top1']}, {r['embed_ms_per_query']} ms", flush=True)
     return out
 
 
@@ -102,12 +102,12 @@ def embed_cost(short: list[str], long: list[str], backend: str, threads: int, ma
     out["first call ms"] = 1000 * (time.perf_counter() - t0)
     for label, texts in (("short", short), ("long", long)):
         singles = []
-        for text in texts[:48]:
+        for text in texts[:24]:
             t0 = time.perf_counter()
             embedder.encode([text])
             singles.append(1000 * (time.perf_counter() - t0))
         out[f"{label} 1 prompt ms"] = statistics.median(singles)
-        batches = [texts[i:i + 32] for i in range(0, 96, 32)]
+        batches = [texts[i:i + 32] for i in range(0, min(96, len(texts) - 31), 32)]  # full batches only
         out[f"{label} batch-32 ms/prompt"] = min(timed_ms(lambda b=b: embedder.encode(b), 1) for b in batches) / 32
     return {k: round(v, 2) for k, v in out.items()}
 
@@ -120,8 +120,8 @@ def search_cost(index: AdapterIndex, vectors: np.ndarray) -> dict:
 
 def query_cost(cards, queries, long_queries) -> dict:
     """Embedding per backend and thread count; search at the suite's size and at 1,000 adapters."""
-    short = [q.inputs for q in queries[::5]]
-    long = [q.inputs for q in long_queries[::5]]
+    short = [q.inputs for q in queries]
+    long = [q.inputs for q in long_queries]
     out = {"embed": {f"{b}, {t} thread{'s' * (t > 1)}": embed_cost(short, long, b, t, DEFAULT_MAX_SEQ_LENGTH)
                      for b in BACKENDS for t in (1, 2)}}
     embedder = Embedder(threads=1)
@@ -146,6 +146,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("var/bench/retrieval"))
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--queries", type=int, default=10, help="queries per task (short prompts)")
+    parser.add_argument("--long-samples", type=int, default=20, help="card samples per adapter, long prompts")
+    parser.add_argument("--long-queries", type=int, default=5, help="queries per task, long prompts")
     parser.add_argument("--from-json", type=Path, help="only redraw the plot and the doc tables from a results.json")
     args = parser.parse_args()
     if args.from_json:
@@ -153,20 +156,23 @@ def main() -> int:
         plot(results)
         write_doc(results)
         return 0
-    command = "python -m cluster.bench.retrieval_bench " + " ".join(sys.argv[1:])
+    command = command_line("cluster.bench.retrieval_bench")
 
-    cards_path, queries_path = write_task_files(args.out, seed=args.seed)
+    cards_path, queries_path = write_task_files(args.out, seed=args.seed, queries_per_task=args.queries)
     cards = load_cards(cards_path)
     queries = load_queries(queries_path, cards)
-    long_cards_path, long_queries_path = write_task_files(args.out / "long", seed=args.seed, queries_per_task=5, long=True)
+    long_cards_path, long_queries_path = write_task_files(args.out / "long", seed=args.seed, long=True,
+                                                          samples_per_card=args.long_samples,
+                                                          queries_per_task=args.long_queries)
     long_cards = load_cards(long_cards_path)
     long_queries = load_queries(long_queries_path, long_cards)
-    results: dict = {"command": command, "tasks": len(cards), "queries": len(queries),
-                     "long_queries": len(long_queries), "default_backend": DEFAULT_BACKEND}
+    results: dict = {"command": command, "tasks": len(cards), "queries": len(queries), "long_queries": len(long_queries),
+                     "long_samples": args.long_samples, "default_backend": DEFAULT_BACKEND}
 
+    results["backends"] = compare_backends(cards, queries)
+    print(json.dumps({k: r["top1"] for k, r in results["backends"].items()}), flush=True)
     results["cost"] = query_cost(cards, queries, long_queries)
     print(json.dumps(results["cost"], indent=1), flush=True)
-    results["backends"] = compare_backends(cards, queries)
     base = {"instruction": CachedEmbedder(), "no instruction": CachedEmbedder(instruction="")}
     results["all_tasks"] = {name: compare_scorings(e, cards, queries) for name, e in base.items()}
     results["exclude_own"] = run(base["instruction"], cards, queries, "centroid", 1, exclude_own=True)
@@ -212,12 +218,13 @@ def write_doc(results: dict) -> None:
              f"`{results['default_backend']}`.", "",
              "**Embedder backends, all adapters, all queries (centroid scoring; packaged all-MiniLM-L6-v2):**", "", head]
     lines += [_row(label, r) for label, r in results["backends"].items()]
-    lines += ["", "**Long prompts** (every card sample and query wrapped in a 120-320 word task-neutral passage, "
+    lines += ["", f"**Long prompts** ({results['long_samples']} card samples per adapter; every card sample and "
+              "query wrapped in a 120-320 word task-neutral passage, "
               "before or after the task text; centroid, instruction; ms = embedding per prompt in batches of 32, "
               "1 thread):", "", "| configuration | top-1 % | top-3 % | embed ms/prompt |", "|---|---:|---:|---:|"]
     lines += [f"| {label} | {r['top1']:.1f} | {r['top3']:.1f} | {r['embed_ms_per_query']:.1f} |"
               for label, r in results["long"].items()]
-    lines += ["", f"**Scorings, default backend:**", "", head]
+    lines += ["", "**Scorings, default backend:**", "", head]
     for emb, by_scoring in results["all_tasks"].items():
         lines += [_row(f"{scoring}, {emb}", r) for scoring, r in by_scoring.items()]
     ft = results["finetune"]
@@ -233,7 +240,7 @@ def write_doc(results: dict) -> None:
     ex = results["exclude_own"]
     lines += ["", f"**Out-of-domain protocol** (`--exclude-own`, centroid, instruction): an adapter of the query's "
               f"domain is top-1 for {ex['top1']:.1f}% of queries and in the top-3 for {ex['top3']:.1f}%.", "",
-              "**Embedding cost** (warmed up: the first call is reported apart; threads pinned; median of 48 "
+              "**Embedding cost** (warmed up: the first call is reported apart; threads pinned; median of 24 "
               "single prompts; batches of 32, best of 3):", "",
               "| backend, threads | load s | first call ms | short: 1 prompt ms | short: batch-32 ms/prompt "
               "| long: 1 prompt ms | long: batch-32 ms/prompt |", "|---|---:|---:|---:|---:|---:|---:|"]

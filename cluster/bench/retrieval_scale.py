@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -30,9 +31,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from cluster.bench.run_record import command_line  # noqa: E402
 from services.retrieval.index import AdapterIndex  # noqa: E402
 
 PLOT = Path("docs/retrieval_scale.png")
+DOC = Path("docs/retrieval.md")
+BEGIN, END = "<!-- retrieval-scale:begin -->", "<!-- retrieval-scale:end -->"
+COLUMNS = ("centroid b1 ms", "centroid b32 ms/query", "samples b1 ms", "samples b32 ms/query",
+           "embedded qdrant centroid b1 ms", "register s", "first centroid search after s", "build_s",
+           "search matrices MiB", "index MiB (process)", "server estimate MiB")
 DIM, SAMPLES = 384, 20
 # embedded Qdrant filters every point in Python per query: past this many points a search takes seconds
 QDRANT_SEARCH_MAX_POINTS = 25_000
@@ -100,19 +107,40 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("var/bench/retrieval_scale"))
+    parser.add_argument("--from-json", type=Path, help="only redraw the plot and the doc table from a results.json")
     args = parser.parse_args()
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        plot(results["rows"])
+        write_doc(results)
+        return 0
     warnings.filterwarnings("ignore", message="Local mode is not recommended")
     rng = np.random.default_rng(args.seed)
     rows = []
     for size in args.sizes:
         rows.append(measure(size, rng, args.repeats))
         print(json.dumps(rows[-1]), flush=True)
-    results = {"command": "python -m cluster.bench.retrieval_scale " + " ".join(sys.argv[1:]), "rows": rows}
+    results = {"command": command_line("cluster.bench.retrieval_scale"), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     plot(rows)
-    print(f"wrote {args.out / 'results.json'}, {PLOT}")
+    write_doc(results)
+    print(f"wrote {args.out / 'results.json'}, {PLOT}, {DOC}")
     return 0
+
+
+def write_doc(results: dict) -> None:
+    lines = [f"Made by `{results['command'].strip()}`; blank: not measured (embedded Qdrant's own search past "
+             f"{QDRANT_SEARCH_MAX_POINTS:,} points takes seconds a query).", "",
+             "| adapters | " + " | ".join(COLUMNS) + " |", "|---:|" + "---:|" * len(COLUMNS)]
+    for r in results["rows"]:
+        lines.append(f"| {r['adapters']:,} | " + " | ".join(
+            "" if k not in r else f"{r[k]:.0f}" if r[k] >= 100 else f"{r[k]:.3g}" for k in COLUMNS) + " |")
+    text = DOC.read_text()
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{DOC} lacks the {BEGIN} ... {END} markers")
+    DOC.write_text(pattern.sub(lambda _: BEGIN + "\n" + "\n".join(lines) + "\n" + END, text))
 
 
 def plot(rows: list[dict]) -> None:

@@ -107,3 +107,24 @@ def test_onnx_backends_refuse_a_model_that_is_not_mean_pooled(tmp_path):
                       .replace('"pooling_mode_cls_token": false', '"pooling_mode_cls_token": true'))
     with pytest.raises(EmbedderLoadError, match="mean Pooling"):
         Embedder(str(folder), backend="onnx")
+
+
+@pytest.mark.parametrize("pooling,accepted", [
+    ({"embedding_dimension": 384, "pooling_mode": "mean", "include_prompt": True}, True),  # sentence-transformers 6
+    ({"embedding_dimension": 384, "pooling_mode": "cls"}, False),
+    ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, False),  # mean and max concatenated
+])
+def test_pooling_configs_of_both_sentence_transformers_formats(tmp_path, pooling, accepted):
+    import json
+    import shutil
+
+    from services.retrieval.onnx_encoder import OnnxExportError, check_mean_pooled
+
+    folder = tmp_path / "model"
+    shutil.copytree(packaged_model_path(), folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    if accepted:
+        check_mean_pooled(str(folder))
+    else:
+        with pytest.raises(OnnxExportError, match="mean Pooling"):
+            check_mean_pooled(str(folder))
