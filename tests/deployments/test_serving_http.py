@@ -130,7 +130,8 @@ def test_retrieve_endpoint_scores_and_excludes(serve_cluster, task_prompts):
     ({"model": "auto", "prompt": ["x"] * 1000}, 400, "prompt"),
     ({"model": "no-such-adapter", "prompt": "hi"}, 404, "does not exist"),
     ({"model": "auto", "prompt": "hi", "lora": {"composition": "blend"}}, 400, "composition"),
-    ({"model": "auto", "prompt": "hi", "surprise": 1}, 400, "surprise"),
+    ({"model": "auto", "prompt": "hi", "suffix": "!"}, 400, "suffix"),
+    ({"model": "auto", "prompt": "hi", "n": "2"}, 400, "n"),
 ])
 def test_bad_requests_get_openai_shaped_4xx(serve_cluster, body, status, fragment):
     r = httpx.post(f"{serve_cluster.url}/v1/completions", json=body, timeout=60,
@@ -138,6 +139,13 @@ def test_bad_requests_get_openai_shaped_4xx(serve_cluster, body, status, fragmen
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert fragment in err["message"] and err["type"]
+
+
+def test_unknown_fields_are_ignored_and_named_in_a_header(serve_cluster):
+    r = httpx.post(f"{serve_cluster.url}/v1/completions", timeout=60,
+                   headers={"Authorization": f"Bearer {serve_cluster.api_key}"},
+                   json={"model": "tiny-random-llama", "prompt": "hi", "max_tokens": 2, "surprise": 1})
+    assert r.status_code == 200 and r.headers["x-ignored-fields"] == "surprise"
 
 
 def test_invalid_json_and_missing_key(serve_cluster):
