@@ -1,6 +1,6 @@
 """Quality gate cost per staged version.
 
-    python -m cluster.bench.gate [--zoo DIR] [--threads 2] [--repeat 2] [--out docs]
+    python -m cluster.bench.gate [--zoo DIR] [--adapters NAME ...] [--threads 2] [--repeat 2] [--out docs]
 
 For every finished adapter of the zoo (the demo zoo at ~/.cache/loraretriever/demo by default),
 stages a new version (lora_B scaled by 0.9) next to the active one and runs the product's gate
@@ -59,7 +59,7 @@ async def measure(args, zoo, store: Path) -> list[dict]:
     service = composer_service(zoo.base, store, args.threads)
     answers = answers_through(service)
     rows = []
-    for name in zoo.adapters:
+    for name in args.adapters or list(zoo.adapters):
         queries = [q for q in zoo.queries if q.task == name]
         evaluation = GateSamples(metric=queries[0].metric,
                                  samples=[CardSample(inputs=q.inputs, targets=q.targets) for q in queries])
@@ -97,6 +97,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", default=str(default_root()), help="zoo root (default: the demo zoo)")
+    parser.add_argument("--adapters", nargs="+", help="only these finished adapters (default: all)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--repeat", type=int, default=2, help="measured runs per adapter after the warm-up")
     parser.add_argument("--out", default="docs", help="folder for gate_cost.json and gate_cost.png")
@@ -105,6 +106,9 @@ def main() -> None:
     zoo = load_zoo(args.zoo)
     if not zoo.adapters:
         raise SystemExit(f"{args.zoo}: no finished adapters (`loraretriever demo build`)")
+    unknown = sorted(set(args.adapters or ()) - set(zoo.adapters))
+    if unknown:
+        raise SystemExit(f"{args.zoo}: no finished adapter {', '.join(unknown)}")
     with tempfile.TemporaryDirectory(prefix="lr-gate-bench-") as tmp:
         store = Path(tmp)
         for name, folder in zoo.adapters.items():
@@ -117,7 +121,7 @@ def main() -> None:
               "threads": args.threads, "adapters": rows,
               "mean_seconds_per_version": round(sum(r["seconds"] for r in rows) / len(rows), 3)}
     (out / "gate_cost.json").write_text(json.dumps(record, indent=1) + "\n")
-    plot(rows, out / "gate_cost.png", f"quality gate per version, {record['base']} ({len(rows)} adapters, "
+    plot(rows, out / "gate_cost.png", f"quality gate per version, {record['base']} ({len(rows)} adapter(s), "
          f"{args.threads} threads)")
     print(f"mean {record['mean_seconds_per_version']} s per version; wrote {out}/gate_cost.json and gate_cost.png")
 
