@@ -15,7 +15,6 @@ import json
 import os
 import random
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cluster.bench.retrieval_scale import timed_ms, unit_rows  # noqa: E402
+from cluster.bench.retrieval_scale import clocked, unit_rows  # noqa: E402
 from cluster.bench.retrieval_tasks import TASKS, write_task_files  # noqa: E402
 from cluster.bench.run_record import command_line  # noqa: E402
 from services.retrieval.embedder import BACKENDS, DEFAULT_BACKEND, DEFAULT_MAX_SEQ_LENGTH, Embedder  # noqa: E402
@@ -93,7 +92,7 @@ def compare_lengths(cards, queries) -> dict:
 
 
 def embed_cost(short: list[str], long: list[str], backend: str, threads: int, max_seq_length: int) -> dict:
-    """Milliseconds: load, first call, one prompt alone (median), and per prompt in batches of 32."""
+    """Milliseconds, wall and CPU: load, first call, one prompt alone, and per prompt in batches of 32."""
     t0 = time.perf_counter()
     embedder = Embedder(backend=backend, threads=threads, max_seq_length=max_seq_length)
     out = {"load s": time.perf_counter() - t0}
@@ -101,21 +100,21 @@ def embed_cost(short: list[str], long: list[str], backend: str, threads: int, ma
     embedder.encode(short[:1])
     out["first call ms"] = 1000 * (time.perf_counter() - t0)
     for label, texts in (("short", short), ("long", long)):
-        singles = []
-        for text in texts[:24]:
-            t0 = time.perf_counter()
-            embedder.encode([text])
-            singles.append(1000 * (time.perf_counter() - t0))
-        out[f"{label} 1 prompt ms"] = statistics.median(singles)
-        batches = [texts[i:i + 32] for i in range(0, min(96, len(texts) - 31), 32)]  # full batches only
-        out[f"{label} batch-32 ms/prompt"] = min(timed_ms(lambda b=b: embedder.encode(b), 1) for b in batches) / 32
+        singles = iter(texts[1:])
+        wall, cpu = clocked(lambda: embedder.encode([next(singles)]), 24)  # a new prompt each call
+        out[f"{label} 1 prompt ms"], out[f"{label} 1 prompt cpu ms"] = wall, cpu
+        batches = iter([texts[i:i + 32] for i in range(0, len(texts) - 31, 32)])  # full batches only
+        wall, cpu = clocked(lambda: embedder.encode(next(batches)), min(3, (len(texts) - 32) // 32))
+        out[f"{label} batch-32 ms/prompt"], out[f"{label} batch-32 cpu ms/prompt"] = wall / 32, cpu / 32
     return {k: round(v, 2) for k, v in out.items()}
 
 
 def search_cost(index: AdapterIndex, vectors: np.ndarray) -> dict:
-    """Milliseconds per query: one query per call and 32 per call (one batched call)."""
-    return {"1 query ms": timed_ms(lambda: index.search(vectors[:1], top_k=3), 40),
-            "batch-32 ms/query": timed_ms(lambda: index.search(vectors[:32], top_k=3), 10) / 32}
+    """Milliseconds per query, wall and CPU: one query per call and 32 per call (one batched call)."""
+    one = clocked(lambda: index.search(vectors[:1], top_k=3), 20)
+    batch = clocked(lambda: index.search(vectors[:32], top_k=3), 5)
+    return {"1 query ms": one[0], "1 query cpu ms": one[1],
+            "batch-32 ms/query": batch[0] / 32, "batch-32 cpu ms/query": batch[1] / 32}
 
 
 def query_cost(cards, queries, long_queries) -> dict:
@@ -150,6 +149,8 @@ def main() -> int:
     parser.add_argument("--long-samples", type=int, default=20, help="card samples per adapter, long prompts")
     parser.add_argument("--long-queries", type=int, default=5, help="queries per task, long prompts")
     parser.add_argument("--from-json", type=Path, help="only redraw the plot and the doc tables from a results.json")
+    parser.add_argument("--cost-only", action="store_true",
+                        help="only re-measure the cost tables into the --out folder's results.json")
     args = parser.parse_args()
     if args.from_json:
         results = json.loads(args.from_json.read_text())
@@ -166,6 +167,13 @@ def main() -> int:
                                                           queries_per_task=args.long_queries)
     long_cards = load_cards(long_cards_path)
     long_queries = load_queries(long_queries_path, long_cards)
+    if args.cost_only:
+        results = json.loads((args.out / "results.json").read_text())
+        results["cost"] = query_cost(cards, queries, long_queries)
+        results["cost_command"] = command
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+        write_doc(results)
+        return 0
     results: dict = {"command": command, "tasks": len(cards), "queries": len(queries), "long_queries": len(long_queries),
                      "long_samples": args.long_samples, "default_backend": DEFAULT_BACKEND}
 
@@ -240,16 +248,20 @@ def write_doc(results: dict) -> None:
     ex = results["exclude_own"]
     lines += ["", f"**Out-of-domain protocol** (`--exclude-own`, centroid, instruction): an adapter of the query's "
               f"domain is top-1 for {ex['top1']:.1f}% of queries and in the top-3 for {ex['top3']:.1f}%.", "",
-              "**Embedding cost** (warmed up: the first call is reported apart; threads pinned; median of 24 "
-              "single prompts; batches of 32, best of 3):", "",
-              "| backend, threads | load s | first call ms | short: 1 prompt ms | short: batch-32 ms/prompt "
-              "| long: 1 prompt ms | long: batch-32 ms/prompt |", "|---|---:|---:|---:|---:|---:|---:|"]
-    keys = ("load s", "first call ms", "short 1 prompt ms", "short batch-32 ms/prompt", "long 1 prompt ms",
-            "long batch-32 ms/prompt")
-    lines += [f"| {label} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |" for label, r in results["cost"]["embed"].items()]
-    lines += ["", "**Search cost** (top-3, centroid, median; one BLAS thread):", "",
-              "| index | 1 query ms | batch-32 ms/query |", "|---|---:|---:|"]
-    lines += [f"| {label} | {r['1 query ms']:.3f} | {r['batch-32 ms/query']:.3f} |"
+              f"**Embedding cost** (made by `{results.get('cost_command', results['command'])}`; each cell wall / CPU "
+              "milliseconds; CPU = this process's CPU time, what the call takes on idle cores; warmed up, the first "
+              "call reported apart; threads pinned; one prompt: median of 24 new prompts; batches of 32: median of 3):",
+              "", "| backend, threads | load s | first call ms | short: 1 prompt | short: batch-32, per prompt "
+              "| long: 1 prompt | long: batch-32, per prompt |", "|---|---:|---:|---:|---:|---:|---:|"]
+    keys = ("short 1 prompt", "short batch-32", "long 1 prompt", "long batch-32")
+    for label, r in results["cost"]["embed"].items():
+        cells = [f"{r[f'{k} ms' if '1 prompt' in k else f'{k} ms/prompt']:.1f} / "
+                 f"{r[f'{k} cpu ms' if '1 prompt' in k else f'{k} cpu ms/prompt']:.1f}" for k in keys]
+        lines.append(f"| {label} | {r['load s']:.1f} | {r['first call ms']:.0f} | " + " | ".join(cells) + " |")
+    lines += ["", "**Search cost** (top-3, centroid; wall / CPU milliseconds per query, medians; one BLAS thread):",
+              "", "| index | 1 query | batch of 32, per query |", "|---|---:|---:|"]
+    lines += [f"| {label} | {r['1 query ms']:.3f} / {r['1 query cpu ms']:.3f} | "
+              f"{r['batch-32 ms/query']:.3f} / {r['batch-32 cpu ms/query']:.3f} |"
               for label, r in results["cost"]["search"].items()]
     text = DOC.read_text()
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)

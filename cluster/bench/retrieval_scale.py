@@ -45,15 +45,20 @@ DIM, SAMPLES = 384, 20
 QDRANT_SEARCH_MAX_POINTS = 25_000
 
 
-def timed_ms(fn, repeats: int) -> float:
-    """Median milliseconds of `repeats` calls after one warm-up call."""
+def clocked(fn, repeats: int) -> tuple[float, float]:
+    """(wall, CPU) milliseconds of one call, medians of `repeats` calls after a warm-up call.
+
+    CPU time (this process, all its threads) is what the call would take on idle cores; on a
+    machine shared with other work the wall time also counts waiting for a core.
+    """
     fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+        walls.append(1000 * (time.perf_counter() - w0))
+        cpus.append(1000 * (time.process_time() - c0))
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def unit_rows(rng, n: int) -> np.ndarray:
@@ -70,9 +75,10 @@ def measure(size: int, rng, repeats: int) -> dict:
     out = {"adapters": size, "points": size * (SAMPLES + 1), "build_s": round(time.perf_counter() - started, 1)}
     queries = unit_rows(rng, 32)
     for scoring in ("centroid", "samples"):
-        out[f"{scoring} b1 ms"] = timed_ms(lambda: index.search(queries[:1], top_k=3, tenant="t1", scoring=scoring), repeats)
-        out[f"{scoring} b32 ms/query"] = timed_ms(
-            lambda: index.search(queries, top_k=3, tenant="t1", scoring=scoring), max(3, repeats // 8)) / 32
+        out[f"{scoring} b1 ms"] = clocked(
+            lambda: index.search(queries[:1], top_k=3, tenant="t1", scoring=scoring), repeats)[0]
+        out[f"{scoring} b32 ms/query"] = clocked(
+            lambda: index.search(queries, top_k=3, tenant="t1", scoring=scoring), max(3, repeats // 8))[0] / 32
     # registering one more adapter, and the first search after it (which rebuilds the search matrices)
     t0 = time.perf_counter()
     index.upsert("new", unit_rows(rng, SAMPLES))
@@ -87,9 +93,9 @@ def measure(size: int, rng, repeats: int) -> dict:
     if out["points"] <= QDRANT_SEARCH_MAX_POINTS:  # embedded Qdrant's own search over the same collection
         qdrant = AdapterIndex(DIM, memory_search=False)
         qdrant.client, qdrant.collection = index.client, index.collection
-        out["embedded qdrant centroid b1 ms"] = timed_ms(lambda: qdrant.search(queries[:1], top_k=3, tenant="t1"), 3)
-        out["embedded qdrant centroid b32 ms/query"] = timed_ms(
-            lambda: qdrant.search(queries, top_k=3, tenant="t1"), 1) / 32
+        out["embedded qdrant centroid b1 ms"] = clocked(lambda: qdrant.search(queries[:1], top_k=3, tenant="t1"), 3)[0]
+        out["embedded qdrant centroid b32 ms/query"] = clocked(
+            lambda: qdrant.search(queries, top_k=3, tenant="t1"), 1)[0] / 32
     index.client.close()
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
