@@ -149,11 +149,15 @@ def main() -> int:
     parser.add_argument("--long-samples", type=int, default=20, help="card samples per adapter, long prompts")
     parser.add_argument("--long-queries", type=int, default=5, help="queries per task, long prompts")
     parser.add_argument("--from-json", type=Path, help="only redraw the plot and the doc tables from a results.json")
+    parser.add_argument("--skip-cost", action="store_true", help="leave the cost tables to a --cost-only run")
     parser.add_argument("--cost-only", action="store_true",
-                        help="only re-measure the cost tables into the --out folder's results.json")
+                        help="only measure the cost tables, into OUT/cost.json (--from-json OUT/results.json merges it)")
     args = parser.parse_args()
     if args.from_json:
         results = json.loads(args.from_json.read_text())
+        cost = args.from_json.parent / "cost.json"  # a later --cost-only run's tables replace the first run's
+        if cost.is_file():
+            results.update(json.loads(cost.read_text()))
         plot(results)
         write_doc(results)
         return 0
@@ -168,19 +172,19 @@ def main() -> int:
     long_cards = load_cards(long_cards_path)
     long_queries = load_queries(long_queries_path, long_cards)
     if args.cost_only:
-        results = json.loads((args.out / "results.json").read_text())
-        results["cost"] = query_cost(cards, queries, long_queries)
-        results["cost_command"] = command
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
-        write_doc(results)
+        args.out.mkdir(parents=True, exist_ok=True)
+        cost = {"cost": query_cost(cards, queries, long_queries), "cost_command": command}
+        (args.out / "cost.json").write_text(json.dumps(cost, indent=1))
+        print(json.dumps(cost, indent=1))
         return 0
     results: dict = {"command": command, "tasks": len(cards), "queries": len(queries), "long_queries": len(long_queries),
                      "long_samples": args.long_samples, "default_backend": DEFAULT_BACKEND}
 
     results["backends"] = compare_backends(cards, queries)
     print(json.dumps({k: r["top1"] for k, r in results["backends"].items()}), flush=True)
-    results["cost"] = query_cost(cards, queries, long_queries)
-    print(json.dumps(results["cost"], indent=1), flush=True)
+    if not args.skip_cost:
+        results["cost"] = query_cost(cards, queries, long_queries)
+        print(json.dumps(results["cost"], indent=1), flush=True)
     base = {"instruction": CachedEmbedder(), "no instruction": CachedEmbedder(instruction="")}
     results["all_tasks"] = {name: compare_scorings(e, cards, queries) for name, e in base.items()}
     results["exclude_own"] = run(base["instruction"], cards, queries, "centroid", 1, exclude_own=True)
@@ -208,6 +212,8 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    if (args.out / "cost.json").is_file() and "cost" not in results:
+        results.update(json.loads((args.out / "cost.json").read_text()))
     plot(results)
     write_doc(results)
     print(f"wrote {args.out / 'results.json'}, {PLOT}, {DOC}")
@@ -247,12 +253,22 @@ def write_doc(results: dict) -> None:
     lines += [_row(label, r) for label, r in ft["backends after"].items()]
     ex = results["exclude_own"]
     lines += ["", f"**Out-of-domain protocol** (`--exclude-own`, centroid, instruction): an adapter of the query's "
-              f"domain is top-1 for {ex['top1']:.1f}% of queries and in the top-3 for {ex['top3']:.1f}%.", "",
-              f"**Embedding cost** (made by `{results.get('cost_command', results['command'])}`; each cell wall / CPU "
-              "milliseconds; CPU = this process's CPU time, what the call takes on idle cores; warmed up, the first "
-              "call reported apart; threads pinned; one prompt: median of 24 new prompts; batches of 32: median of 3):",
-              "", "| backend, threads | load s | first call ms | short: 1 prompt | short: batch-32, per prompt "
-              "| long: 1 prompt | long: batch-32, per prompt |", "|---|---:|---:|---:|---:|---:|---:|"]
+              f"domain is top-1 for {ex['top1']:.1f}% of queries and in the top-3 for {ex['top3']:.1f}%."]
+    if "cost" in results:
+        lines += cost_lines(results)
+    text = DOC.read_text()
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{DOC} lacks the {BEGIN} ... {END} markers")
+    DOC.write_text(pattern.sub(lambda _: BEGIN + "\n" + "\n".join(lines) + "\n" + END, text))
+
+
+def cost_lines(results: dict) -> list[str]:
+    lines = ["", f"**Embedding cost** (made by `{results.get('cost_command', results['command'])}`; each cell wall / "
+             "CPU milliseconds; CPU = this process's CPU time, what the call takes on idle cores; warmed up, the "
+             "first call reported apart; threads pinned; one prompt: median of 24 new prompts; batches of 32: "
+             "median of 2-3):", "", "| backend, threads | load s | first call ms | short: 1 prompt | short: batch-32, "
+             "per prompt | long: 1 prompt | long: batch-32, per prompt |", "|---|---:|---:|---:|---:|---:|---:|"]
     keys = ("short 1 prompt", "short batch-32", "long 1 prompt", "long batch-32")
     for label, r in results["cost"]["embed"].items():
         cells = [f"{r[f'{k} ms' if '1 prompt' in k else f'{k} ms/prompt']:.1f} / "
@@ -263,11 +279,7 @@ def write_doc(results: dict) -> None:
     lines += [f"| {label} | {r['1 query ms']:.3f} / {r['1 query cpu ms']:.3f} | "
               f"{r['batch-32 ms/query']:.3f} / {r['batch-32 cpu ms/query']:.3f} |"
               for label, r in results["cost"]["search"].items()]
-    text = DOC.read_text()
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{DOC} lacks the {BEGIN} ... {END} markers")
-    DOC.write_text(pattern.sub(lambda _: BEGIN + "\n" + "\n".join(lines) + "\n" + END, text))
+    return lines
 
 
 def plot(results: dict) -> None:
