@@ -135,7 +135,7 @@ class CompositionEngine:
             batch = [requests[i] for i in group]
             with self.composed([r.composition for r in batch]):
                 done = generate_batch(self.step, self.tokenizer, batch, pad_id=self.pad_id, eos_ids=self.eos_ids,
-                                      device=self.device)
+                                      device=self.device, project=self.project)
             for i, result in zip(group, done):
                 results[i] = result
         return results
@@ -145,10 +145,19 @@ class CompositionEngine:
         return self.model.get_output_embeddings().weight.shape[0]
 
     def step(self, input_ids, attention_mask, position_ids, cache, all_positions: bool = False) -> torch.Tensor:
-        """Logits (batch, vocab) of the last position; (batch, seq, vocab) of all with all_positions."""
+        """Logits (batch, vocab) of the last position; with all_positions the final hidden states
+        (batch, seq, hidden) instead, which `project` turns into logits a few positions at a time
+        (a batch's logits at every position would be batch x seq x vocab floats)."""
+        if all_positions:
+            return self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    cache=cache, use_cache=True).last_hidden_state
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, use_cache=True, logits_to_keep=0 if all_positions else 1)
-        return out.logits if all_positions else out.logits[:, -1]
+                         cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]  # (batch, vocab)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states (the LM head; adapters never target it)."""
+        return self.model.get_output_embeddings()(hidden)
 
 
 def fitting_groups(needs: list[set[str]], capacity: int) -> list[list[int]]:

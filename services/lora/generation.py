@@ -11,9 +11,11 @@ from transformers import DynamicCache
 from services.errors import InvalidRequest
 from services.composition import Composition
 
-# logits (batch, vocab) of the last position, or (batch, seq, vocab) of every position when
-# all_positions, for input_ids (batch, seq) with the cache so far
+# logits (batch, vocab) of the last position, or with all_positions=True the final hidden states
+# (batch, seq, hidden) of every position, for input_ids (batch, seq) with the cache so far
 ForwardFn = Callable[..., torch.Tensor]
+ProjectFn = Callable[[torch.Tensor], torch.Tensor]  # hidden states (..., hidden) -> logits (..., vocab)
+PROMPT_CHUNK = 128  # prompt positions projected to logits at a time
 
 MAX_TOP_LOGPROBS = 20
 
@@ -169,10 +171,13 @@ class TokenLogprobs:
             top = [{**self.piece(int(i)), "logprob": float(v)} for v, i in zip(values, ids)]
         return {**self.piece(token), "logprob": float(logprobs[token]), "top": top}
 
-    def prompt(self, logits: torch.Tensor, prompt: list[int], k: int) -> list[dict]:
-        """logits (len(prompt), vocab) of the row's own prompt positions."""
-        logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
-        return [self.entry(None, prompt[0], 0)] + [self.entry(lp, t, k) for lp, t in zip(logprobs, prompt[1:])]
+    def prompt(self, hidden: torch.Tensor, project: ProjectFn, prompt: list[int], k: int) -> list[dict]:
+        """hidden (len(prompt), hidden) of the row's own prompt positions; projected in chunks."""
+        entries = [self.entry(None, prompt[0], 0)]
+        for start in range(0, len(prompt) - 1, PROMPT_CHUNK):
+            logprobs = torch.log_softmax(project(hidden[start:start + PROMPT_CHUNK]).float(), dim=-1)
+            entries += [self.entry(lp, t, k) for lp, t in zip(logprobs, prompt[start + 1:start + 1 + PROMPT_CHUNK])]
+        return entries
 
 
 class TextStream:
@@ -225,7 +230,7 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate_batch(forward: ForwardFn, tokenizer, requests: list[GenerationRequest], *, pad_id: int,
-                   eos_ids: set[int], device) -> list[GenerationResult]:
+                   eos_ids: set[int], device, project: ProjectFn | None = None) -> list[GenerationResult]:
     """Prefill every prompt at once, then decode one token per row per step until each row stops.
 
     Finished rows keep feeding padding so the batch keeps one shape; they no longer sample.
@@ -237,13 +242,13 @@ def generate_batch(forward: ForwardFn, tokenizer, requests: list[GenerationReque
     lp = TokenLogprobs(tokenizer)
     finish: list[str | None] = ["length" if r.max_tokens == 0 else None for r in requests]
     prompt_lps: list[list[dict] | None] = [None] * len(requests)
-    if any(r.prompt_logprobs for r in requests):
-        every = forward(ids, mask, pos, cache, all_positions=True)  # (batch, seq, vocab)
+    if any(r.prompt_logprobs for r in requests):  # needs `project`
+        hidden = forward(ids, mask, pos, cache, all_positions=True)  # (batch, seq, hidden)
         for b, r in enumerate(requests):
             if r.prompt_logprobs:
-                prompt_lps[b] = lp.prompt(every[b, ids.shape[1] - len(r.prompt_ids):], r.prompt_ids, r.logprobs or 0)
-        logits = every[:, -1]
-        del every
+                prompt_lps[b] = lp.prompt(hidden[b, ids.shape[1] - len(r.prompt_ids):], project, r.prompt_ids,
+                                          r.logprobs or 0)
+        logits = project(hidden[:, -1])  # (batch, vocab)
     else:
         logits = forward(ids, mask, pos, cache)  # (batch, vocab)
     samplers = [RowSampler(r, device, logits.shape[-1]) for r in requests]
