@@ -79,7 +79,11 @@ class JsonGrammars:
         except (ValueError, TypeError) as err:
             raise InvalidRequest(f"response_format: the JSON schema cannot be compiled: {err}",
                                  param="response_format") from None
-        matcher = llguidance.LLMatcher(self.lltokenizer(), grammar, log_level=0)
+        try:
+            matcher = llguidance.LLMatcher(self.lltokenizer(), grammar, log_level=0)
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise InvalidRequest(f"response_format: the JSON schema cannot be used: {str(err)[:300]}",
+                                 param="response_format") from None
         if matcher.is_error():
             raise InvalidRequest(f"response_format: the JSON schema cannot be used: {matcher.get_error()[:300]}",
                                  param="response_format")
