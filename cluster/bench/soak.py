@@ -9,7 +9,7 @@ at ~/.cache/loraretriever/demo by default; `--zoo` for another, e.g. a tiny one)
   stream    the same, streamed (SSE)
   named     completion with one named adapter
   retrieve  /v1/retrieve only
-Every --rollout-every seconds an operator rollout runs over the admin API on the next
+--rollout-every seconds after the last one ended, an operator rollout runs over the admin API on the next
 adapter in turn: add a new version (staged), canary it at 20 %, promote it, and every
 second time roll back. Every --sample-every seconds the RSS of every process of this
 cluster is recorded, grouped by role: each Serve deployment's replicas (ray::...), Ray's
@@ -224,7 +224,7 @@ def summarize(rec: Recorder, load_start: float, load_end: float) -> dict:
         "rss_mib_last_minute": window_mean(load_end - minute, load_end),
         # one minute's mean at minute 0, 10, 20, ... of the load, then the last minute
         "rss_mib_every_10_min": [{"minute": round((lo - load_start) / minute), **window_mean(lo, lo + minute)}
-                                 for lo in [*np.arange(load_start, load_end - minute, 10 * minute),
+                                 for lo in [*np.arange(load_start, load_end - 2 * minute, 10 * minute),
                                             load_end - minute]],
         "rss_total_slope_mib_per_min_second_half": None if slope is None else round(slope, 2),
         "rollouts": len(rec.rollouts), "rollout_failures": len(rollout_failures),
@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=600.0, help="length of the load")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--rollout-every", type=float, default=60.0)
+    parser.add_argument("--rollout-every", type=float, default=60.0,
+                        help="seconds from the end of one rollout to the start of the next")
     parser.add_argument("--sample-every", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=20.0, help="load before the measured window")
     parser.add_argument("--out", type=Path, default=Path("docs"))
