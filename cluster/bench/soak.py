@@ -9,9 +9,9 @@ at ~/.cache/loraretriever/demo by default; `--zoo` for another, e.g. a tiny one)
   stream    the same, streamed (SSE)
   named     completion with one named adapter
   retrieve  /v1/retrieve only
---rollout-every seconds after the last one ended, an operator rollout runs over the admin API on the next
-adapter in turn: add a new version (staged), canary it at 20 %, promote it, and every
-second time roll back. Every --sample-every seconds the RSS of every process of this
+Operator rollouts run over the admin API, --rollout-every seconds apart (from the end of one
+to the start of the next), on each adapter in turn: add a new version (staged), canary it at
+20 %, promote it, and every second time roll back. Every --sample-every seconds the RSS of every process of this
 cluster is recorded, grouped by role: each Serve deployment's replicas (ray::...), Ray's
 raylet and GCS, its other helpers (agents, monitors, idle workers), redis-server, and this
 driver (which also runs the clients and the operator).
