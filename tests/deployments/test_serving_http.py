@@ -168,3 +168,36 @@ def test_request_id_is_echoed(serve_cluster):
     ms = {name: float(value) for name, value in timing.items()}
     assert ms["compose"] > 0 and ms["queue"] >= 0 and ms["plan"] >= 0
     assert ms["plan"] + ms["queue"] + ms["compose"] <= ms["total"] + 1.0  # parts of the whole (1 ms rounding)
+
+
+def test_auto_is_the_default_and_says_what_it_decided(client, task_prompts):
+    resp = client.completions.create(model="auto", prompt=task_prompts[sorted(task_prompts)[0]], max_tokens=4)
+    lora = resp.choices[0].model_extra["lora"]
+    assert lora["decision"]["policy"] == "auto" and lora["decision"]["reason"]
+    assert lora["composition"] in ("selection", "mixture", "none")
+
+
+def test_a_new_active_version_gets_compatibility_scores(serve_cluster, tmp_path):
+    """Last in the module: it adds a version. The composer measures the new version against its
+    nearest neighbours; `adapters show` (the admin API) lists the scores per version."""
+    import base64
+
+    import httpx
+
+    from cluster.demo.variants import variant_adapter
+
+    name = sorted(serve_cluster.zoo.adapters)[0]
+    folder = variant_adapter(serve_cluster.zoo.adapters[name], tmp_path / "v2", 1.1)
+    card = next(c for c in serve_cluster.zoo.cards if c.model_name == name)
+    files = {f: base64.b64encode((folder / f).read_bytes()).decode()
+             for f in ("adapter_config.json", "adapter_model.safetensors")}
+    r = httpx.post(f"{serve_cluster.url}/admin/adapters", headers=serve_cluster.admin, timeout=600,
+                   json={"name": name, "card": card.model_dump(), "files": files})
+    assert r.status_code == 200, r.text
+    version = r.json()["version"]
+    scored = r.json()["compatibility"]["scored"]
+    assert scored and all(pair[0] == f"{name}@{version}" for pair in scored)
+    shown = httpx.get(f"{serve_cluster.url}/admin/adapters/{name}", headers=serve_cluster.admin, timeout=60).json()
+    measured = shown["compatibility"][version]
+    assert set(measured) == {other for _, other in scored}
+    assert all(isinstance(entry["score"], float) for entry in measured.values())
