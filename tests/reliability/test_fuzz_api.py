@@ -8,16 +8,20 @@ carry the OpenAI error shape ({"error": {"message", "type", "param", "code"}}); 
 endpoint may answer 2xx without its key. Hand-written hostile bodies (invalid UTF-8, lone
 surrogates, JSON nested 100,000 deep, 10 MB prompts, thousands of prompts, huge numbers) follow.
 
-Counts: LORARETRIEVER_FUZZ_EXAMPLES requests per public endpoint (/v1/*, /healthz, /readyz) and
-LORARETRIEVER_FUZZ_ADMIN_EXAMPLES per /admin endpoint (15 of the 21 operations); both default
-to 1000 (about 90 s of generation and 60 s of HTTP on 2 cores); e.g. 100 and 20 for a quick run.
-Generation is derandomized (the same requests every run, so CI fails only for a change in the
-code); LORARETRIEVER_FUZZ_EXPLORE=1 draws new ones each run, for hunting.
+Counts: LORARETRIEVER_FUZZ_EXAMPLES distinct requests per public operation (/v1/*, /healthz,
+/readyz) and LORARETRIEVER_FUZZ_ADMIN_EXAMPLES per /admin one (15 of the 21 operations), both
+1000 by default; e.g. 100 and 20 for a quick run. Distinct means different on the wire (method,
+URL, query, headers, body; the credential is counted apart): generation runs in rounds until an
+operation has that many, or until a round of at least 100 draws finds nothing new, which means
+its schema allows no more (an operation without parameters allows one); those few are then
+sent with every credential. Generation is derandomized (round n draws with seed n: the same requests every run,
+so CI fails only for a change in the code); LORARETRIEVER_FUZZ_EXPLORE=1 draws new ones each run.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +36,8 @@ ADMIN_EXAMPLES = int(os.environ.get("LORARETRIEVER_FUZZ_ADMIN_EXAMPLES", "1000")
 EXPLORE = os.environ.get("LORARETRIEVER_FUZZ_EXPLORE") == "1"
 REQUEST_TIMEOUT_S = 30.0  # a request without an answer by then counts as a hang
 SENDERS = 8  # concurrent HTTP clients
+MAX_ROUNDS = 12  # generation rounds per operation before it must have its count or be exhausted
+MIN_ROUND = 100  # draws in a round at least: that many finding nothing new means the schema allows no more
 FUZZ_MAX_TOKENS = 64  # the fuzz tenant's cap: valid generation requests stay cheap on 2 cores
 UNPROTECTED = {"/healthz", "/readyz", "/openapi.json"}
 
@@ -54,35 +60,67 @@ def fuzz_key(serve_cluster):
     return TenantStore(redis.Redis.from_url(serve_cluster.redis_url)).add("fuzz", limits)
 
 
-def with_model(case, model: str | None):
-    if model is not None and isinstance(case.body, dict) and "model" in case.body:
-        case.body["model"] = model
+CHAT_ROLES = ("user", "system", "assistant")
+
+
+def fitted(case, model: str | None):
+    """A fitting case made to reach generation: `model` (when given) names one that exists, and chat
+    messages get roles and text parts the server takes, the first one a user's with some text (the
+    schema types role and part type as free strings and cannot say a user must speak, so generated
+    conversations almost never pass)."""
+    body = case.body if isinstance(case.body, dict) else {}
+    if model is None:
+        return case
+    if "model" in body:
+        body["model"] = model
+    messages = body.get("messages")
+    for i, message in enumerate(m for m in (messages if isinstance(messages, list) else []) if isinstance(m, dict)):
+        message["role"] = CHAT_ROLES[i % len(CHAT_ROLES)]
+        if i == 0 and not message.get("content"):
+            message["content"] = "hello"
+        parts = message.get("content")
+        for part in parts if isinstance(parts, list) else []:
+            if isinstance(part, dict):
+                part.update(type="text", text=part.get("text") or "hello")
     return case
 
 
-def generated_cases(operation, count: int, models: list[str]) -> list:
-    """`count` schemathesis cases for one operation, about half fitting its schema and half not.
-    Of the fitting ones, three in four name a model that exists (`models`): a random string
-    never does, and those requests would stop at the 404 instead of reaching generation."""
-    from hypothesis import HealthCheck, Phase, given, settings
+def request_key(case) -> str:
+    """What a case puts on the wire apart from the credential (and schemathesis' own case id)."""
+    kwargs = case.as_transport_kwargs(base_url="http://fuzz")
+    headers = sorted((k.lower(), v) for k, v in kwargs.get("headers", {}).items()
+                     if k.lower() != "authorization" and not k.lower().startswith("x-schemathesis"))
+    return repr((kwargs["method"], kwargs["url"], kwargs.get("params"), headers, kwargs.get("json", kwargs.get("data"))))
+
+
+def generated_cases(operation, count: int, models: list[str]) -> tuple[list, bool]:
+    """Up to `count` distinct schemathesis cases for one operation, about half fitting its schema
+    and half not, and whether its schema allows no more (a round found nothing new). Of the
+    fitting ones, three in four name a model that exists (`models`) and get chat roles the server
+    knows (`fitted`): otherwise they would stop at validation instead of reaching generation."""
+    from hypothesis import HealthCheck, Phase, given, seed, settings
     from hypothesis import strategies as st
     from schemathesis import GenerationMode
 
-    cases = []
     positive = st.tuples(operation.as_strategy(generation_mode=GenerationMode.POSITIVE),
-                         st.sampled_from([None, *models])).map(lambda pair: with_model(*pair))
+                         st.sampled_from([None, *models])).map(lambda pair: fitted(*pair))
     strategy = st.one_of(positive, operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))
+    distinct: dict[str, object] = {}
+    for round_ in range(MAX_ROUNDS):
+        before = len(distinct)
 
-    @settings(max_examples=count, phases=[Phase.generate], database=None, deadline=None,
-              derandomize=not EXPLORE, suppress_health_check=list(HealthCheck))
-    @given(strategy)
-    def collect(case):
-        cases.append(case)
+        @seed(random.getrandbits(64) if EXPLORE else round_)
+        @settings(max_examples=max(count - len(distinct), min(count, MIN_ROUND)), phases=[Phase.generate],
+                  database=None, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(strategy)
+        def collect(case):
+            if len(distinct) < count:
+                distinct.setdefault(request_key(case), case)
 
-    collect()
-    # An operation with no parameters has one distinct request; hypothesis stops after it. Repeat
-    # it (and any other short list) up to `count`: the server still answers `count` requests.
-    return [cases[i % len(cases)] for i in range(count)]
+        collect()
+        if len(distinct) == count or len(distinct) == before:
+            return list(distinct.values()), len(distinct) < count
+    return list(distinct.values()), False
 
 
 def send(client: httpx.Client, case, base_url: str, authorization: str | None) -> tuple[int, bytes, float]:
@@ -124,9 +162,11 @@ def fuzz_report():
     report = {}
     yield report
     if report:
-        print("\nfuzz: endpoint | requests | seconds | statuses")
-        for label, (count, seconds, statuses) in sorted(report.items()):
-            print(f"fuzz: {label} | {count} | {seconds:.1f} | {dict(sorted(statuses.items()))}")
+        print("\nfuzz: operation | distinct cases | all the schema allows | distinct requests (with the "
+              "credential) | sent | seconds | statuses")
+        for label, r in sorted(report.items()):
+            print(f"fuzz: {label} | {r['cases']} | {'yes' if r['exhausted'] else '-'} | {r['distinct_requests']} | "
+                  f"{r['sent']} | {r['seconds']:.1f} | {dict(sorted(r['statuses'].items()))}")
 
 
 def test_schema_lists_every_route_and_documents_errors(schema, serve_cluster):
@@ -141,8 +181,9 @@ def test_schema_lists_every_route_and_documents_errors(schema, serve_cluster):
 
 
 def test_fuzz_every_operation_from_the_openapi_schema(schema, serve_cluster, fuzz_key, fuzz_report):
-    """PUBLIC_EXAMPLES requests per public operation, ADMIN_EXAMPLES per admin one; no 5xx, no hang,
-    every error in the OpenAI shape, no 2xx without a key."""
+    """PUBLIC_EXAMPLES distinct requests per public operation, ADMIN_EXAMPLES per admin one (or all
+    its schema allows, each with every credential); no 5xx, no hang, every error in the OpenAI
+    shape, no 2xx without a key."""
     from schemathesis.core.result import Ok
 
     admin_auth = serve_cluster.admin["Authorization"]
@@ -162,28 +203,38 @@ def test_fuzz_every_operation_from_the_openapi_schema(schema, serve_cluster, fuz
             family = "admin" if operation.path.startswith("/admin") else "public"
             count = ADMIN_EXAMPLES if family == "admin" else PUBLIC_EXAMPLES
             generation_started = time.perf_counter()
-            cases = generated_cases(operation, count, models)
+            distinct, exhausted = generated_cases(operation, count, models)
             generation_s += time.perf_counter() - generation_started
-            creds = [credentials[family][i % 4] for i in range(len(cases))]
+            if exhausted:  # all the schema allows: each with every credential
+                pairs = [(c, cred) for c in distinct for cred in dict.fromkeys(credentials[family])]
+            else:  # half with the valid key, cycled
+                pairs = [(c, credentials[family][i % 4]) for i, c in enumerate(distinct)]
+            cases, creds = [c for c, _ in pairs], [cred for _, cred in pairs]
             started = time.perf_counter()
-            answers = list(pool.map(lambda cc: send(client, cc[0], serve_cluster.url, cc[1][1]), zip(cases, creds)))
+            answers = list(pool.map(lambda cc: send(client, cc[0], serve_cluster.url, cc[1][1]), pairs))
             statuses = Counter(status for status, _, _ in answers)
-            fuzz_report[f"{operation.method.upper()} {operation.path}"] = (
-                sum(n for s, n in statuses.items() if s != 0), time.perf_counter() - started, statuses)
+            fuzz_report[f"{operation.method.upper()} {operation.path}"] = {
+                "cases": len(distinct), "exhausted": exhausted, "seconds": time.perf_counter() - started,
+                "distinct_requests": len({(request_key(c), cred[1]) for c, cred in pairs}),
+                "attempted": len(pairs), "sent": sum(n for s, n in statuses.items() if s != 0), "statuses": statuses}
             for case, (label, _), (status, body, _) in zip(cases, creds, answers):
                 for problem in problems(operation.path, label, status, body):
                     failures.append(f"{operation.method.upper()} {operation.path} [{label} key] {problem}\n"
                                     f"  {case.as_curl_command()}")
-    for label, (sent, _, statuses) in fuzz_report.items():
+    raw = httpx.get(f"{serve_cluster.url}/openapi.json", timeout=30).json()
+    assert len(fuzz_report) == sum(len(ops) for ops in raw["paths"].values())
+    print(f"\nfuzz: {sum(r['distinct_requests'] for r in fuzz_report.values())} distinct requests, "
+          f"{sum(r['sent'] for r in fuzz_report.values())} sent; generation {generation_s:.0f} s, "
+          f"HTTP {sum(r['seconds'] for r in fuzz_report.values()):.0f} s")
+    for label, r in fuzz_report.items():
         wanted = ADMIN_EXAMPLES if " /admin" in label else PUBLIC_EXAMPLES
-        assert sent >= 0.95 * wanted, f"{label}: only {sent} of {wanted} generated requests could be sent"
-    assert len(fuzz_report) == 21
-    print(f"\nfuzz: {sum(r[0] for r in fuzz_report.values())} requests; generation {generation_s:.0f} s, "
-          f"HTTP {sum(r[1] for r in fuzz_report.values()):.0f} s")
+        assert r["cases"] == wanted or r["exhausted"], (
+            f"{label}: {r['cases']} distinct cases after {MAX_ROUNDS} rounds, neither {wanted} nor all")
+        assert r["sent"] >= 0.95 * r["attempted"], f"{label}: only {r['sent']} of {r['attempted']} could be sent"
     assert not failures, f"{len(failures)} bad answers, first ones:\n" + "\n".join(failures[:10])
     # The fuzzer reached the handlers, not only the validator: some requests with a key succeeded.
     for label in ("POST /v1/completions", "POST /v1/chat/completions", "POST /v1/retrieve", "GET /v1/models"):
-        assert fuzz_report[label][2][200] > 0, f"{label}: no generated request got through"
+        assert fuzz_report[label]["statuses"][200] > 0, f"{label}: no generated request got through"
 
 
 NESTED = b"[" * 100_000 + b"]" * 100_000
