@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import sys
@@ -20,10 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# One BLAS thread for the search (as Ray gives a retriever replica reserving under one CPU);
-# the embedder's threads are set per configuration below. Set before numpy loads.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# first: it pins BLAS to one thread (as Ray gives a retriever replica) before numpy loads
+from cluster.bench.retrieval_scale import clocked, unit_rows
 
 import matplotlib  # noqa: E402
 
@@ -31,7 +28,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cluster.bench.retrieval_scale import clocked, unit_rows  # noqa: E402
 from cluster.bench.retrieval_tasks import TASKS, write_task_files  # noqa: E402
 from cluster.bench.run_record import command_line  # noqa: E402
 from services.retrieval.embedder import BACKENDS, DEFAULT_BACKEND, DEFAULT_MAX_SEQ_LENGTH, Embedder  # noqa: E402
