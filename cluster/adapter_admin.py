@@ -19,10 +19,9 @@ class AdapterAdmin:
     @classmethod
     def from_config(cls, cfg: AppConfig) -> "AdapterAdmin":
         from services.wiring import make_registry
-        from services.retrieval.embedder import Embedder
+        from services.retrieval.embedder import embedder_from_config
 
-        return cls(make_registry(cfg), lambda: Embedder(cfg.embedder.model_path, cfg.embedder.instruction,
-                                              batch_size=cfg.embedder.batch_size))
+        return cls(make_registry(cfg), lambda: embedder_from_config(cfg.embedder))
 
     @cached_property
     def embedder(self):

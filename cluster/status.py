@@ -111,9 +111,9 @@ def rebuild_index(cfg: AppConfig) -> str:
     if cfg.qdrant.url is None:
         return "asked every retriever replica to rebuild its embedded index from the registry"
     from services.wiring import make_index
-    from services.retrieval.embedder import Embedder
+    from services.retrieval.embedder import embedder_from_config
     from services.serving.index_sync import IndexSync
 
-    dim = Embedder(cfg.embedder.model_path, cfg.embedder.instruction).dim
+    dim = embedder_from_config(cfg.embedder).dim
     count = IndexSync(make_registry(cfg), make_index(cfg, dim)).rebuild()
     return f"rebuilt the index at {cfg.qdrant.url}: {count} adapters"

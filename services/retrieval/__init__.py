@@ -6,5 +6,5 @@ Kept import-light (no torch) so that configuration code can read the defaults.
 DEFAULT_INSTRUCTION = "Represent the sentence for similar task retrieval: "
 # Embedder runtimes of one model: ONNX Runtime with int8 weights, ONNX Runtime float32, PyTorch (the reference).
 EMBEDDER_BACKENDS = ("onnx-int8", "onnx", "torch")
-DEFAULT_EMBEDDER_BACKEND = "onnx-int8"
+DEFAULT_EMBEDDER_BACKEND = "onnx"  # the PyTorch vectors at a third of the cost (docs/retrieval.md)
 DEFAULT_MAX_SEQ_LENGTH = 256
