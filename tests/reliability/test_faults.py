@@ -26,8 +26,9 @@ LOAD_CLIENTS = 3
 
 @pytest.fixture(scope="module")
 def cluster_overrides() -> dict:
-    # Room for a replica restart inside one request's time limit.
-    return {"server": {"request_timeout_s": 90}}
+    # Room for a replica restart inside one request's time limit. No compatibility scoring on add:
+    # it loads each new adapter at once, and the store-loss test needs adapters nobody loaded yet.
+    return {"server": {"request_timeout_s": 90}, "composition": {"compatibility_neighbours": 0}}
 
 
 @dataclass
