@@ -85,16 +85,19 @@ ADMIN_ROUTES = [("GET", "/admin/status"), ("GET", "/admin/adapters"), ("GET", "/
                 ("DELETE", "/admin/adapters/add"), ("POST", "/admin/adapters/add/pin"),
                 ("POST", "/admin/adapters/add/unpin"), ("GET", "/admin/adapters/add/history"),
                 ("POST", "/admin/tenants"), ("GET", "/admin/tenants"), ("DELETE", "/admin/tenants/acme"),
-                ("GET", "/admin/tenants/acme/usage")]
+                ("GET", "/admin/tenants/acme/usage"), ("DELETE", "/admin/adapters/add/canary"),
+                ("DELETE", "/admin/adapters/add/versions/v1"), ("POST", "/admin/adapters/add/visibility"),
+                ("POST", "/admin/gc")]
 BODIES = {"/admin/adapters": {"name": "x", "card": {"model_name": "x", "sample": [{"inputs": "hi"}]}, "path": "/x"},
           "/admin/adapters/add/promote": {"version": "v1"}, "/admin/adapters/add/canary": {"version": "v1", "percent": 5},
-          "/admin/tenants": {"name": "intruder"}}
+          "/admin/tenants": {"name": "intruder"}, "/admin/adapters/add/visibility": {"visibility": "private"}}
 
 
 def test_openapi_lists_exactly_these_admin_routes(serve_cluster):
     paths = httpx.get(f"{serve_cluster.url}/openapi.json", timeout=30).json()["paths"]
     listed = {(m.upper(), p) for p, ops in paths.items() if p.startswith("/admin") for m in ops}
-    assert listed == {(m, p.replace("/add", "/{name}").replace("/acme", "/{name}")) for m, p in ADMIN_ROUTES}, sorted(paths)
+    assert listed == {(m, p.replace("/add", "/{name}").replace("/acme", "/{name}").replace("/v1", "/{version}"))
+                      for m, p in ADMIN_ROUTES}, sorted(paths)
 
 
 @pytest.mark.parametrize("method, path", ADMIN_ROUTES, ids=[f"{m} {p}" for m, p in ADMIN_ROUTES])
