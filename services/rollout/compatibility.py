@@ -4,7 +4,7 @@ Run after an adapter's active version changes (add, promote, rollback) or one le
 the active version is scored against its `neighbours` nearest active adapters (centroid cosine of
 their cards) where no score exists for these two versions yet, on the serving composer, and the
 policy's thresholds are calibrated again from every active card. Cost: one batched forward per
-new pair (measured in docs/results.md); bounded by `neighbours`.
+new pair (measured in docs/policy.md); bounded by `neighbours`.
 """
 from __future__ import annotations
 
