@@ -33,14 +33,12 @@ class Composer:
             engine = CompositionEngine.from_pretrained(
                 base_model_path(cfg), device=cfg.base_model.device, dtype=cfg.base_model.dtype,
                 max_adapters_per_row=comp.max_adapters_per_request, device_slots=comp.device_slots,
-                cpu_slots=comp.cpu_slots, max_rank=comp.max_rank,
+                cpu_slots=comp.cpu_slots, max_rank=comp.max_rank, max_batch_rows=comp.max_batch_size,
+                prefill_tokens=comp.prefill_tokens,
                 allow_unsafe_pickle=cfg.adapter_store.allow_unsafe_pickle,
             )
-        self.service = ComposerService(
-            engine, cfg.adapter_store.path, max_batch_size=comp.max_batch_size,
-            wait_timeout_s=comp.batch_wait_timeout_s, max_prompt_tokens=comp.max_prompt_tokens,
-            on_batch=metrics.observe_batch,
-        )
+        self.service = ComposerService(engine, cfg.adapter_store.path, max_prompt_tokens=comp.max_prompt_tokens,
+                                       on_batch=metrics.observe_batch)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.placement = make_placement(cfg)
         self.catalog = CatalogCache(make_registry(cfg))
@@ -67,8 +65,9 @@ class Composer:
         and drops adapter versions the registry has rolled away from."""
         catalog = self.catalog.get()
         if catalog.generation != self._synced_generation:
-            dropped = await self.service.follow_catalog(catalog)
-            self._synced_generation = catalog.generation
+            dropped, busy = await self.service.follow_catalog(catalog)
+            if not busy:  # otherwise sync again next time, when their rows have left
+                self._synced_generation = catalog.generation
             if dropped:
                 log.info("dropped stale adapter versions %s", dropped)
         resident, pool = self.service.resident(), self.service.pool_stats()

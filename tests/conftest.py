@@ -59,7 +59,7 @@ def cluster_config(zoo, redis_url: str, store, port: int, **overrides):
         "adapter_store": {"path": str(store)},
         "redis": {"url": redis_url, "start_local": False},
         "server": {"port": port, "request_timeout_s": 60},
-        "composition": {"max_batch_size": 16, "batch_wait_timeout_s": 0.2, "device_slots": 8, "cpu_slots": 16},
+        "composition": {"max_batch_size": 16, "device_slots": 8, "cpu_slots": 16},
         "deployments": {name: {"num_cpus": 0.1} for name in ("ingress", "retriever", "composer")},
     }
     return AppConfig.model_validate(deep_merge(cfg, overrides))

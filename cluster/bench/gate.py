@@ -36,7 +36,7 @@ def composer_service(base: Path, store: Path, threads: int):
     torch.set_num_threads(threads)
     engine = CompositionEngine.from_pretrained(base, device="cpu", dtype="float32", max_adapters_per_row=4,
                                                device_slots=8, cpu_slots=16, max_rank=64)
-    return ComposerService(engine, store, max_batch_size=32, wait_timeout_s=0.01, max_prompt_tokens=2048)
+    return ComposerService(engine, store, max_prompt_tokens=2048)
 
 
 def answers_through(service):

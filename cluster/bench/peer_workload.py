@@ -77,12 +77,13 @@ def open_loop_requests(adapters: list[Adapter], queries_by_task: dict[str, list[
 
 
 def siblings(adapter: Adapter, originals: list[Adapter], count: int = 2) -> list[str]:
-    """The first `count` other demo adapters of the adapter's domain: the fixed partners it is
-    mixed or fused with (the zoo has three adapters per domain)."""
-    others = [a.name for a in originals if a.domain == adapter.domain and a.task != adapter.task]
-    if len(others) < count:
-        raise ValueError(f"domain {adapter.domain!r} has {len(others)} other adapters; {count} are needed")
-    return others[:count]
+    """The fixed partners an adapter is mixed or fused with: the first `count` other demo
+    adapters of its domain (the full zoo has three per domain), then others in zoo order."""
+    others = [a for a in originals if a.task != adapter.task]
+    ranked = [a for a in others if a.domain == adapter.domain] + [a for a in others if a.domain != adapter.domain]
+    if len(ranked) < count:
+        raise ValueError(f"{len(ranked)} other adapters; {count} are needed to mix with {adapter.name!r}")
+    return [a.name for a in ranked[:count]]
 
 
 def variant_scale(name: str, seed: int) -> float:

@@ -20,17 +20,17 @@ from services.lora.batch_meta import EMPTY_SLOT, LoraBatchMeta
 GATHER_COPY_COST = 24.0
 
 
-def compose_rank_space(xa: torch.Tensor, weights: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
+def compose_rank_space(xa: torch.Tensor, weights: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
     """Apply each row's weights to per-adapter rank activations.
 
     Semantics: xa (batch, seq, j, r) holds A_j x; returns h with h_j = w_j A_j x for mixture
     rows and h_j = w_j sum_i w_i A_i x for fusion rows, so that delta = sum_j B_j h_j.
-    weights (batch, j); fusion (batch,) bool."""
+    weights (batch, j); meta.fusion (batch,) bool marks the fusion rows."""
     h = xa * weights[:, None, :, None]  # (batch, seq, j, r)
-    if not bool(fusion.any()):
+    if not meta.any_fusion:
         return h
     fused = h.sum(dim=2, keepdim=True) * weights[:, None, :, None]  # (batch, seq, j, r)
-    return torch.where(fusion[:, None, None, None], fused, h)
+    return torch.where(meta.fusion[:, None, None, None], fused, h)
 
 
 def reference_delta(x, a_stack, b_stack, meta: LoraBatchMeta, layer_key: str) -> torch.Tensor:
@@ -59,7 +59,7 @@ def gather_delta(x, a_stack, b_stack, meta: LoraBatchMeta, layer_key: str) -> to
     a_rows = a_stack[index].view(batch, k * r, -1)  # (batch, k*r, in)
     b_rows = b_stack[index].view(batch, k * r, -1)  # (batch, k*r, out)
     xa = torch.bmm(x, a_rows.transpose(1, 2)).view(batch, seq, k, r)  # (batch, seq, k, r)
-    h = compose_rank_space(xa, meta.weights, meta.fusion)
+    h = compose_rank_space(xa, meta.weights, meta)
     return torch.bmm(h.view(batch, seq, k * r), b_rows)  # (batch, seq, out)
 
 
@@ -77,7 +77,7 @@ def shrink_expand_delta(x, a_stack, b_stack, meta: LoraBatchMeta, layer_key: str
     batch, seq, _ = x.shape
     r = a_stack.shape[1]
     xa = (x @ a_cat.T).view(batch, seq, -1, r)  # (batch, seq, u, r)
-    h = compose_rank_space(xa, meta.dense_weights, meta.fusion)
+    h = compose_rank_space(xa, meta.dense_weights, meta)
     return h.reshape(batch, seq, -1) @ b_cat  # (batch, seq, out)
 
 

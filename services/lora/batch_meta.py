@@ -15,6 +15,7 @@ class LoraBatchMeta:
     slots: torch.Tensor  # (batch, k) long: device pool slot per row and position, EMPTY_SLOT = none
     weights: torch.Tensor  # (batch, k) float: 0 where the slot is empty
     fusion: torch.Tensor  # (batch,) bool: rows that average A and B instead of summing outputs
+    any_fusion: bool  # fusion.any(), known on the host: every layer asks, and asking the device syncs
     unique_slots: torch.Tensor  # (u,) long: the distinct slots the batch uses
     dense_weights: torch.Tensor  # (batch, u) float: row b's weight on unique_slots[j], 0 if unused
     # Per-layer tensors a backend derives from the pool once and reuses on every decode step;
@@ -24,10 +25,6 @@ class LoraBatchMeta:
     @property
     def has_lora(self) -> bool:
         return self.unique_slots.numel() > 0
-
-    @property
-    def has_fusion(self) -> bool:
-        return bool(self.fusion.any())
 
 
 def build_batch_meta(rows: list[Composition], slot_of: dict[str, int], *, dtype: torch.dtype,
@@ -44,6 +41,7 @@ def build_batch_meta(rows: list[Composition], slot_of: dict[str, int], *, dtype:
     for b, row in enumerate(rows):
         for adapter, weight in zip(row.adapters, row.weights):
             dense[b, int(torch.searchsorted(unique, slot_of[adapter]))] = weight
-    fusion = torch.tensor([row.fuses for row in rows], dtype=torch.bool)
-    return LoraBatchMeta(slots=slots.to(device), weights=weights.to(device), fusion=fusion.to(device),
+    fuses = [row.fuses for row in rows]
+    return LoraBatchMeta(slots=slots.to(device), weights=weights.to(device),
+                         fusion=torch.tensor(fuses, dtype=torch.bool).to(device), any_fusion=any(fuses),
                          unique_slots=unique.to(device), dense_weights=dense.to(device))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,17 +13,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from services.lora.adapter_files import LoraAdapterWeights, check_adapter_name, read_adapter
 from services.composition import Composition, CompositionError
 from services.lora.batch_meta import build_batch_meta
-from services.lora.generation import GenerationRequest, GenerationResult, check_request, generate_batch
+from services.lora.decoder import SlotDecoder
+from services.lora.generation import GenerationRequest, GenerationResult, check_request
 from services.lora.layers import LoraContext, linear_shapes, wrap_model
-from services.lora.pool import AdapterPool
+from services.lora.pool import AdapterPool, AdapterPoolFull
+from services.lora.scheduler import DecodeScheduler
 
 log = logging.getLogger(__name__)
 
 class CompositionEngine:
     def __init__(self, model, tokenizer, *, max_adapters_per_row: int = 4, device_slots: int = 32,
                  cpu_slots: int = 128, max_rank: int = 64, allow_unsafe_pickle: bool = False,
-                 base_model: str | None = None):
+                 base_model: str | None = None, max_batch_rows: int = 64, prefill_tokens: int = 512):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch_rows, self.prefill_tokens = max_batch_rows, prefill_tokens
+        self.decoder = SlotDecoder(model)
         self.max_adapters_per_row, self.max_rank = max_adapters_per_row, max_rank
         self.allow_unsafe_pickle, self.base_model = allow_unsafe_pickle, base_model
         param = next(model.parameters())
@@ -30,7 +35,7 @@ class CompositionEngine:
         self.pool = AdapterPool(linear_shapes(model), device=self.device, dtype=self.dtype,
                                 device_slots=device_slots, cpu_slots=cpu_slots, reload=self.read)
         self.context = LoraContext(self.pool)
-        # One batch at a time writes device slots and runs forwards: a slot write may re-pad every
+        # One driver at a time writes device slots and runs forwards: a slot write may re-pad every
         # stack (a larger rank), which must not happen under a forward in flight.
         self.device_lock = threading.RLock()
         wrap_model(model, self.context)
@@ -84,6 +89,11 @@ class CompositionEngine:
         """Every adapter the pool knows (device, CPU tier or re-readable from its folder)."""
         return list(self.pool.paths)
 
+    def adapters_in_use(self) -> set[str]:
+        """Adapters that running rows hold (they cannot be unloaded now)."""
+        with self.pool.lock:
+            return set(self.pool.in_use)
+
     def resident_adapters(self) -> list[str]:
         """Adapters on the model's device now."""
         return self.pool.resident()
@@ -118,61 +128,42 @@ class CompositionEngine:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).logits
 
+    def scheduler(self) -> DecodeScheduler:
+        """A continuous batch over this engine (one driver thread; see services/lora/scheduler.py)."""
+        return DecodeScheduler(self, max_rows=self.max_batch_rows, prefill_tokens=self.prefill_tokens)
+
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """A heterogeneous batch: every row its own adapters, mode and sampling. One forward
-        pass per step when the batch's adapters fit the device slots; otherwise the rows run as
-        several sub-batches that each fit (never a refused batch because the mix was wide)."""
-        if not requests:
-            return []
+        """A heterogeneous batch: every row its own adapters, mode and sampling, run as one
+        continuous batch: rows join as others leave, when a row slot and device slots for their
+        adapters are free (a mix wider than the device slots runs in turns, never refused; a row
+        that alone needs more adapters than the slots is refused with the pool's reason)."""
         for request in requests:
             check_request(request, self.vocab_size)
-        with self.device_lock:
-            pinned = set(self.pool.pinned)
-            capacity = self.pool.device_slots - len(pinned)  # pinned adapters keep their slots
-            groups = fitting_groups([set(r.composition.adapters) - pinned for r in requests], capacity)
+        scheduler, waiting = self.scheduler(), deque(enumerate(requests))
+        index: dict[int, int] = {}  # id(row) -> request index
         results: list[GenerationResult | None] = [None] * len(requests)
-        for group in groups:
-            batch = [requests[i] for i in group]
-            with self.composed([r.composition for r in batch]):
-                done = generate_batch(self.step, self.tokenizer, batch, pad_id=self.pad_id, eos_ids=self.eos_ids,
-                                      device=self.device, project=self.project)
-            for i, result in zip(group, done):
-                results[i] = result
+        try:
+            while waiting or scheduler.rows:
+                with self.device_lock:
+                    while waiting and not scheduler.full:
+                        try:
+                            row = scheduler.add(waiting[0][1])
+                        except AdapterPoolFull:
+                            if not scheduler.rows:
+                                raise
+                            break
+                        index[id(row)] = waiting.popleft()[0]
+                    for row in scheduler.step():
+                        results[index[id(row)]] = row.result()
+        finally:
+            with self.device_lock:
+                scheduler.abort()  # a failed step: release the adapters of the rows still running
         return results
 
     @property
     def vocab_size(self) -> int:
         return self.model.get_output_embeddings().weight.shape[0]
 
-    def step(self, input_ids, attention_mask, position_ids, cache, all_positions: bool = False) -> torch.Tensor:
-        """Logits (batch, vocab) of the last position; with all_positions the final hidden states
-        (batch, seq, hidden) instead, which `project` turns into logits a few positions at a time
-        (a batch's logits at every position would be batch x seq x vocab floats)."""
-        if all_positions:
-            return self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    cache=cache, use_cache=True).last_hidden_state
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]  # (batch, vocab)
-
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of final hidden states (the LM head; adapters never target it)."""
         return self.model.get_output_embeddings()(hidden)
-
-
-def fitting_groups(needs: list[set[str]], capacity: int) -> list[list[int]]:
-    """Row indices grouped first-fit so each group's distinct adapters number at most `capacity`.
-
-    A row that alone needs more than `capacity` gets a group of its own (the pool then refuses
-    it with a message naming the slots)."""
-    groups: list[tuple[list[int], set[str]]] = []
-    for i, need in enumerate(needs):
-        for members, keys in groups:
-            if len(keys | need) <= capacity:
-                members.append(i)
-                keys |= need
-                break
-        else:
-            groups.append(([i], set(need)))
-    return [members for members, _ in groups]
-

@@ -1,19 +1,16 @@
-"""Batched generation over one KV cache: left padding, per-row sampling, stop strings, streaming,
-log-probabilities of the prompt and of each sampled token, and per-row token constraints."""
+"""What a generation row asks for and gets, and the per-row parts of decoding: sampling, stop
+strings, streaming text, log-probabilities and token constraints (services/lora/scheduler.py
+runs the rows)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
-from transformers import DynamicCache
 
 from services.errors import InvalidRequest
 from services.composition import Composition
 
-# logits (batch, vocab) of the last position, or with all_positions=True the final hidden states
-# (batch, seq, hidden) of every position, for input_ids (batch, seq) with the cache so far
-ForwardFn = Callable[..., torch.Tensor]
 ProjectFn = Callable[[torch.Tensor], torch.Tensor]  # hidden states (..., hidden) -> logits (..., vocab)
 PROMPT_CHUNK = 128  # prompt positions projected to logits at a time
 
@@ -106,6 +103,12 @@ class RowSampler:
         self.counts = torch.zeros(vocab, device=device) if vocab is not None and (self.presence or self.frequency) \
             else None
 
+    @property
+    def plain(self) -> bool:
+        """Greedy with nothing shaping the logits: the scheduler batches these rows' argmax."""
+        return (self.temperature < torch.finfo(torch.float32).tiny and self.bias is None and self.counts is None
+                and self.constraint is None)
+
     def shaped(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits sampling draws from (a copy when anything changes them)."""
         if self.bias is None and self.counts is None and self.constraint is None:
@@ -171,12 +174,13 @@ class TokenLogprobs:
             top = [{**self.piece(int(i)), "logprob": float(v)} for v, i in zip(values, ids)]
         return {**self.piece(token), "logprob": float(logprobs[token]), "top": top}
 
-    def prompt(self, hidden: torch.Tensor, project: ProjectFn, prompt: list[int], k: int) -> list[dict]:
-        """hidden (len(prompt), hidden) of the row's own prompt positions; projected in chunks."""
-        entries = [self.entry(None, prompt[0], 0)]
-        for start in range(0, len(prompt) - 1, PROMPT_CHUNK):
+    def span(self, hidden: torch.Tensor, project: ProjectFn, tokens: list[int], k: int) -> list[dict]:
+        """Entries of `tokens`, each predicted by the position whose hidden state is the matching row
+        of hidden (len(tokens), hidden); projected PROMPT_CHUNK positions at a time."""
+        entries = []
+        for start in range(0, len(tokens), PROMPT_CHUNK):
             logprobs = torch.log_softmax(project(hidden[start:start + PROMPT_CHUNK]).float(), dim=-1)
-            entries += [self.entry(lp, t, k) for lp, t in zip(logprobs, prompt[start + 1:start + 1 + PROMPT_CHUNK])]
+            entries += [self.entry(lp, t, k) for lp, t in zip(logprobs, tokens[start:start + PROMPT_CHUNK])]
         return entries
 
 
@@ -211,82 +215,3 @@ class TextStream:
     def flush(self) -> str:
         piece, self.released = self.text[self.released:], len(self.text)
         return piece
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (batch, seq)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (batch, seq)
-    for b, prompt in enumerate(prompts):
-        ids[b, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[b, width - len(prompt):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position of each token counted from the row's first real token (padding gets 0)."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-@torch.inference_mode()
-def generate_batch(forward: ForwardFn, tokenizer, requests: list[GenerationRequest], *, pad_id: int,
-                   eos_ids: set[int], device, project: ProjectFn | None = None) -> list[GenerationResult]:
-    """Prefill every prompt at once, then decode one token per row per step until each row stops.
-
-    Finished rows keep feeding padding so the batch keeps one shape; they no longer sample.
-    The requests must have passed check_request."""
-    ids, mask = left_pad([r.prompt_ids for r in requests], pad_id, device)
-    pos = positions(mask)
-    cache = DynamicCache()
-    streams = [TextStream(tokenizer, r.stop) for r in requests]
-    lp = TokenLogprobs(tokenizer)
-    finish: list[str | None] = ["length" if r.max_tokens == 0 else None for r in requests]
-    prompt_lps: list[list[dict] | None] = [None] * len(requests)
-    if any(r.prompt_logprobs for r in requests):  # needs `project`
-        hidden = forward(ids, mask, pos, cache, all_positions=True)  # (batch, seq, hidden)
-        for b, r in enumerate(requests):
-            if r.prompt_logprobs:
-                prompt_lps[b] = lp.prompt(hidden[b, ids.shape[1] - len(r.prompt_ids):], project, r.prompt_ids,
-                                          r.logprobs or 0)
-        logits = project(hidden[:, -1])  # (batch, vocab)
-    else:
-        logits = forward(ids, mask, pos, cache)  # (batch, vocab)
-    samplers = [RowSampler(r, device, logits.shape[-1]) for r in requests]
-    token_lps: list[list[dict] | None] = [[] if r.logprobs is not None else None for r in requests]
-    unsent: list[list[dict]] = [[] for _ in requests]  # logprobs not streamed yet
-    while not all(f is not None for f in finish):
-        next_ids = []
-        for b, request in enumerate(requests):
-            if finish[b] is not None:
-                next_ids.append(pad_id)
-                continue
-            token = samplers[b](logits[b])
-            next_ids.append(token)
-            if token in eos_ids:
-                finish[b] = "stop"
-                piece = streams[b].flush()
-            else:
-                if token_lps[b] is not None:
-                    entry = lp.entry(torch.log_softmax(logits[b].float(), dim=-1), token, request.logprobs)
-                    token_lps[b].append(entry)
-                    unsent[b].append(entry)
-                piece = streams[b].push(token)
-                if streams[b].stopped:
-                    finish[b] = "stop"
-                elif len(streams[b].token_ids) >= request.max_tokens:
-                    finish[b] = "length"
-                    piece += streams[b].flush()
-            if request.on_token is not None and (piece or (finish[b] and unsent[b])):
-                if token_lps[b] is None:
-                    request.on_token(piece)
-                else:
-                    request.on_token({"text": piece, "logprobs": unsent[b]})
-                    unsent[b] = []
-        if all(f is not None for f in finish):
-            break
-        mask = torch.cat([mask, torch.ones((len(requests), 1), dtype=mask.dtype, device=device)], dim=1)
-        pos = pos[:, -1:] + 1
-        logits = forward(torch.tensor(next_ids, device=device)[:, None], mask, pos, cache)
-    return [GenerationResult(text=s.text, token_ids=s.token_ids, finish_reason=f, prompt_tokens=len(r.prompt_ids),
-                             completion_tokens=len(s.token_ids), logprobs=t, prompt_logprobs=p)
-            for r, s, f, t, p in zip(requests, streams, finish, token_lps, prompt_lps)]

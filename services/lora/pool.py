@@ -49,6 +49,7 @@ class AdapterPool:
         self.device_slots, self.cpu_slots = device_slots, cpu_slots
         self.reload = reload  # re-reads an adapter the CPU tier let go of
         self.rank = 0  # padded rank of every stack
+        self.writes = 0  # slot writes so far: tensors derived from the stacks are stale when it moves
         self.stacks: dict[str, LayerStack] = {}  # only layers some resident adapter targets
         self.paths: dict[str, Path] = {}  # every loaded key -> its folder
         self.cpu: OrderedDict[str, LoraAdapterWeights] = OrderedDict()  # least recently used first
@@ -184,6 +185,7 @@ class AdapterPool:
         self.counters["load_seconds"] += time.perf_counter() - started
 
     def _write_slot(self, slot: int, weights: LoraAdapterWeights) -> None:
+        self.writes += 1
         if weights.rank > self.rank:
             self._grow_rank(weights.rank)
         for layer in weights.a:

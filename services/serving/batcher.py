@@ -1,19 +1,27 @@
-"""Dynamic batching: concurrent generation requests become one heterogeneous batch.
+"""Continuous batching for a composer replica: concurrent requests join the engine's running batch
+between decode steps and leave it when they finish.
 
-Callers `submit` a request and iterate over its text pieces as they are produced; a
-single worker thread runs one batch at a time (the model is not re-entrant), so the
-event loop stays free to accept requests and stream tokens meanwhile.
+Callers `submit` a request and iterate over its text pieces as they are produced. One worker
+thread owns the engine's scheduler (the model is not re-entrant): between two steps it runs the
+exclusive work callers queued (adapter loads, registry syncs), admits waiting requests while a row
+slot and device slots for their adapters are free, then runs one step. A caller that goes away
+(its client disconnected) cancels its row, which leaves at the end of the next step. The event
+loop stays free to accept requests and stream tokens meanwhile.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import dataclasses
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
 from services.lora.generation import GenerationRequest, GenerationResult
+from services.lora.pool import AdapterPoolFull
 
 log = logging.getLogger(__name__)
 
@@ -22,101 +30,154 @@ _DONE = object()
 
 @dataclasses.dataclass
 class BatchStats:
-    batches: int = 0
-    rows: int = 0
-    last_batch_size: int = 0
+    steps: int = 0
+    rows: int = 0  # requests admitted
+    row_steps: int = 0  # rows summed over steps: row_steps / steps is the mean running batch
+    last_batch_size: int = 0  # rows in the last step
     busy_seconds: float = 0.0
 
 
-class DynamicBatcher:
-    def __init__(self, run_batch: Callable[[list[GenerationRequest]], list[GenerationResult | BaseException]],
-                 *, max_batch_size: int, wait_timeout_s: float,
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    request: GenerationRequest
+    deliver: Callable  # thread-safe: puts a piece, a result, an exception or _DONE on the caller's queue
+    enqueued: float
+    row: object = None  # the scheduler's Row once admitted
+    cancelled: bool = False
+
+
+class ContinuousBatcher:
+    def __init__(self, engine, *, prepare: Callable[[GenerationRequest], None] | None = None,
                  on_batch: Callable[[int, int, float], None] | None = None):
-        """run_batch returns one result per request, or an exception for a row that failed alone.
-        on_batch(rows, new_tokens, seconds) is called after every successful batch (metrics)."""
-        self.run_batch = run_batch
-        self.on_batch = on_batch
-        self.max_batch_size = max_batch_size
-        self.wait_timeout_s = wait_timeout_s
+        """engine: a CompositionEngine (its `scheduler()`, `device_lock`). prepare(request) runs on
+        the worker thread before a request joins (adapter loads); what it raises fails that request
+        alone. on_batch(rows, new_tokens, seconds) is called after every step (metrics)."""
+        self.engine, self.prepare, self.on_batch = engine, prepare, on_batch
         self.stats = BatchStats()
-        self._pending: asyncio.Queue | None = None
-        self._running_rows = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
-        self._loop_task: asyncio.Task | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # _Entry or (fn, args, Future)
+        self._waiting: collections.deque[_Entry] = collections.deque()
+        self._running: dict[int, _Entry] = {}  # id(row) -> entry
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
 
     @property
     def queue_len(self) -> int:
         """Requests waiting plus rows running now (the autoscaling and routing signal)."""
-        return (self._pending.qsize() if self._pending else 0) + self._running_rows
+        return self._inbox.qsize() + len(self._waiting) + len(self._running)
+
+    def _ensure_thread(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve_forever, name="batch", daemon=True)
+                self._thread.start()
 
     async def run_exclusive(self, fn: Callable, *args):
-        """Run fn on the batch thread, between batches (for work that must not overlap a forward)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """Run fn on the batch thread between two steps (work that must not overlap a forward)."""
+        self._ensure_thread()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put((fn, args, future))
+        return await asyncio.wrap_future(future)
 
-    async def submit(self, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
+    async def submit(self, request: GenerationRequest) -> AsyncIterator[str | dict | GenerationResult]:
         """Yields text pieces as they are generated, then the GenerationResult."""
-        if self._loop_task is None:
-            self._pending = asyncio.Queue()
-            self._loop_task = asyncio.get_running_loop().create_task(self._serve_forever())
+        self._ensure_thread()
+        loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        request = dataclasses.replace(
-            request, on_token=lambda piece: loop.call_soon_threadsafe(out.put_nowait, piece)
-        )
-        await self._pending.put((request, out, time.perf_counter()))
-        while True:
-            item = await out.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
 
-    async def _serve_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self._pending.get()]
-            deadline = loop.time() + self.wait_timeout_s
-            while len(batch) < self.max_batch_size:
-                remaining = deadline - loop.time()
-                if remaining <= 0 and self._pending.empty():
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._pending.get(), max(remaining, 0)))
-                except asyncio.TimeoutError:
-                    break
-            await self._run(batch, loop)
+        def deliver(item) -> None:
+            loop.call_soon_threadsafe(out.put_nowait, item)
 
-    def _call_run_batch(self, requests: list[GenerationRequest]) -> list:
+        entry = _Entry(dataclasses.replace(request, on_token=deliver), deliver, time.perf_counter())
+        self._inbox.put(entry)
         try:
-            return self.run_batch(requests)
-        except StopIteration as err:  # a Future cannot carry StopIteration: the batch would never finish
-            raise RuntimeError(f"batch failed: StopIteration {err}") from err
-
-    async def _run(self, batch: list, loop: asyncio.AbstractEventLoop) -> None:
-        requests = [req for req, _, _ in batch]
-        self._running_rows = len(batch)
-        started = time.perf_counter()
-        try:
-            results = await loop.run_in_executor(self._executor, self._call_run_batch, requests)
-            seconds = time.perf_counter() - started
-            for (_, out, enqueued), result in zip(batch, results):
-                if isinstance(result, BaseException):  # this row alone failed; its caller hears why
-                    out.put_nowait(result)
-                    continue
-                out.put_nowait(dataclasses.replace(result, queue_seconds=started - enqueued, batch_seconds=seconds))
-            if self.on_batch is not None:
-                self.on_batch(len(batch), sum(r.completion_tokens for r in results if not isinstance(r, BaseException)),
-                              seconds)
-        except Exception as err:  # the whole batch failed: every caller hears why
-            log.exception("batch of %d failed", len(batch))
-            for _, out, _ in batch:
-                out.put_nowait(err)
+            while True:
+                item = await out.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            self._running_rows = 0
-            self.stats.batches += 1
-            self.stats.rows += len(batch)
-            self.stats.last_batch_size = len(batch)
-            self.stats.busy_seconds += time.perf_counter() - started
-            for _, out, _ in batch:
-                out.put_nowait(_DONE)
+            entry.cancelled = True  # a no-op once done; otherwise the caller left: free the row
+            if entry.row is not None:
+                entry.row.cancelled = True
+
+    # -- the worker thread ------------------------------------------------------
+    def _serve_forever(self) -> None:
+        scheduler = self.engine.scheduler()
+        while True:
+            idle = not self._running and not self._waiting
+            self._take(self._inbox.get() if idle else None)
+            while not self._inbox.empty():
+                self._take(self._inbox.get_nowait())
+            self._admit(scheduler)
+            if scheduler.rows:
+                self._step(scheduler)
+
+    def _take(self, item) -> None:
+        if item is None:
+            return
+        if isinstance(item, _Entry):
+            self._waiting.append(item)
+            return
+        fn, args, future = item
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except StopIteration as err:  # a Future cannot carry StopIteration: its awaiter would hang
+                future.set_exception(RuntimeError(f"exclusive work failed: StopIteration {err}"))
+            except BaseException as err:  # noqa: BLE001 - handed to the awaiting caller
+                future.set_exception(err)
+
+    def _admit(self, scheduler) -> None:
+        while self._waiting and not scheduler.full:
+            entry = self._waiting[0]
+            if entry.cancelled:
+                self._waiting.popleft()
+                continue
+            try:
+                if self.prepare is not None:
+                    self.prepare(entry.request)
+                with self.engine.device_lock:
+                    entry.row = scheduler.add(entry.request)
+            except AdapterPoolFull as err:
+                if scheduler.rows:
+                    return  # its adapters fit once running rows leave
+                self._fail(self._waiting.popleft(), err)
+                continue
+            except Exception as err:  # this request alone cannot run; its caller hears why
+                self._fail(self._waiting.popleft(), err)
+                continue
+            self._waiting.popleft()
+            self._running[id(entry.row)] = entry
+            self.stats.rows += 1
+
+    def _step(self, scheduler) -> None:
+        started, rows = time.perf_counter(), len(scheduler.rows)
+        try:
+            with self.engine.device_lock:
+                finished = scheduler.step()
+        except Exception as err:  # the step failed: every running row's caller hears why
+            log.exception("decode step over %d rows failed", rows)
+            with self.engine.device_lock:
+                for row in scheduler.abort():
+                    self._fail(self._running.pop(id(row)), err)
+            return
+        now = time.perf_counter()
+        self.stats.steps += 1
+        self.stats.row_steps += rows
+        self.stats.last_batch_size = rows
+        self.stats.busy_seconds += now - started
+        if self.on_batch is not None:
+            self.on_batch(rows, scheduler.step_tokens, now - started)
+        for row in finished:
+            entry = self._running.pop(id(row))
+            if not row.cancelled:
+                entry.deliver(dataclasses.replace(row.result(), queue_seconds=row.admitted - entry.enqueued,
+                                                  batch_seconds=now - row.admitted))
+            entry.deliver(_DONE)
+
+    @staticmethod
+    def _fail(entry: _Entry, err: Exception) -> None:
+        entry.deliver(err)
+        entry.deliver(_DONE)

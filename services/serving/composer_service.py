@@ -17,7 +17,7 @@ from services.lora.compatibility import CardTokens, PairScore, pair_score
 from services.lora.generation import GenerationRequest, GenerationResult, check_request
 from services.lora.structured import JsonGrammars
 from services.schemas import ChatMessage, CompositionPlan, Strict
-from services.serving.batcher import DynamicBatcher
+from services.serving.batcher import ContinuousBatcher
 from services.errors import InvalidRequest, Unavailable
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,12 @@ class ComposeJob(Strict):
 
 
 class ComposerService:
-    def __init__(self, engine, store_root: str | Path, *, max_batch_size: int, wait_timeout_s: float,
-                 max_prompt_tokens: int, on_batch=None):
+    def __init__(self, engine, store_root: str | Path, *, max_prompt_tokens: int, on_batch=None):
+        """engine: a CompositionEngine; its max_batch_rows bounds the running batch."""
         self.engine = engine
         self.store_root = Path(store_root)
         self.max_prompt_tokens = max_prompt_tokens
-        self.batcher = DynamicBatcher(self._run_batch, max_batch_size=max_batch_size, wait_timeout_s=wait_timeout_s,
-                                      on_batch=on_batch)
+        self.batcher = ContinuousBatcher(engine, prepare=self._prepare, on_batch=on_batch)
 
     @functools.cached_property
     def grammars(self) -> JsonGrammars:
@@ -71,7 +70,7 @@ class ComposerService:
     def ensure_loaded(self, keys: list[str]) -> None:
         """Load each name@version the engine does not hold yet; a failed load changes nothing.
 
-        Runs on the batch thread (see `generate`), so loads never overlap a forward."""
+        Runs on the batch thread (see `_prepare`), so loads never overlap a forward."""
         for key in keys:
             if self.engine.has_adapter(key):
                 continue
@@ -86,25 +85,14 @@ class ComposerService:
                 raise store_fault(key, err) from err
             log.info("loaded adapter %s from %s", key, path)
 
-    def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult | Exception]:
-        """One forward pass over the batch, on the batch thread. A registry sync may have dropped
-        a version between a request's own load and this batch: load again (a no-op otherwise).
-        An adapter that cannot be read now (its CPU copy was let go and its store files are gone)
-        fails only the rows that use it, with the reason; the other rows run."""
-        failed: dict[str, Exception] = {}
-        for key in sorted({key for r in requests for key in r.composition.adapters}):
-            try:
-                self.ensure_loaded([key])
-                self.ensure_readable(key)
-            except Unavailable as err:
-                failed[key] = err
-        if not failed:
-            return self.engine.generate(requests)
-        run = [i for i, r in enumerate(requests) if not failed.keys() & set(r.composition.adapters)]
-        out: list = [next((failed[k] for k in r.composition.adapters if k in failed), None) for r in requests]
-        for i, result in zip(run, self.engine.generate([requests[i] for i in run])):
-            out[i] = result
-        return out
+    def _prepare(self, request: GenerationRequest) -> None:
+        """Before a request joins the running batch (on the batch thread): load its adapters (a
+        registry sync may have dropped a version since the request was planned) and re-read any
+        whose CPU copy was let go. An adapter that cannot be read now fails this request alone,
+        with the reason; the running rows go on."""
+        for key in request.composition.adapters:
+            self.ensure_loaded([key])
+            self.ensure_readable(key)
 
     def ensure_readable(self, key: str) -> None:
         """Re-read now, from the store, an adapter that is neither on the device nor in the CPU
@@ -160,21 +148,19 @@ class ComposerService:
         return request
 
     async def generate(self, job: ComposeJob) -> AsyncIterator[str | GenerationResult]:
-        """Text pieces, then the result; loads the plan's adapters first."""
-        keys = job.plan.keys()
-        if not all(self.engine.has_adapter(k) for k in keys):
-            await self.batcher.run_exclusive(self.ensure_loaded, keys)
+        """Text pieces, then the result (the plan's adapters are loaded before the row joins)."""
         async for item in self.batcher.submit(self.to_request(job)):
             yield item
 
-    async def follow_catalog(self, catalog) -> list[str]:
-        """sync_with_catalog between two batches (never under a forward). Returns the dropped keys."""
+    async def follow_catalog(self, catalog) -> tuple[list[str], list[str]]:
+        """sync_with_catalog between two steps (never under a forward)."""
         return await self.batcher.run_exclusive(self.sync_with_catalog, catalog)
 
-    def sync_with_catalog(self, catalog) -> list[str]:
+    def sync_with_catalog(self, catalog) -> tuple[list[str], list[str]]:
         """Drop loaded versions the registry no longer serves (neither active nor canary) and
-        pin or unpin by the registry's flag; runs between batches. Returns the dropped keys.
-        A request still naming a dropped version reloads it from the store."""
+        pin or unpin by the registry's flag; runs between steps. Returns (dropped keys, stale keys
+        kept because running rows still use them: a later sync drops them). A request still naming
+        a dropped version reloads it from the store."""
         live, pinned = set(), set()
         for rec in catalog.records.values():
             if rec.active_version is not None:
@@ -183,7 +169,9 @@ class ComposerService:
                     pinned.add(str(AdapterKey(rec.name, rec.active_version)))
             if rec.canary is not None:
                 live.add(str(AdapterKey(rec.name, rec.canary.version)))
-        dropped = [k for k in self.engine.loaded_adapters() if k not in live]
+        stale = [k for k in self.engine.loaded_adapters() if k not in live]
+        busy = self.engine.adapters_in_use()
+        dropped = [k for k in stale if k not in busy]
         for key in dropped:
             self.engine.unload_adapter(key)
         try:
@@ -195,7 +183,7 @@ class ComposerService:
                 self.engine.pin(key)
             else:
                 self.engine.unpin(key)
-        return dropped
+        return dropped, [k for k in stale if k in busy]
 
     def resident(self) -> list[str]:
         return self.engine.resident_adapters()

@@ -14,7 +14,7 @@ def cluster_overrides() -> dict:
     fast = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
             "upscale_delay_s": 1, "downscale_delay_s": 4}
     return {"deployments": {"composer": {"autoscaling": fast, "num_cpus": 0.1}},
-            "composition": {"batch_wait_timeout_s": 0.0, "max_batch_size": 2}}
+            "composition": {"max_batch_size": 2}}
 
 
 def composer_replicas() -> int:

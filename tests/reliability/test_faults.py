@@ -219,7 +219,7 @@ def test_an_adapter_whose_files_vanished_after_its_cpu_copy_was_dropped_fails_on
         shutil.copytree(tiny_zoo.adapters[name], tmp_path / name / "v1")
     engine = CompositionEngine.from_pretrained(tiny_zoo.base, device="cpu", max_adapters_per_row=1,
                                                device_slots=1, cpu_slots=1)
-    service = ComposerService(engine, tmp_path, max_batch_size=8, wait_timeout_s=0.2, max_prompt_tokens=256)
+    service = ComposerService(engine, tmp_path, max_prompt_tokens=256)
 
     def job(name: str) -> ComposeJob:
         plan = CompositionPlan(adapters=[UsedAdapter(name=name, version="v1", weight=1.0)], composition="selection")

@@ -94,16 +94,6 @@ def test_a_batch_wider_than_the_device_slots_runs_in_fitting_parts(folders, peft
     assert narrow.pool_stats()["loads"] >= 2  # both adapters took turns in the one slot
 
 
-def test_fitting_groups_first_fit_within_capacity():
-    from services.lora.engine import fitting_groups
-
-    needs = [{"a"}, {"b"}, {"a", "c"}, set(), {"d", "e", "f"}, {"b"}]
-    groups = fitting_groups(needs, capacity=2)
-    assert groups == [[0, 1, 3, 5], [2], [4]]
-    assert sorted(i for g in groups for i in g) == list(range(len(needs)))
-    assert fitting_groups(needs, capacity=8) == [list(range(len(needs)))]
-
-
 def test_sampling_is_reproducible_per_row_seed(engine):
     mixture = Composition.of(Mode.mixture, ["a", "b"], [0.5, 0.5])
 
@@ -265,3 +255,55 @@ def test_a_schema_that_cannot_be_compiled_is_a_bad_request(engine):
     with pytest.raises(InvalidRequest, match="response_format"):
         JsonGrammars(engine.tokenizer, engine.vocab_size).constraint(
             {"type": "json_schema", "json_schema": {"schema": {"type": "objectt"}}})
+
+
+def run_scheduler(scheduler, joins: dict[int, GenerationRequest]) -> dict[int, list[int]]:
+    """Step until every row has left; joins[s] is added before step s. Returns tokens by join step."""
+    out, rows, step = {}, {}, 0
+    while step <= max(joins) or scheduler.rows:
+        if step in joins:
+            rows[id(scheduler.add(joins[step]))] = step
+        for row in scheduler.step():
+            out[rows[id(row)]] = row.result().token_ids
+        step += 1
+    return out
+
+
+def test_rows_joining_and_leaving_a_running_batch_get_the_tokens_they_get_alone(engine, peft_model, tokenizer):
+    """Continuous batching: rows join at different steps (one while others decode, one as another
+    leaves, so KV slots get compacted) and each row's greedy tokens equal PEFT's for it alone."""
+    adapters = ["a", "b", None, "a"]
+    requests = selection_requests(adapters, max_tokens=10)
+    requests[1].max_tokens = 3  # leaves early: the last row moves into its slot
+    joins = {0: requests[0], 2: requests[1], 4: requests[2], 5: requests[3]}
+    with engine.device_lock:
+        out = run_scheduler(engine.scheduler(), joins)
+    for step, request in joins.items():
+        adapter = adapters[requests.index(request)]
+        assert out[step] == peft_greedy(peft_model, request.prompt_ids, adapter, request.max_tokens,
+                                        tokenizer.eos_token_id)
+
+
+def test_chunked_prefill_of_a_long_prompt_equals_reading_it_at_once(engine, peft_model, tokenizer):
+    """A prompt longer than the cache's first allocation, read 3 tokens per step while another row
+    decodes, gives PEFT's tokens; the decoding row is not held back until the prompt is read."""
+    from services.lora.scheduler import DecodeScheduler
+
+    long_prompt = [(7 * i) % 1000 + 3 for i in range(150)]
+    short = GenerationRequest(prompt_ids=PROMPTS[0], composition=Composition.single("b"), max_tokens=8)
+    long = GenerationRequest(prompt_ids=long_prompt, composition=Composition.single("a"), max_tokens=5)
+    scheduler = DecodeScheduler(engine, max_rows=4, prefill_tokens=3)
+    with engine.device_lock:
+        out = run_scheduler(scheduler, {0: short, 1: long})
+    assert out[0] == peft_greedy(peft_model, short.prompt_ids, "b", 8, tokenizer.eos_token_id)
+    assert out[1] == peft_greedy(peft_model, long_prompt, "a", 5, tokenizer.eos_token_id)
+
+
+def test_a_cancelled_row_leaves_at_the_next_step_and_frees_its_adapters(engine):
+    scheduler = engine.scheduler()
+    with engine.device_lock:
+        row = scheduler.add(GenerationRequest(prompt_ids=[1, 2], composition=Composition.single("a"), max_tokens=50))
+        scheduler.step()
+        row.cancelled = True
+        assert scheduler.step() == [row] and not scheduler.rows
+    assert "a" not in engine.adapters_in_use()

@@ -1,0 +1,220 @@
+"""Iteration-level (continuous) batching: requests join the running batch between steps and leave
+it in the step they finish, freeing their KV slot and their adapters at once.
+
+One step:
+1. prompt chunks of the rows still reading their prompt, at most `prefill_tokens` in all, oldest
+   first, so a long prompt holds the decoding rows back by one chunk, never by its whole length;
+2. one decode forward over every running row (a row still reading its prompt feeds a placeholder
+   at its next free position, which its next chunk overwrites: one shape, no second forward);
+3. sampling: the rows that sample greedily with nothing shaping their logits take one batched
+   argmax and one host transfer; the others use their own sampler;
+4. finished and cancelled rows leave; the last row moves into each freed slot.
+The driver (engine.generate, or the serving batcher's thread) holds the engine's device_lock
+around `add` and `step`, so adapter slots are never rewritten under a forward.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from services.lora.batch_meta import LoraBatchMeta, build_batch_meta
+from services.lora.generation import (GenerationRequest, GenerationResult, RowSampler, TextStream,
+                                      TokenLogprobs)
+
+CANCELLED = "cancelled"  # internal finish reason: the row leaves without a result
+
+
+@dataclass(eq=False)
+class Row:
+    request: GenerationRequest
+    sampler: RowSampler
+    stream: TextStream
+    slot_of: dict[str, int]  # the row's adapters -> device pool slot (held until it leaves)
+    admitted: float  # time.perf_counter() when it joined
+    fed: int = 0  # tokens already in its KV slot
+    pending: int | None = None  # sampled token not yet in the cache
+    finish: str | None = None
+    cancelled: bool = False  # set from any thread; the row leaves at the end of the next step
+    token_lps: list[dict] | None = None
+    unsent: list[dict] = field(default_factory=list)  # logprobs not streamed yet
+    prompt_lps: list[dict] | None = None
+
+    @property
+    def reading_prompt(self) -> bool:
+        return self.fed < len(self.request.prompt_ids)
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(text=self.stream.text, token_ids=self.stream.token_ids, finish_reason=self.finish,
+                                prompt_tokens=len(self.request.prompt_ids),
+                                completion_tokens=len(self.stream.token_ids), logprobs=self.token_lps,
+                                prompt_logprobs=self.prompt_lps)
+
+
+class DecodeScheduler:
+    def __init__(self, engine, *, max_rows: int, prefill_tokens: int = 512):
+        if max_rows < 1 or prefill_tokens < 1:
+            raise ValueError("max_rows and prefill_tokens must be at least 1")
+        self.engine, self.max_rows, self.prefill_tokens = engine, max_rows, prefill_tokens
+        self.cache = engine.decoder.new_cache()
+        self.rows: list[Row] = []  # rows[i] lives in cache slot i
+        self.logprobs = TokenLogprobs(engine.tokenizer)
+        self.step_tokens = 0  # tokens sampled by the last step
+        self._decode_meta: tuple[tuple, LoraBatchMeta] | None = None  # (rows and pool writes it was built for, meta)
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) >= self.max_rows
+
+    def add(self, request: GenerationRequest) -> Row:
+        """Admit a checked request; raises AdapterPoolFull (admitting nothing) when its adapters do
+        not fit the device slots the running rows leave."""
+        slot_of = self.engine.pool.acquire(list(request.composition.adapters))
+        row = Row(request, RowSampler(request, self.engine.device, self.engine.vocab_size),
+                  TextStream(self.engine.tokenizer, request.stop), slot_of, time.perf_counter(),
+                  token_lps=[] if request.logprobs is not None else None)
+        if request.prompt_logprobs:
+            row.prompt_lps = [self.logprobs.entry(None, request.prompt_ids[0], 0)]
+        self.rows.append(row)
+        return row
+
+    @torch.inference_mode()
+    def step(self) -> list[Row]:
+        """One iteration; returns the rows that left (finished or cancelled)."""
+        self.step_tokens = 0
+        for row in self.rows:
+            if row.cancelled:
+                row.finish = CANCELLED
+        self._prefill()
+        self._decode()
+        return self._retire()
+
+    def abort(self) -> list[Row]:
+        """Drop every row (after a failed step); returns them."""
+        rows, self.rows = self.rows, []
+        for row in rows:
+            self.engine.pool.release(list(row.slot_of))
+        self._decode_meta = None
+        return rows
+
+    # -- forwards -----------------------------------------------------------
+    def _forward(self, rows: list[Row], meta: LoraBatchMeta, tokens: list[list[int]], lo: int,
+                 starts: list[int]) -> torch.Tensor:
+        """Final hidden states (n, c, hidden) of the rows in slots [lo, lo + n)."""
+        device = self.engine.device
+        self.engine.context.meta = meta
+        try:
+            return self.engine.decoder.forward(
+                self.cache, torch.tensor(tokens, device=device), lo, torch.tensor(starts, device=device),
+                max(starts) + len(tokens[0]))
+        finally:
+            self.engine.context.meta = None
+
+    def _meta(self, rows: list[Row]) -> LoraBatchMeta:
+        slot_of = {key: slot for row in rows for key, slot in row.slot_of.items()}
+        return build_batch_meta([row.request.composition for row in rows], slot_of, dtype=self.engine.dtype,
+                                device=self.engine.device)
+
+    def _prefill(self) -> None:
+        budget, chunk = self.prefill_tokens, {}  # slot -> prompt tokens it reads this step
+        for i, row in enumerate(self.rows):
+            if budget == 0:
+                break
+            if row.reading_prompt and row.finish is None:
+                chunk[i] = min(len(row.request.prompt_ids) - row.fed, budget)
+                budget -= chunk[i]
+        for run in contiguous_runs(sorted(chunk)):
+            rows = [self.rows[i] for i in run]
+            width = max(chunk[i] for i in run)
+            tokens = [(r.request.prompt_ids[r.fed:r.fed + chunk[i]] + [self.engine.pad_id] * width)[:width]
+                      for i, r in zip(run, rows)]
+            hidden = self._forward(rows, self._meta(rows), tokens, run[0], [r.fed for r in rows])  # (n, width, hidden)
+            done = []
+            for j, (i, row) in enumerate(zip(run, rows)):
+                if row.request.prompt_logprobs:
+                    read = row.request.prompt_ids[row.fed + 1:row.fed + chunk[i] + 1]  # tokens these positions predict
+                    row.prompt_lps += self.logprobs.span(hidden[j, :len(read)], self.engine.project, read,
+                                                         row.request.logprobs or 0)
+                row.fed += chunk[i]
+                if not row.reading_prompt:
+                    done.append((row, hidden[j, chunk[i] - 1]))
+            sampling = [(row, h) for row, h in done if row.request.max_tokens > 0]
+            for row, _ in done:
+                if row.request.max_tokens == 0:
+                    row.finish = "length"
+            if sampling:
+                self._sample([row for row, _ in sampling],
+                             self.engine.project(torch.stack([h for _, h in sampling])))  # (m, vocab)
+
+    def _decode(self) -> None:
+        ready = [i for i, row in enumerate(self.rows) if row.pending is not None and row.finish is None]
+        if not ready:
+            return
+        key = (tuple(id(row) for row in self.rows), self.engine.pool.writes)
+        if self._decode_meta is None or self._decode_meta[0] != key:  # rows joined or left, or slots were written
+            self._decode_meta = (key, self._meta(self.rows))
+        tokens = [[row.pending if i in ready else self.engine.pad_id] for i, row in enumerate(self.rows)]
+        hidden = self._forward(self.rows, self._decode_meta[1], tokens, 0, [row.fed for row in self.rows])
+        rows = [self.rows[i] for i in ready]
+        for row in rows:
+            row.fed, row.pending = row.fed + 1, None
+        index = torch.tensor(ready, device=self.engine.device)
+        self._sample(rows, self.engine.project(hidden[index, 0]))  # (m, vocab)
+
+    # -- sampling and streaming ------------------------------------------------
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """logits (len(rows), vocab): one token per row."""
+        plain = [j for j, row in enumerate(rows) if row.sampler.plain]
+        picked = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
+        for j, row in enumerate(rows):
+            token = picked[j] if j in picked else row.sampler(logits[j])
+            self._take(row, token, logits[j])
+        self.step_tokens += len(rows)
+
+    def _take(self, row: Row, token: int, logits: torch.Tensor) -> None:
+        request, stream = row.request, row.stream
+        if token in self.engine.eos_ids:
+            row.finish, piece = "stop", stream.flush()
+        else:
+            if row.token_lps is not None:
+                entry = self.logprobs.entry(torch.log_softmax(logits.float(), dim=-1), token, request.logprobs)
+                row.token_lps.append(entry)
+                row.unsent.append(entry)
+            piece = stream.push(token)
+            if stream.stopped:
+                row.finish = "stop"
+            elif len(stream.token_ids) >= request.max_tokens:
+                row.finish, piece = "length", piece + stream.flush()
+            else:
+                row.pending = token
+        if request.on_token is not None and (piece or (row.finish and row.unsent)):
+            if row.token_lps is None:
+                request.on_token(piece)
+            else:
+                request.on_token({"text": piece, "logprobs": row.unsent})
+                row.unsent = []
+
+    def _retire(self) -> list[Row]:
+        left = [i for i, row in enumerate(self.rows) if row.finish is not None]
+        gone = []
+        for i in reversed(left):  # from the end, so a moved row is never one still to retire
+            row, last = self.rows[i], len(self.rows) - 1
+            if i != last:
+                self.cache.move(last, i, self.rows[last].fed)
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+            self.engine.pool.release(list(row.slot_of))
+            gone.append(row)
+        return gone[::-1]
+
+
+def contiguous_runs(slots: list[int]) -> list[list[int]]:
+    """[0, 1, 2, 5, 6] -> [[0, 1, 2], [5, 6]] (sorted input)."""
+    runs: list[list[int]] = []
+    for slot in slots:
+        if runs and runs[-1][-1] == slot - 1:
+            runs[-1].append(slot)
+        else:
+            runs.append([slot])
+    return runs
