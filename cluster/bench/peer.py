@@ -162,6 +162,12 @@ def vllm_python(args) -> Path:
     return python
 
 
+def vllm_requests(rows: list, at: list[float] | None = None) -> list[dict]:
+    """Rows (prompt ids, adapter keys, mode) as peer_vllm.py takes them: one adapter or none."""
+    at = at or [0.0] * len(rows)
+    return [{"at": t, "prompt_ids": ids, "adapter": keys[0] if keys else None} for (ids, keys, _), t in zip(rows, at)]
+
+
 class VllmRunner:
     """Starts peer_vllm.py in the vLLM environment, one engine per call, and keeps what it
     reports about itself (versions, thread binding)."""
@@ -176,7 +182,7 @@ class VllmRunner:
         work = {"model": str(self.inputs.base), "dtype": dtype, "threads": args.threads,
                 "kv_cache_gib": args.vllm_kv_gib, "max_model_len": args.max_model_len,
                 "max_num_seqs": args.max_batch, "max_tokens": args.max_tokens, "eos_ids": self.inputs.eos_ids,
-                "warmup": args.warmup, "mode": mode, "runs": runs,
+                "mode": mode, "runs": runs,
                 "lora": None if adapters is None else {"max_rank": args.max_rank, "max_loras": args.lora_slots,
                                                        "adapters": {a.name: str(a.path) for a in adapters}}}
         work_file, result_file, log_file = (self.folder / f"vllm-{name}.{ext}"
@@ -209,6 +215,15 @@ def our_engine(args, inputs: Inputs, dtype: str, adapters: list[Adapter]):
     return engine
 
 
+def warmup_rows(rows: list, count: int) -> list:
+    """Untimed, before a run, on both sides: its first `count` requests, and one request per
+    adapter set it uses, so that every adapter was read and placed once (as far as slots allow)."""
+    firsts = {}
+    for row in rows:
+        firsts.setdefault(tuple(row[1]), row)
+    return rows[:count] + [row for keys, row in firsts.items() if keys]
+
+
 def generation_requests(rows: list[tuple[list[int], list[str], str]], max_tokens: int):
     from services.composition import Composition
     from services.lora.generation import GenerationRequest
@@ -218,8 +233,8 @@ def generation_requests(rows: list[tuple[list[int], list[str], str]], max_tokens
 
 
 def ours_offline(engine, rows, args) -> dict:
+    engine.generate(generation_requests(warmup_rows(rows, args.warmup), args.max_tokens))
     requests = generation_requests(rows, args.max_tokens)
-    engine.generate(requests[:args.warmup])
     began = time.perf_counter()
     results = engine.generate(requests)
     return {"wall_s": time.perf_counter() - began, "output_ids": [list(r.token_ids) for r in results]}
@@ -248,7 +263,8 @@ async def ours_open_loop(engine, rows, at: list[float], args) -> list[dict]:
         t0 = time.perf_counter()
         return list(await asyncio.gather(*(one(r, a, t0) for r, a in zip(batch, times))))
 
-    await play(requests[:args.warmup], [0.0] * min(args.warmup, len(requests)))
+    warmup = warmup_rows(rows, args.warmup)
+    await play(generation_requests(warmup, args.max_tokens), [0.0] * len(warmup))
     return await play(requests, at)
 
 
@@ -311,8 +327,8 @@ def run_offline(args, inputs: Inputs, vllm: VllmRunner | None) -> dict:
                 outputs[f"ours-{mode}"] = ours_offline(engine, rows_of[mode], args)
             del engine
         for mode in (m for m in VLLM_MODES if f"vllm-{m}" in args.systems):
-            runs = [{"name": mode, "requests": [{"prompt_ids": ids, "adapter": keys[0] if keys else None}
-                                                for ids, keys, _ in rows_of[mode]]}]
+            runs = [{"name": mode, "requests": vllm_requests(rows_of[mode]),
+                     "warmup": vllm_requests(warmup_rows(rows_of[mode], args.warmup))}]
             result = vllm.run(f"offline-{dtype}-{mode}", mode="offline", dtype=dtype, runs=runs,
                               adapters=None if mode == "base" else inputs.originals)
             outputs[f"vllm-{mode}"] = result["runs"][mode]
@@ -366,8 +382,11 @@ def run_open_loop(args, inputs: Inputs, vllm: VllmRunner | None) -> dict:
         del engine
     startup = None
     if "vllm-selection" in args.systems:
-        runs = [{"name": rate, "requests": [{"at": r.at, "prompt_ids": inputs.prompts[r.query], "adapter": r.adapter}
-                                            for r in requests]} for rate, requests in workloads.items()]
+        runs = []
+        for rate, requests in workloads.items():
+            rows = [(inputs.prompts[r.query], [r.adapter], "selection") for r in requests]
+            runs.append({"name": rate, "requests": vllm_requests(rows, [r.at for r in requests]),
+                         "warmup": vllm_requests(warmup_rows(rows, args.warmup))})
         result = vllm.run(f"open-loop-{dtype}", mode="open_loop", dtype=dtype, adapters=adapters, runs=runs)
         startup = round(result["startup_s"], 1)
         for rate in workloads:
@@ -529,7 +548,7 @@ def parse_args(argv):
     parser.add_argument("--lora-slots", type=int, default=32, help="adapters in one batch: vLLM max_loras, our "
                         "device slots")
     parser.add_argument("--max-rank", type=int, default=8, help="LoRA rank limit (the demo adapters: 8)")
-    parser.add_argument("--warmup", type=int, default=8, help="requests run before each timed run")
+    parser.add_argument("--warmup", type=int, default=8, help="requests run untimed before each run, plus one per adapter set it uses")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--max-model-len", type=int, default=512, help="vLLM's context limit (prompt + answer)")
     parser.add_argument("--vllm-kv-gib", type=int, default=2, help="vLLM's KV cache, GiB")

@@ -5,14 +5,16 @@
 It imports only the standard library and vLLM (never the project: that environment has its own
 transformers). WORKLOAD.json says the engine (model folder, dtype, threads, LoRA adapters) and
 the runs: "offline" runs submit every request at once to `LLM.generate`; "open_loop" runs submit
-each request at its arrival time to the async engine and record when its tokens came. Every
-request carries prompt token ids, so both systems read the same tokens. RESULTS.json gets the
-versions, the engine's start-up time and, per run, the raw timings and output token ids (the
-caller computes the statistics, the same way for both systems).
+each request at its arrival time to the async engine and record when its tokens came. Each run's
+"warmup" requests run first, untimed, all at once. Every request carries prompt token ids, so
+both systems read the same tokens. RESULTS.json gets the versions, the engine's start-up time
+and, per run, the raw timings and output token ids (the caller computes the statistics, the
+same way for both systems).
 """
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -73,7 +75,7 @@ def run_offline(work: dict) -> dict:
         return llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
 
     for run in work["runs"]:
-        generate(run["requests"][:work["warmup"]])
+        generate(run["warmup"])
         began = time.perf_counter()
         outputs = generate(run["requests"])
         wall = time.perf_counter() - began
@@ -124,7 +126,7 @@ async def run_open_loop(work: dict) -> dict:
     results = {}
     try:
         for run in work["runs"]:
-            await play([dict(r, at=0.0) for r in run["requests"][:work["warmup"]]])
+            await play(run["warmup"])
             records = await play(run["requests"])
             results[run["name"]] = {"requests": records}
             log(f"{run['name']}: {len(records)} requests, {sum(r['tokens'] for r in records)} tokens")
@@ -151,6 +153,7 @@ def main(argv: list[str]) -> int:
         results = run_offline(work)
     else:
         results = asyncio.run(run_open_loop(work))
+        gc.collect()  # the engine's __del__ now, not at exit when the modules it calls are gone
     results.update(vllm_version=vllm.__version__, torch_version=torch.__version__,
                    omp_threads_bind=os.environ["VLLM_CPU_OMP_THREADS_BIND"])
     with open(argv[1], "w") as handle:
