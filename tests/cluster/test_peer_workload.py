@@ -1,4 +1,4 @@
-"""The peer benchmark's workload: Zipf popularity, Poisson arrivals, generated adapter variants."""
+"""The peer benchmark: its workload (Zipf popularity, Poisson arrivals, adapter variants) and bad input."""
 from collections import Counter
 from fractions import Fraction
 
@@ -92,3 +92,16 @@ def test_variants_are_valid_peft_folders_that_differ_from_their_source(tiny_zoo,
     make_variants(originals, 7, tmp_path, seed=1)
     after = load_file(variants[0].path / "adapter_model.safetensors")
     assert any(not before[k].equal(after[k]) for k in before if "lora_B" in k)
+
+
+def test_the_benchmark_refuses_bad_input_in_one_sentence(tiny_zoo, tmp_path, capsys):
+    from cluster.bench.peer import main
+
+    assert main(["--zoo", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+    assert "build it with `loraretriever demo build`" in capsys.readouterr().err
+    assert main(["--seconds", "0", "--out", str(tmp_path)]) == 2
+    assert "--seconds must be positive" in capsys.readouterr().err
+    assert main(["--zoo", str(tiny_zoo.root), "--offline-only", "--vllm-python", str(tmp_path / "python"),
+                 "--out", str(tmp_path)]) == 2
+    assert "not a python that can import vllm" in capsys.readouterr().err
+    assert not (tmp_path / "peer.json").exists()
