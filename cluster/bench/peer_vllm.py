@@ -109,13 +109,12 @@ async def run_open_loop(work: dict) -> dict:
         ids: list[int] = []
         async for out in engine.generate(TokensPrompt(prompt_token_ids=request["prompt_ids"]), params,
                                          f"r{next(counter)}", lora_request=lora):
-            if out.outputs and out.outputs[0].token_ids:
-                now = time.perf_counter() - t0
-                first = now if first is None else first
-                last = now
-                ids.extend(out.outputs[0].token_ids)
+            new = [t for t in out.outputs[0].token_ids if t not in eos] if out.outputs else []
+            if new:  # the EOS step is no token (the project's engine neither streams nor counts it)
+                last = time.perf_counter() - t0
+                first = last if first is None else first
+                ids.extend(new)
         end = time.perf_counter() - t0
-        ids = ids[:-1] if ids and ids[-1] in eos else ids
         return {"at": request["at"], "first": first if first is not None else end,
                 "last": last if last is not None else end, "end": end, "tokens": len(ids)}
 
