@@ -59,9 +59,10 @@ MIX_SIZE = 3  # the query's own adapter and two siblings
 def our_batcher(engine, max_batch_size: int):
     """What serves our open-loop requests: the one place that names the serving batcher (the
     benchmark uses only `async for item in batcher.submit(request)`)."""
-    from services.serving.batcher import DynamicBatcher
+    from services.serving.batcher import ContinuousBatcher
 
-    return DynamicBatcher(engine.generate, max_batch_size=max_batch_size, wait_timeout_s=0.005)
+    engine.max_batch_rows = max_batch_size
+    return ContinuousBatcher(engine)
 
 
 # ---- inputs ---------------------------------------------------------------------------------
