@@ -1,4 +1,4 @@
-"""Composer replicas: the shared base model, the adapter pool, dynamic batching, streaming."""
+"""Composer replicas: the shared base model, the adapter pool, continuous batching, streaming."""
 from __future__ import annotations
 
 import dataclasses

@@ -64,9 +64,9 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("lr_adapters_per_request", HISTOGRAM, "Adapters composed for one request (0: base model).",
                boundaries=ADAPTERS),
     MetricSpec("lr_rejections", COUNTER, "Requests refused at the door, by tenant and reason.", ("tenant", "reason")),
-    MetricSpec("lr_batch_size", HISTOGRAM, "Rows in one batched forward pass.", boundaries=BATCH_ROWS),
+    MetricSpec("lr_batch_size", HISTOGRAM, "Rows running in one decode step.", boundaries=BATCH_ROWS),
     MetricSpec("lr_generated_tokens", COUNTER, "New tokens generated."),
-    MetricSpec("lr_batch_tokens_per_second", HISTOGRAM, "New tokens per second of one batch, prefill included.",
+    MetricSpec("lr_batch_tokens_per_second", HISTOGRAM, "New tokens per second of one decode step, prompt chunks included.",
                boundaries=TOKENS_PER_S),
     MetricSpec("lr_ttft_seconds", HISTOGRAM, "Time from request arrival to its first generated token.",
                boundaries=SECONDS),
@@ -194,7 +194,7 @@ def observe_rejection(tenant: str | None, reason: str) -> None:
 
 
 def observe_batch(size: int, new_tokens: int, seconds: float) -> None:
-    """One batched generation: rows, new tokens over all rows, and its wall time."""
+    """One decode step of the running batch: rows, new tokens over all rows, and its wall time."""
     rows = _number("lr_batch_size", size, minimum=1.0)
     tokens = _number("lr_generated_tokens", new_tokens)
     elapsed = _number("lr_batch_tokens_per_second", seconds)

@@ -94,7 +94,7 @@ class CompositionConfig(Section):
     max_rank: int = Field(64, ge=1, le=256, description="largest LoRA rank accepted")
     device_slots: int = Field(32, ge=1, description="adapters resident on the model's device")
     cpu_slots: int = Field(128, ge=0, description="adapters kept in CPU memory after eviction")
-    max_batch_size: int = Field(32, ge=1, description="rows in the running batch (continuous batching)")
+    max_batch_size: int = Field(64, ge=1, description="rows in the running batch (continuous batching)")
     prefill_tokens: int = Field(512, ge=1, description="prompt tokens read per decode step, over all rows")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted")

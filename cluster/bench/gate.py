@@ -6,7 +6,7 @@ For every finished adapter of the zoo (the demo zoo at ~/.cache/loraretriever/de
 stages a new version (lora_B scaled by 0.9) next to the active one and runs the product's gate
 (services.rollout.quality_gate.run_gate) on the task's held-out queries: the new version, the
 active version and the base model answer them concurrently through the composer's own service
-(ComposerService: adapter pool, dynamic batcher, batched engine, as a composer replica runs it,
+(ComposerService: adapter pool, continuous batcher, batched engine, as a composer replica runs it,
 without the Ray hop). The first run of each adapter is a warm-up (adapter loads); the figure is
 the mean of --repeat runs after it.
 

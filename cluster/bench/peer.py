@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -113,13 +114,23 @@ def load_inputs(args) -> Inputs:
                   [q.task for q in queries], list(eos) if isinstance(eos, (list, tuple)) else [eos])
 
 
-def adapter_set(mode: str, adapter: Adapter, originals: list[Adapter]) -> list[str]:
+@dataclass(frozen=True)
+class Row:
+    """One request as both systems get it."""
+
+    prompt_ids: list[int]
+    adapters: tuple[str, ...]  # pool keys, the row's own adapter first
+    mode: str  # one of MODES
+    max_tokens: int | None = None  # None: --max-tokens
+
+
+def adapter_set(mode: str, adapter: Adapter, originals: list[Adapter]) -> tuple[str, ...]:
     """Pool keys a row of `mode` uses: none, its own adapter, or its own plus two siblings."""
     if mode == "base":
-        return []
+        return ()
     if mode == "selection":
-        return [adapter.name]
-    return [adapter.name, *siblings(adapter, originals, MIX_SIZE - 1)]
+        return (adapter.name,)
+    return (adapter.name, *siblings(adapter, originals, MIX_SIZE - 1))
 
 
 # ---- the vLLM side ----------------------------------------------------------------------------
@@ -163,10 +174,11 @@ def vllm_python(args) -> Path:
     return python
 
 
-def vllm_requests(rows: list, at: list[float] | None = None) -> list[dict]:
-    """Rows (prompt ids, adapter keys, mode) as peer_vllm.py takes them: one adapter or none."""
+def vllm_requests(rows: list[Row], at: list[float] | None = None) -> list[dict]:
+    """Rows as peer_vllm.py takes them: one adapter or none."""
     at = at or [0.0] * len(rows)
-    return [{"at": t, "prompt_ids": ids, "adapter": keys[0] if keys else None} for (ids, keys, _), t in zip(rows, at)]
+    return [{"at": t, "prompt_ids": row.prompt_ids, "adapter": row.adapters[0] if row.adapters else None,
+             "max_tokens": row.max_tokens} for row, t in zip(rows, at)]
 
 
 class VllmRunner:
@@ -216,21 +228,22 @@ def our_engine(args, inputs: Inputs, dtype: str, adapters: list[Adapter]):
     return engine
 
 
-def warmup_rows(rows: list, count: int) -> list:
-    """Untimed, before a run, on both sides: its first `count` requests, and one request per
-    adapter set it uses, so that every adapter was read and placed once (as far as slots allow)."""
-    firsts = {}
+def warmup_rows(rows: list[Row], count: int) -> list[Row]:
+    """Untimed, before a run, on both sides: its first `count` requests, and a one-token request
+    per adapter set it uses, so that every adapter was read and placed once (as slots allow)."""
+    firsts: dict[tuple[str, ...], Row] = {}
     for row in rows:
-        firsts.setdefault(tuple(row[1]), row)
-    return rows[:count] + [row for keys, row in firsts.items() if keys]
+        firsts.setdefault(row.adapters, row)
+    return rows[:count] + [dataclasses.replace(row, max_tokens=1) for keys, row in firsts.items() if keys]
 
 
-def generation_requests(rows: list[tuple[list[int], list[str], str]], max_tokens: int):
+def generation_requests(rows: list[Row], max_tokens: int):
     from services.composition import Composition
     from services.lora.generation import GenerationRequest
 
-    return [GenerationRequest(prompt_ids=ids, composition=Composition.of("none" if mode == "base" else mode, keys),
-                              max_tokens=max_tokens, temperature=0.0) for ids, keys, mode in rows]
+    return [GenerationRequest(prompt_ids=row.prompt_ids, max_tokens=row.max_tokens or max_tokens, temperature=0.0,
+                              composition=Composition.of("none" if row.mode == "base" else row.mode, row.adapters))
+            for row in rows]
 
 
 def ours_offline(engine, rows, args) -> dict:
@@ -315,7 +328,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def run_offline(args, inputs: Inputs, vllm: VllmRunner | None) -> dict:
     """Per dtype: {"systems": {system: stats}, "ratios": {...}, "vllm_startup_s": {mode: s}}."""
     by_name = inputs.by_name()
-    rows_of = {mode: [(ids, adapter_set(mode, by_name[task], inputs.originals), mode)
+    rows_of = {mode: [Row(ids, adapter_set(mode, by_name[task], inputs.originals), mode)
                       for ids, task in zip(inputs.prompts, inputs.tasks)] for mode in MODES}
     report = {}
     for dtype in args.dtypes:
@@ -376,7 +389,7 @@ def run_open_loop(args, inputs: Inputs, vllm: VllmRunner | None) -> dict:
         for mode in ours:
             for rate, requests in workloads.items():
                 log.info("ours open loop %s %s at %s/s: %d requests", dtype, mode, rate, len(requests))
-                rows = [(inputs.prompts[r.query], adapter_set(mode, by_name[r.adapter], inputs.originals), mode)
+                rows = [Row(inputs.prompts[r.query], adapter_set(mode, by_name[r.adapter], inputs.originals), mode)
                         for r in requests]
                 records[rate][f"ours-{mode}"] = asyncio.run(ours_open_loop(engine, rows, [r.at for r in requests],
                                                                            args))
@@ -385,7 +398,7 @@ def run_open_loop(args, inputs: Inputs, vllm: VllmRunner | None) -> dict:
     if "vllm-selection" in args.systems:
         runs = []
         for rate, requests in workloads.items():
-            rows = [(inputs.prompts[r.query], [r.adapter], "selection") for r in requests]
+            rows = [Row(inputs.prompts[r.query], (r.adapter,), "selection") for r in requests]
             runs.append({"name": rate, "requests": vllm_requests(rows, [r.at for r in requests]),
                          "warmup": vllm_requests(warmup_rows(rows, args.warmup))})
         result = vllm.run(f"open-loop-{dtype}", mode="open_loop", dtype=dtype, adapters=adapters, runs=runs)

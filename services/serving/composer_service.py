@@ -1,5 +1,5 @@
 """What a composer replica does, without Ray: resolve adapter versions to files, load them
-into the engine's pool on first use, tokenize, and feed the dynamic batcher."""
+into the engine's pool on first use, tokenize, and feed the continuous batcher."""
 from __future__ import annotations
 
 import dataclasses

@@ -307,3 +307,19 @@ def test_a_cancelled_row_leaves_at_the_next_step_and_frees_its_adapters(engine):
         row.cancelled = True
         assert scheduler.step() == [row] and not scheduler.rows
     assert "a" not in engine.adapters_in_use()
+
+
+def test_bfloat16_engine_tracks_the_float32_oracle(engine, folders, tokenizer):
+    """The bfloat16 path (same decoder, same adapters) stays within bfloat16 rounding of float32:
+    every prompt token's logprob under each row's composition, and the first greedy token."""
+    half = CompositionEngine(tiny_model(vocab_size=VOCAB).to(torch.bfloat16), tokenizer)
+    for name, folder in folders.items():
+        half.load_adapter(name, folder)
+    mixture = Composition.of(Mode.mixture, ["a", "b"], [0.5, 0.5])
+    requests = lambda: [GenerationRequest(prompt_ids=p, composition=c, max_tokens=1, logprobs=0, prompt_logprobs=True)  # noqa: E731
+                        for p, c in zip(PROMPTS, [Composition.single("a"), mixture, Composition(), Composition.single("b")])]
+    for full, low in zip(engine.generate(requests()), half.generate(requests())):
+        exact = [e["logprob"] for e in full.prompt_logprobs[1:]]
+        rounded = [e["logprob"] for e in low.prompt_logprobs[1:]]
+        assert rounded == pytest.approx(exact, abs=0.1)
+        assert low.token_ids == full.token_ids
