@@ -7,8 +7,9 @@ registered), plus cluster.bench.naive_serving (load the PEFT adapter per request
 paper's released code does) on the same Ray cluster and Retriever. Then, for each client
 count, N clients send chat completions over the zoo's held-out queries (mixed tasks, one
 after another, for --seconds) to:
+  ours-auto       model=auto, the product defaults    (composition auto: docs/policy.md)
   ours-selection  model=auto, top-1 adapter          (the same work as the naive baseline)
-  ours-mixture    model=auto, top-3 adapters, mixed   (the product default)
+  ours-mixture    model=auto, top-3 adapters, mixed
   naive-peft      retrieve top-1, PeftModel.from_pretrained, generate, unload
 and records requests/s, p50/p99 latency, the Server-Timing split (retrieval+planning, waiting
 for a batch, forward passes, the rest) and exact-match accuracy. The composer's adapter cache
@@ -43,6 +44,7 @@ import numpy as np  # noqa: E402
 log = logging.getLogger("bench.serving")
 
 SYSTEMS = {
+    "ours-auto": {},  # the product's defaults: composition auto (docs/policy.md)
     "ours-selection": {"lora": {"composition": "selection", "top_k": 1}},
     "ours-mixture": {"lora": {"composition": "mixture", "top_k": 3}},
     "naive-peft": {},
@@ -212,7 +214,8 @@ def run_levels(stack: Stack, cfg, api_key: str, queries: list, args) -> list[Lev
     base = f"http://127.0.0.1:{cfg.server.port}"
     headers = {"Authorization": f"Bearer {api_key}"}
     results = []
-    for system, extra in SYSTEMS.items():
+    for system in args.systems:
+        extra = SYSTEMS[system]
         url = f"{base}/naive/v1/chat/completions" if system == "naive-peft" else f"{base}/v1/chat/completions"
         asyncio.run(closed_loop(url, headers, queries, extra, 1, 2.0, args.max_tokens))  # warm-up
         for clients in args.clients:
@@ -303,14 +306,17 @@ def plot(levels: list[LevelResult], routers: list[LevelResult], path: Path) -> N
 
 
 def print_table(levels: list[LevelResult], routers: list[LevelResult]) -> None:
-    print("| system | clients | req/s | p50 s | p99 s | errors | plan ms | queue ms | compose ms | other ms | hit rate | EM |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| system | clients | req/s | p50 s | p99 s | errors | plan ms | plan % | queue ms | queue % | compose ms "
+          "| other ms | hit rate | EM |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in levels + routers:
         t = r.timing_ms
         rate = "-" if r.hit_rate is None else f"{r.hit_rate:.1%}"
         em = "-" if r.exact_match is None else f"{r.exact_match:.0%}"
+        share = lambda part: f"{100 * t[part] / t['total']:.0f}" if t["total"] else "-"  # noqa: E731
         print(f"| {r.system} | {r.clients} | {r.requests_per_s:.2f} | {r.p50_s:.3f} | {r.p99_s:.3f} | {r.errors} "
-              f"| {t['plan']:.0f} | {t['queue']:.0f} | {t['compose']:.0f} | {t['other']:.0f} | {rate} | {em} |")
+              f"| {t['plan']:.0f} | {share('plan')} | {t['queue']:.0f} | {share('queue')} | {t['compose']:.0f} "
+              f"| {t['other']:.0f} | {rate} | {em} |")
     naive = {r.clients: r for r in levels if r.system == "naive-peft"}
     print("\nthroughput ratio to naive-peft:")
     for r in levels:
@@ -330,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-router", action="store_true", help="only the closed-loop phase")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -351,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             init_local_ray(num_cpus=2)
             serve.start(http_options={"host": "127.0.0.1", "port": args.port})
             log.info("deploying the product app and the naive baseline on %d adapters", len(zoo.adapters))
-            stack.deploy(cfg, naive=True)
+            stack.deploy(cfg, naive="naive-peft" in args.systems)
             levels = run_levels(stack, cfg, api_key, queries, args)
             routers = [] if args.skip_router else run_router_comparison(stack, api_key, queries, args)
         finally:
