@@ -504,7 +504,8 @@ def write_section(doc: Path, report: dict) -> None:
     parts = [SECTION, "",
              (f"Measured with `{report['command']}` on {report['date']} ({report['machine']['note']}): "
              f"vLLM {report['versions'].get('vllm_version', '–')} (`{VLLM_PIN}`, its own virtual environment), "
-             f"{s['threads']} threads on each side (vLLM's OpenMP threads bound to the same cores), the demo "
+             f"{s['threads']} threads on each side (vLLM's OpenMP threads bound to the same cores; otherwise its "
+             f"defaults, prefix caching and chunked prefill on), the demo "
              f"base model and adapters, the same prompt token ids, greedy, at most {s['max_tokens']} new tokens, "
              f"EOS stops. Mixture and fusion: each query's own adapter plus the two other demo adapters of its "
              f"domain, weights 1/3. Ratios are ours over vLLM; \"same answer\" counts identical token ids."), ""]
