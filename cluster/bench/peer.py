@@ -193,7 +193,7 @@ class VllmRunner:
         """mode "offline" or "open_loop"; adapters None: the engine without LoRA."""
         args = self.args
         work = {"model": str(self.inputs.base), "dtype": dtype, "threads": args.threads,
-                "kv_cache_gib": args.vllm_kv_gib, "max_model_len": args.max_model_len,
+                "kv_cache_gib": args.vllm_kv_gib, "device": args.device, "max_model_len": args.max_model_len,
                 "max_num_seqs": args.max_batch, "max_tokens": args.max_tokens, "eos_ids": self.inputs.eos_ids,
                 "mode": mode, "runs": runs,
                 "lora": None if adapters is None else {"max_rank": args.max_rank, "max_loras": args.lora_slots,
@@ -220,7 +220,7 @@ class VllmRunner:
 def our_engine(args, inputs: Inputs, dtype: str, adapters: list[Adapter]):
     from services.lora.engine import CompositionEngine
 
-    engine = CompositionEngine.from_pretrained(inputs.base, device="cpu", dtype=dtype, device_slots=args.lora_slots,
+    engine = CompositionEngine.from_pretrained(inputs.base, device=args.device, dtype=dtype, device_slots=args.lora_slots,
                                                cpu_slots=max(len(adapters), 1), max_rank=args.max_rank,
                                                max_adapters_per_row=MIX_SIZE)
     for adapter in adapters:  # preloaded: no run pays for reading an adapter
@@ -235,6 +235,17 @@ def warmup_rows(rows: list[Row], count: int) -> list[Row]:
     for row in rows:
         firsts.setdefault(row.adapters, row)
     return rows[:count] + [dataclasses.replace(row, max_tokens=1) for keys, row in firsts.items() if keys]
+
+
+def free_memory() -> None:
+    """After our engine is dropped, before vLLM starts (on a GPU, vLLM sizes its cache by what is free)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def generation_requests(rows: list[Row], max_tokens: int):
@@ -340,6 +351,7 @@ def run_offline(args, inputs: Inputs, vllm: VllmRunner | None) -> dict:
                 log.info("ours offline %s %s: %d queries", dtype, mode, len(rows_of[mode]))
                 outputs[f"ours-{mode}"] = ours_offline(engine, rows_of[mode], args)
             del engine
+            free_memory()
         for mode in (m for m in VLLM_MODES if f"vllm-{m}" in args.systems):
             runs = [{"name": mode, "requests": vllm_requests(rows_of[mode]),
                      "warmup": vllm_requests(warmup_rows(rows_of[mode], args.warmup))}]
@@ -394,6 +406,7 @@ def run_open_loop(args, inputs: Inputs, vllm: VllmRunner | None) -> dict:
                 records[rate][f"ours-{mode}"] = asyncio.run(ours_open_loop(engine, rows, [r.at for r in requests],
                                                                            args))
         del engine
+        free_memory()
     startup = None
     if "vllm-selection" in args.systems:
         runs = []
@@ -532,9 +545,12 @@ def write_section(doc: Path, report: dict) -> None:
     doc.write_text(text)
 
 
-def machine(threads: int) -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
-            "python": platform.python_version(),
+def machine(args) -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
+            "device": args.device, "gpu": gpu, "python": platform.python_version(),
             "note": "a 2-core machine shared with other work; numbers are noisy, compare the ratios"
             if (os.cpu_count() or 0) <= 2 else "a machine that may have been shared"}
 
@@ -565,6 +581,8 @@ def parse_args(argv):
     parser.add_argument("--max-rank", type=int, default=8, help="LoRA rank limit (the demo adapters: 8)")
     parser.add_argument("--warmup", type=int, default=8, help="requests run untimed before each run, plus one per adapter set it uses")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both systems run (for "
+                        "cuda, --vllm-python must name an environment with vLLM's CUDA build)")
     parser.add_argument("--max-model-len", type=int, default=512, help="vLLM's context limit (prompt + answer)")
     parser.add_argument("--vllm-kv-gib", type=int, default=2, help="vLLM's KV cache, GiB")
     parser.add_argument("--vllm-python", type=Path, default=None, help="python of an existing vLLM environment")
@@ -578,6 +596,8 @@ def parse_args(argv):
     for flag, value in positive:
         if value <= 0:
             raise UserError(f"{flag} must be positive, not {value}")
+    if args.device == "cuda" and not args.vllm_python and any(s.startswith("vllm-") for s in args.systems):
+        raise UserError("--device cuda needs --vllm-python: the python of an environment with vLLM's CUDA build")
     if args.zipf < 0 or args.warmup < 0:
         raise UserError("--zipf and --warmup must not be negative")
     return args
@@ -605,7 +625,7 @@ def run(args, argv) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         vllm = VllmRunner(vllm_python(args), folder, args, inputs)
     report = {"command": command_line("cluster.bench.peer", argv),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(args.threads),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(args),
               "settings": {"queries": len(inputs.prompts), "adapters": len(inputs.adapters), "zipf": args.zipf,
                            "seconds": args.seconds, "rates": args.rates, "max_tokens": args.max_tokens,
                            "threads": args.threads, "lora_slots": args.lora_slots, "max_batch": args.max_batch,
