@@ -83,7 +83,7 @@ class Inputs:
 
 
 def load_inputs(args) -> Inputs:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
 
     from cluster.demo.zoo import ZooError, load_zoo
     from services.config import data_home
@@ -106,8 +106,6 @@ def load_inputs(args) -> Inputs:
     adapters = originals
     if not args.offline_only:
         adapters = make_variants(originals, args.adapters, data_home() / "peer" / "variants", args.seed)
-    from transformers import GenerationConfig
-
     eos = GenerationConfig.from_pretrained(zoo.base).eos_token_id
     eos = eos if eos is not None else tokenizer.eos_token_id
     return Inputs(zoo.base, originals, adapters, [chat_prompt_ids(tokenizer, q.inputs) for q in queries],
@@ -222,7 +220,7 @@ def our_engine(args, inputs: Inputs, dtype: str, adapters: list[Adapter]):
 
     engine = CompositionEngine.from_pretrained(inputs.base, device=args.device, dtype=dtype, device_slots=args.lora_slots,
                                                cpu_slots=max(len(adapters), 1), max_rank=args.max_rank,
-                                               max_adapters_per_row=MIX_SIZE)
+                                               max_adapters_per_row=MIX_SIZE, max_batch_rows=args.max_batch)
     for adapter in adapters:  # preloaded: no run pays for reading an adapter
         engine.load_adapter(adapter.name, adapter.path)
     return engine
