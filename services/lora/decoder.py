@@ -1,4 +1,4 @@
-"""The base model's forward over a SlotCache: ragged rows, per-row positions, PyTorch SDPA.
+"""The base model's forward over a SlotCache: ragged rows, per-row positions, grouped attention.
 
 Transformers' cache keeps one shape for the whole batch (left padding, every row the same
 length), which rules out rows joining and leaving between steps. This forward runs the model's
@@ -6,12 +6,17 @@ own modules (embeddings, norms, rotary embedding, the LoRA-wrapped projections, 
 the attention: each row writes its new keys and values at its own positions of its own slot and
 attends to its own prefix, so rows of different lengths share one step with no padding in the
 cache and no host sync.
+
+Attention is two batched matmuls with the query heads grouped over their shared key head (no
+copy of K and V per query head) and a float32 softmax. Measured on this CPU for a decode step
+(64 rows, 9 heads over 3 key heads, 61 positions), it takes 0.52 ms in float32 and 0.62 ms in
+bfloat16 against 1.24 and 3.50 ms for torch's scaled_dot_product_attention with a mask; keys are
+written with index_put_ (scatter_ copied the whole bfloat16 slot: 0.33 ms against 0.02 ms).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from services.lora.kv_slots import SlotCache
@@ -47,14 +52,17 @@ class SlotDecoder:
         row's length, which its next tokens overwrite before anyone reads them."""
         n, c = tokens.shape
         cache.reserve(lo + n, span)
-        offsets = torch.arange(c, device=self.device)
-        positions = starts[:, None] + offsets  # (n, c)
+        positions = starts[:, None] + torch.arange(c, device=self.device)  # (n, c)
         keys_at = torch.arange(span, device=self.device)
-        allowed = (keys_at[None, None, :] <= positions[:, :, None])[:, None]  # (n, 1, c, span): own prefix only
+        groups = self.heads // self.kv_heads
+        allowed = keys_at[None, None, :] <= positions[:, :, None]  # (n, c, span): own prefix only
+        blocked = ~allowed[:, None, None].expand(n, 1, groups, c, span).reshape(n, 1, groups * c, span)
+        rows = torch.arange(lo, lo + n, device=self.device)[:, None, None]  # (n, 1, 1)
+        kv_heads = torch.arange(self.kv_heads, device=self.device)[None, :, None]  # (1, kv, 1)
+        write_at = (rows, kv_heads, positions[:, None, :])  # index (n, kv, c) into a cache tensor
         inner = self.model.model
         hidden = inner.embed_tokens(tokens)  # (n, c, hidden)
         cos, sin = inner.rotary_emb(hidden, positions)  # (n, c, head_dim) each
-        write_at = positions[:, None, :, None].expand(n, self.kv_heads, c, self.head_dim)
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
@@ -62,11 +70,13 @@ class SlotDecoder:
             k = attn.k_proj(x).view(n, c, self.kv_heads, self.head_dim).transpose(1, 2)  # (n, kv, c, d)
             v = attn.v_proj(x).view(n, c, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys, values = cache.k[i][lo:lo + n], cache.v[i][lo:lo + n]  # (n, kv, length, d) views
-            keys.scatter_(2, write_at, k)
-            values.scatter_(2, write_at, v)
-            out = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=allowed,
-                                                 scale=attn.scaling, enable_gqa=self.heads != self.kv_heads)
+            cache.k[i].index_put_(write_at, k)
+            cache.v[i].index_put_(write_at, v)
+            keys, values = cache.k[i][lo:lo + n, :, :span], cache.v[i][lo:lo + n, :, :span]  # (n, kv, span, d)
+            grouped = q.reshape(n, self.kv_heads, groups * c, self.head_dim)  # heads h*groups+g share key head h
+            scores = (grouped @ keys.transpose(-1, -2)).float() * attn.scaling  # (n, kv, groups*c, span)
+            weights = torch.softmax(scores.masked_fill_(blocked, float("-inf")), dim=-1).to(values.dtype)
+            out = (weights @ values).view(n, self.heads, c, self.head_dim)  # (n, heads, c, d)
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(n, c, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return inner.norm(hidden)
