@@ -7,6 +7,7 @@ Serve handle calls of deployments.fanout.ReplicaCalls; admin routes call
 services.serving.admin.AdminService."""
 
 import asyncio
+import logging
 import uuid
 
 from fastapi import Request
@@ -32,6 +33,8 @@ from services.tenancy.gate import TenantGate
 from services.tenancy.limits import TenantLimiter
 from services.tenancy.tenants import TenantStore
 from services.wiring import base_model_name, make_registry, redis_client
+
+log = logging.getLogger("ray.serve")
 
 
 def http_reply(reply) -> JSONResponse | StreamingResponse:
@@ -69,6 +72,19 @@ class Ingress:
                                                neighbours=c.compatibility_neighbours,
                                                max_samples=c.compatibility_samples)
 
+        async def after_auto_promotion(name):
+            try:
+                await on_active_change(name)
+            except Exception as err:  # the promotion has landed; scores catch up on the next change
+                log.warning("compatibility refresh after the automatic promotion of %s failed: %s", name, err)
+
+        self._background: set[asyncio.Task] = set()
+
+        def on_promote(name):  # called inside a request's pipeline, on this replica's event loop
+            task = asyncio.get_running_loop().create_task(after_auto_promotion(name))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
         self.admin = AdminService(registry=self.registry, tenants=self.tenants, limiter=self.limiter,
                                   embed=lambda texts: retriever.embed.remote(texts),
                                   admin_key_env=cfg.server.admin_key_env, compose=calls.compose, rollout=cfg.rollout,
@@ -76,7 +92,8 @@ class Ingress:
         self.pipeline = RequestPipeline(
             gate=TenantGate(self.tenants, self.limiter, enabled=cfg.server.auth_enabled),
             catalog=CatalogCache(self.registry), retrieve=calls.retrieve, compose=calls.compose, stream=calls.stream,
-            metrics=metrics.VersionedMetrics(CanaryJudge(self.registry, cfg.rollout), cfg.rollout.metrics_max_versions),
+            metrics=metrics.VersionedMetrics(CanaryJudge(self.registry, cfg.rollout, on_promote),
+                                            cfg.rollout.metrics_max_versions),
             status_of=lambda err: http_status(err)[0],
             defaults=PlanDefaults(top_k=r.top_k, composition=c.mode, weighting=c.weighting,
                                   temperature=c.temperature, min_similarity=r.min_similarity),

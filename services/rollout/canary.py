@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from services.registry.redis_access import guarded
 
@@ -139,11 +139,14 @@ def progress(redis_client, name: str, version: str) -> dict[str, Arm]:
 class CanaryJudge:
     """Records request outcomes of adapters under an automatic canary and applies verdicts."""
 
-    def __init__(self, registry, rollout_cfg):
+    def __init__(self, registry, rollout_cfg, on_promote: Callable[[str], None] | None = None):
+        """on_promote(name) is called after a verdict promoted name's canary (compatibility scores
+        follow the new active version, as after an operator's promote)."""
         from services.serving.catalog import CatalogCache
 
         self.registry = registry  # its Redis client holds the counters too
         self.cfg = rollout_cfg
+        self.on_promote = on_promote
         self.catalog = CatalogCache(registry)  # which adapters are under a canary, refreshed as serving's is
 
     def observe(self, plans: Iterable, status: int, seconds: float) -> list[str]:
@@ -194,4 +197,6 @@ class CanaryJudge:
             return None
         outcome = f"{name}@{canary.version} {'promoted' if verdict.promote else 'rolled back'}: {verdict.reason}"
         log.info("canary verdict: %s", outcome)
+        if verdict.promote and self.on_promote is not None:
+            self.on_promote(name)
         return outcome

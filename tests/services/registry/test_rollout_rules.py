@@ -108,7 +108,8 @@ def test_the_judge_promotes_a_healthy_canary_and_ignores_client_errors(registry,
     two_versions(registry, adapter_dir)
     reset(registry.r, "m", "v2")
     registry.set_canary("m", "v2", 10, auto=True, min_requests=10)
-    judge_ = CanaryJudge(registry, RolloutConfig())
+    promoted = []
+    judge_ = CanaryJudge(registry, RolloutConfig(), on_promote=promoted.append)
     for _ in range(20):
         judge_.observe([plan("m", "v1")], 200, 0.1)
     for _ in range(5):
@@ -117,6 +118,7 @@ def test_the_judge_promotes_a_healthy_canary_and_ignores_client_errors(registry,
     written = [v for _ in range(10) for v in judge_.observe([plan("m", "v2")], 200, 0.1)]
     assert len(written) == 1 and "promoted" in written[0]
     assert registry.get("m").active_version == "v2" and registry.history("m")[-1]["action"] == "canary_promote"
+    assert promoted == ["m"]  # compatibility scores follow the new active version
 
 
 def test_a_manual_canary_is_not_judged(registry, adapter_dir):
