@@ -58,6 +58,7 @@ class DecodeScheduler:
             raise ValueError("max_rows and prefill_tokens must be at least 1")
         self.engine, self.max_rows, self.prefill_tokens = engine, max_rows, prefill_tokens
         self.cache = engine.decoder.new_cache()
+        self._initial_cache_bytes = self.cache.nbytes()
         self.rows: list[Row] = []  # rows[i] lives in cache slot i
         self.logprobs = TokenLogprobs(engine.tokenizer)
         self.step_tokens = 0  # tokens sampled by the last step
@@ -206,6 +207,8 @@ class DecodeScheduler:
             self.rows.pop()
             self.engine.pool.release(list(row.slot_of))
             gone.append(row)
+        if gone and not self.rows and self.cache.nbytes() > self._initial_cache_bytes:
+            self.cache = self.engine.decoder.new_cache()  # idle: give back what a burst or a long prompt took
         return gone[::-1]
 
 
