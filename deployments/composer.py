@@ -34,7 +34,7 @@ class Composer:
                 base_model_path(cfg), device=cfg.base_model.device, dtype=cfg.base_model.dtype,
                 max_adapters_per_row=comp.max_adapters_per_request, device_slots=comp.device_slots,
                 cpu_slots=comp.cpu_slots, max_rank=comp.max_rank, max_batch_rows=comp.max_batch_size,
-                prefill_tokens=comp.prefill_tokens,
+                prefill_tokens=comp.prefill_tokens, prefix_cache_mb=comp.prefix_cache_mb,
                 allow_unsafe_pickle=cfg.adapter_store.allow_unsafe_pickle,
             )
         self.service = ComposerService(engine, cfg.adapter_store.path, max_prompt_tokens=comp.max_prompt_tokens,

@@ -78,6 +78,10 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("lr_pool_cpu_evictions", COUNTER, "Adapters dropped from the CPU tier.", ("composer",)),
     MetricSpec("lr_pool_disk_reloads", COUNTER, "Adapters read again from the store after a CPU-tier eviction.",
                ("composer",)),
+    MetricSpec("lr_prefix_hit_tokens", COUNTER, "Prompt tokens whose keys were copied from the prefix cache.",
+               ("composer",)),
+    MetricSpec("lr_prefix_miss_tokens", COUNTER, "Prompt tokens computed (not found in the prefix cache).",
+               ("composer",)),
     MetricSpec("lr_adapter_requests", COUNTER, "Requests that used an adapter version, by version, its role "
                "(active, canary, or named: another version asked for by name) and HTTP status.",
                ("adapter", "version", "role", "status")),
@@ -92,7 +96,8 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
 # AdapterPool.stats() field -> metric; the required fields are the pool's core counters.
 POOL_COUNTERS = {"hits": "lr_pool_hits", "misses": "lr_pool_misses", "loads": "lr_pool_loads",
                  "evictions": "lr_pool_evictions", "load_seconds": "lr_pool_load_seconds",
-                 "cpu_evictions": "lr_pool_cpu_evictions", "disk_reloads": "lr_pool_disk_reloads"}
+                 "cpu_evictions": "lr_pool_cpu_evictions", "disk_reloads": "lr_pool_disk_reloads",
+                 "prefix_hit_tokens": "lr_prefix_hit_tokens", "prefix_miss_tokens": "lr_prefix_miss_tokens"}
 REQUIRED_POOL_COUNTERS = ("hits", "misses", "loads", "evictions", "load_seconds")
 POOL_GAUGES = {"resident": "lr_pool_resident", "device_slots": "lr_pool_device_slots"}
 

@@ -96,6 +96,7 @@ class CompositionConfig(Section):
     cpu_slots: int = Field(128, ge=0, description="adapters kept in CPU memory after eviction")
     max_batch_size: int = Field(64, ge=1, description="rows in the running batch (continuous batching)")
     prefill_tokens: int = Field(512, ge=1, description="prompt tokens read per decode step, over all rows")
+    prefix_cache_mb: int = Field(256, ge=0, description="memory for keys of prompt prefixes rows share (0: off)")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted")
     torch_threads: int | None = Field(

@@ -17,6 +17,7 @@ from services.lora.decoder import SlotDecoder
 from services.lora.generation import GenerationRequest, GenerationResult, check_request
 from services.lora.layers import LoraContext, linear_shapes, wrap_model
 from services.lora.pool import AdapterPool, AdapterPoolFull
+from services.lora.prefix_cache import PrefixCache
 from services.lora.scheduler import DecodeScheduler
 
 log = logging.getLogger(__name__)
@@ -24,10 +25,12 @@ log = logging.getLogger(__name__)
 class CompositionEngine:
     def __init__(self, model, tokenizer, *, max_adapters_per_row: int = 4, device_slots: int = 32,
                  cpu_slots: int = 128, max_rank: int = 64, allow_unsafe_pickle: bool = False,
-                 base_model: str | None = None, max_batch_rows: int = 64, prefill_tokens: int = 512):
+                 base_model: str | None = None, max_batch_rows: int = 64, prefill_tokens: int = 512,
+                 prefix_cache_mb: int = 256):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch_rows, self.prefill_tokens = max_batch_rows, prefill_tokens
         self.decoder = SlotDecoder(model)
+        self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
         self.max_adapters_per_row, self.max_rank = max_adapters_per_row, max_rank
         self.allow_unsafe_pickle, self.base_model = allow_unsafe_pickle, base_model
         param = next(model.parameters())
@@ -65,11 +68,15 @@ class CompositionEngine:
         """Validate the folder and put the adapter in the CPU tier; a refused one changes nothing."""
         check_adapter_name(key)
         weights = self.read(key, path)
+        replaced = self.pool.contains(key)
         self.pool.add(key, weights, Path(path))
+        if replaced:  # cached prefixes under this key were read with the old weights
+            self.prefix_cache.clear()
         return weights
 
     def unload_adapter(self, key: str) -> None:
         self.pool.remove(key)
+        self.prefix_cache.clear()  # the key may come back with other weights
 
     def ensure_in_memory(self, key: str) -> None:
         """See AdapterPool.ensure_in_memory."""
@@ -99,7 +106,8 @@ class CompositionEngine:
         return self.pool.resident()
 
     def pool_stats(self) -> dict:
-        return self.pool.stats()
+        """The adapter pool's counters, plus the prefix cache's (prefix_hit_tokens, prefix_miss_tokens)."""
+        return {**self.pool.stats(), **{f"prefix_{k}": v for k, v in self.prefix_cache.counters.items()}}
 
     # -- forward ----------------------------------------------------------
     @contextmanager

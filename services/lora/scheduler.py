@@ -3,7 +3,9 @@ it in the step they finish, freeing their KV slot and their adapters at once.
 
 One step:
 1. prompt chunks of the rows still reading their prompt, at most `prefill_tokens` in all, oldest
-   first, so a long prompt holds the decoding rows back by one chunk, never by its whole length;
+   first, so a long prompt holds the decoding rows back by one chunk, never by its whole length
+   (a joining row first copies the longest prefix of its prompt that a row of the same composition
+   has read, services/lora/prefix_cache.py);
 2. one decode forward over every running row (a row still reading its prompt feeds a placeholder
    at its next free position, which its next chunk overwrites: one shape, no second forward);
 3. sampling: the rows that sample greedily with nothing shaping their logits take one batched
@@ -75,8 +77,11 @@ class DecodeScheduler:
         row = Row(request, RowSampler(request, self.engine.device, self.engine.vocab_size),
                   TextStream(self.engine.tokenizer, request.stop), slot_of, time.perf_counter(),
                   token_lps=[] if request.logprobs is not None else None)
-        if request.prompt_logprobs:
+        if request.prompt_logprobs:  # every prompt position is computed: its logprobs are asked for
             row.prompt_lps = [self.logprobs.entry(None, request.prompt_ids[0], 0)]
+        else:
+            row.fed = self.engine.prefix_cache.restore(request.composition, request.prompt_ids, self.cache,
+                                                       len(self.rows))
         self.rows.append(row)
         return row
 
@@ -140,6 +145,7 @@ class DecodeScheduler:
                 row.fed += chunk[i]
                 if not row.reading_prompt:
                     done.append((row, hidden[j, chunk[i] - 1]))
+                    self.engine.prefix_cache.store(row.request.composition, row.request.prompt_ids, self.cache, i)
             sampling = [(row, h) for row, h in done if row.request.max_tokens > 0]
             for row, _ in done:
                 if row.request.max_tokens == 0:

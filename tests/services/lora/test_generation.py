@@ -323,3 +323,27 @@ def test_bfloat16_engine_tracks_the_float32_oracle(engine, folders, tokenizer):
         rounded = [e["logprob"] for e in low.prompt_logprobs[1:]]
         assert rounded == pytest.approx(exact, abs=0.1)
         assert low.token_ids == full.token_ids
+
+
+def test_prefix_cache_reuses_a_shared_prompt_start_only_under_the_same_composition(folders, peft_model, tokenizer):
+    """Rows sharing a prompt start copy its keys (counted as hit tokens) and still give PEFT's
+    tokens; the same start under another adapter is computed again, since LoRA changes the keys."""
+    from services.lora.prefix_cache import BLOCK
+
+    fresh = CompositionEngine(tiny_model(vocab_size=VOCAB), tokenizer)
+    for name, folder in folders.items():
+        fresh.load_adapter(name, folder)
+    shared = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27]  # two whole blocks and one more
+    prompts = [shared + [40, 41], shared + [50], shared + [60, 61, 62]]
+    adapters = ["a", "a", "b"]
+
+    def run(i):
+        request = GenerationRequest(prompt_ids=prompts[i], composition=Composition.single(adapters[i]), max_tokens=6)
+        return fresh.generate([request])[0].token_ids
+
+    hits = []
+    for i in range(3):
+        tokens = run(i)
+        assert tokens == peft_greedy(peft_model, prompts[i], adapters[i], 6, tokenizer.eos_token_id)
+        hits.append(fresh.pool_stats()["prefix_hit_tokens"])
+    assert hits == [0, 2 * BLOCK, 2 * BLOCK]  # the second row reused two blocks; "b" reused nothing
