@@ -19,7 +19,8 @@ from deployments import metrics
 from deployments.metrics import COUNTER, GAUGE, HISTOGRAM, SPECS, MetricValueError
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "k8s" / "grafana" / "loraretriever-dashboard.json"
-POOL = {"hits": 3, "misses": 2, "loads": 2, "evictions": 0, "load_seconds": 0.5, "resident": 2, "device_slots": 4}
+POOL = {"hits": 3, "misses": 2, "loads": 2, "evictions": 0, "load_seconds": 0.5, "resident": 2, "device_slots": 4,
+        "prefix_hit_tokens": 16, "prefix_miss_tokens": 40}
 
 
 class Recorder:
