@@ -70,6 +70,7 @@ class DecodeScheduler:
     def full(self) -> bool:
         return len(self.rows) >= self.max_rows
 
+    @torch.inference_mode()  # its prefix copy writes slots a step may have grown (inference tensors)
     def add(self, request: GenerationRequest) -> Row:
         """Admit a checked request; raises AdapterPoolFull (admitting nothing) when its adapters do
         not fit the device slots the running rows leave."""

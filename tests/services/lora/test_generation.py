@@ -347,3 +347,21 @@ def test_prefix_cache_reuses_a_shared_prompt_start_only_under_the_same_compositi
         assert tokens == peft_greedy(peft_model, prompts[i], adapters[i], 6, tokenizer.eos_token_id)
         hits.append(fresh.pool_stats()["prefix_hit_tokens"])
     assert hits == [0, 2 * BLOCK, 2 * BLOCK]  # the second row reused two blocks; "b" reused nothing
+
+
+def test_a_long_running_scheduler_admits_rows_with_cached_prefixes_after_its_slots_grew(engine):
+    """The serving batcher keeps one scheduler: slots grown inside a step are inference tensors,
+    and a row joining later copies its cached prefix into them."""
+    scheduler = engine.scheduler()
+    prompt = list(range(100, 250))  # longer than the first allocation: the first step grows the slots
+    request = GenerationRequest(prompt_ids=prompt, composition=Composition.single("a"), max_tokens=4)
+    with engine.device_lock:
+        first = scheduler.add(request)
+        scheduler.step()  # reads the whole prompt and stores its blocks
+        before = engine.pool_stats()["prefix_hit_tokens"]
+        second = scheduler.add(request)
+        finished = []
+        while scheduler.rows:
+            finished += scheduler.step()
+    assert engine.pool_stats()["prefix_hit_tokens"] > before
+    assert second.result().token_ids == first.result().token_ids
