@@ -1,4 +1,5 @@
 """The peer benchmark: its workload (Zipf popularity, Poisson arrivals, adapter variants) and bad input."""
+import itertools
 from collections import Counter
 from fractions import Fraction
 
@@ -6,8 +7,15 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from cluster.bench.peer_workload import (Adapter, make_variants, open_loop_requests, poisson_arrivals,
-                                         popularity_order, siblings, zipf_probabilities)
+from cluster.bench.peer_workload import (
+    Adapter,
+    make_variants,
+    open_loop_requests,
+    poisson_arrivals,
+    popularity_order,
+    siblings,
+    zipf_probabilities,
+)
 from services.lora.adapter_files import read_adapter
 
 
@@ -30,7 +38,7 @@ def test_poisson_arrivals_are_reproducible_by_seed():
     assert times == sorted(times) and 0 < times[0] and times[-1] < 400.0
     # 2000 expected arrivals; the count of a Poisson process has standard deviation sqrt(2000) ~ 45
     assert abs(len(times) - 2000) < 200
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert sum(gaps) / len(gaps) == pytest.approx(0.2, rel=0.1)
     with pytest.raises(ValueError):
         poisson_arrivals(0.0, 10.0, seed=0)
