@@ -146,7 +146,7 @@ class Stack:
             "adapter_store": {"path": str(self.work / "store")},
             "redis": {"url": self.redis.url, "start_local": False},
             "server": {"port": port, "request_timeout_s": 600},
-            "composition": {"max_batch_size": 32, **composer},
+            "composition": {**composer},  # the product defaults (64 running rows)
             "deployments": deployments,
         })
 
