@@ -146,6 +146,8 @@ def main() -> int:
     parser.add_argument("--long-queries", type=int, default=5, help="queries per task, long prompts")
     parser.add_argument("--from-json", type=Path, help="only redraw the plot and the doc tables from a results.json")
     parser.add_argument("--skip-cost", action="store_true", help="leave the cost tables to a --cost-only run")
+    parser.add_argument("--long-only", action="store_true",
+                        help="only the long-prompt comparison of runtimes and length limits, into OUT/long.json")
     parser.add_argument("--cost-only", action="store_true",
                         help="only measure the cost tables, into OUT/cost.json (--from-json OUT/results.json merges it)")
     args = parser.parse_args()
@@ -167,6 +169,12 @@ def main() -> int:
                                                           queries_per_task=args.long_queries)
     long_cards = load_cards(long_cards_path)
     long_queries = load_queries(long_queries_path, long_cards)
+    if args.long_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        long = {"long": compare_lengths(long_cards, long_queries), "long_command": command,
+                "long_queries": len(long_queries), "long_samples": args.long_samples}
+        (args.out / "long.json").write_text(json.dumps(long, indent=1))
+        return 0
     if args.cost_only:
         args.out.mkdir(parents=True, exist_ok=True)
         cost = {"cost": query_cost(cards, queries, long_queries), "cost_command": command}
