@@ -88,7 +88,7 @@ def serve_cluster(redis_server, tiny_zoo, tmp_path_factory, cluster_overrides):
     from cluster.local_ray import init_local_ray
     from cluster.redis_server import free_port
     from deployments.app import build_app
-    from services.tenancy.tenants import TenantStore
+    from services.tenancy.tenants import TenantLimits, TenantStore
 
     os.environ["LORARETRIEVER_ADMIN_KEY"] = ADMIN_KEY
     port = free_port()
@@ -97,7 +97,10 @@ def serve_cluster(redis_server, tiny_zoo, tmp_path_factory, cluster_overrides):
     admin = AdapterAdmin.from_config(cfg)
     for card in tiny_zoo.cards:
         admin.add(card.model_name, tiny_zoo.adapters[card.model_name], card)
-    api_key = TenantStore(redis_server.client()).add("acme")
+    # Load and fault tests drive the cluster as fast as it answers: acme's request rate is never the
+    # limit they meet (tests of the limits use tenants of their own).
+    api_key = TenantStore(redis_server.client()).add("acme", TenantLimits(requests_per_second=1000, burst=2000,
+                                                                          max_concurrent=64))
 
     init_local_ray(num_cpus=2)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
