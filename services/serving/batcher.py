@@ -106,13 +106,16 @@ class ContinuousBatcher:
     def _serve_forever(self) -> None:
         scheduler = self.engine.scheduler()
         while True:
-            idle = not self._running and not self._waiting
-            self._take(self._inbox.get() if idle else None)
-            while not self._inbox.empty():
-                self._take(self._inbox.get_nowait())
-            self._admit(scheduler)
-            if scheduler.rows:
-                self._step(scheduler)
+            try:
+                idle = not self._running and not self._waiting
+                self._take(self._inbox.get() if idle else None)
+                while not self._inbox.empty():
+                    self._take(self._inbox.get_nowait())
+                self._admit(scheduler)
+                if scheduler.rows:
+                    self._step(scheduler)
+            except Exception:  # the thread must outlive any one fault: every later request depends on it
+                log.exception("batch thread: unexpected fault; serving goes on")
 
     def _take(self, item) -> None:
         if item is None:
