@@ -75,14 +75,18 @@ class DecodeScheduler:
         """Admit a checked request; raises AdapterPoolFull (admitting nothing) when its adapters do
         not fit the device slots the running rows leave."""
         slot_of = self.engine.pool.acquire(list(request.composition.adapters))
-        row = Row(request, RowSampler(request, self.engine.device, self.engine.vocab_size),
-                  TextStream(self.engine.tokenizer, request.stop), slot_of, time.perf_counter(),
-                  token_lps=[] if request.logprobs is not None else None)
-        if request.prompt_logprobs:  # every prompt position is computed: its logprobs are asked for
-            row.prompt_lps = [self.logprobs.entry(None, request.prompt_ids[0], 0)]
-        else:
-            row.fed = self.engine.prefix_cache.restore(request.composition, request.prompt_ids, self.cache,
-                                                       len(self.rows))
+        try:
+            row = Row(request, RowSampler(request, self.engine.device, self.engine.vocab_size),
+                      TextStream(self.engine.tokenizer, request.stop), slot_of, time.perf_counter(),
+                      token_lps=[] if request.logprobs is not None else None)
+            if request.prompt_logprobs:  # every prompt position is computed: its logprobs are asked for
+                row.prompt_lps = [self.logprobs.entry(None, request.prompt_ids[0], 0)]
+            else:
+                row.fed = self.engine.prefix_cache.restore(request.composition, request.prompt_ids, self.cache,
+                                                           len(self.rows))
+        except BaseException:  # the row never joined: its adapters must not stay held
+            self.engine.pool.release(list(slot_of))
+            raise
         self.rows.append(row)
         return row
 
