@@ -16,7 +16,7 @@ from services.lora.batch_meta import build_batch_meta
 from services.lora.decoder import SlotDecoder
 from services.lora.generation import GenerationRequest, GenerationResult, check_request
 from services.lora.layers import LoraContext, linear_shapes, wrap_model
-from services.lora.pool import AdapterPool, AdapterPoolFull
+from services.lora.pool import AdapterPool
 from services.lora.prefix_cache import PrefixCache
 from services.lora.scheduler import DecodeScheduler
 
@@ -154,11 +154,8 @@ class CompositionEngine:
             while waiting or scheduler.rows:
                 with self.device_lock:
                     while waiting and not scheduler.full:
-                        try:
-                            row = scheduler.add(waiting[0][1])
-                        except AdapterPoolFull:
-                            if not scheduler.rows:
-                                raise
+                        row = scheduler.try_add(waiting[0][1])
+                        if row is None:
                             break
                         index[id(row)] = waiting.popleft()[0]
                     for row in scheduler.step():

@@ -24,6 +24,7 @@ import torch
 from services.lora.batch_meta import LoraBatchMeta, build_batch_meta
 from services.lora.generation import (GenerationRequest, GenerationResult, RowSampler, TextStream,
                                       TokenLogprobs)
+from services.lora.pool import AdapterPoolFull
 
 CANCELLED = "cancelled"  # internal finish reason: the row leaves without a result
 
@@ -69,6 +70,16 @@ class DecodeScheduler:
     @property
     def full(self) -> bool:
         return len(self.rows) >= self.max_rows
+
+    def try_add(self, request: GenerationRequest) -> Row | None:
+        """`add`, or None when the request's adapters fit only once running rows leave (it waits);
+        AdapterPoolFull still reaches the caller when they do not fit even with no row running."""
+        try:
+            return self.add(request)
+        except AdapterPoolFull:
+            if not self.rows:
+                raise
+            return None
 
     @torch.inference_mode()  # its prefix copy writes slots a step may have grown (inference tensors)
     def add(self, request: GenerationRequest) -> Row:

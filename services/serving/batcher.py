@@ -21,7 +21,6 @@ import time
 from typing import AsyncIterator, Callable
 
 from services.lora.generation import GenerationRequest, GenerationResult
-from services.lora.pool import AdapterPoolFull
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +141,12 @@ class ContinuousBatcher:
                 if self.prepare is not None:
                     self.prepare(entry.request)
                 with self.engine.device_lock:
-                    entry.row = scheduler.add(entry.request)
-            except AdapterPoolFull as err:
-                if scheduler.rows:
-                    return  # its adapters fit once running rows leave
-                self._fail(self._waiting.popleft(), err)
-                continue
+                    entry.row = scheduler.try_add(entry.request)
             except Exception as err:  # this request alone cannot run; its caller hears why
                 self._fail(self._waiting.popleft(), err)
                 continue
+            if entry.row is None:
+                return  # its adapters fit once running rows leave
             self._waiting.popleft()
             self._running[id(entry.row)] = entry
             self.stats.rows += 1

@@ -9,7 +9,6 @@ import time
 import pytest
 
 from services.lora.generation import GenerationRequest, GenerationResult
-from services.lora.pool import AdapterPoolFull
 from services.serving.batcher import ContinuousBatcher
 
 
@@ -33,9 +32,9 @@ class FakeScheduler:
     def full(self):
         return len(self.rows) >= self.engine.max_rows
 
-    def add(self, request):
+    def try_add(self, request):
         if "wide" in request.composition.adapters and self.rows:
-            raise AdapterPoolFull("no free device slot")
+            return None  # no free device slot until the running rows leave
         row = FakeRow(request)
         self.rows.append(row)
         return row
