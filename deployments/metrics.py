@@ -59,6 +59,8 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("lr_retrieval_top1_score", HISTOGRAM, "Cosine similarity of the best adapter retrieved for a prompt.",
                boundaries=SCORES),
     MetricSpec("lr_retrieval_empty", COUNTER, "Retrievals that returned no adapter."),
+    MetricSpec("lr_embedding_cache_hits", COUNTER, "Prompts whose embedding a retriever replica had cached."),
+    MetricSpec("lr_embedding_cache_misses", COUNTER, "Prompts a retriever replica had to embed."),
     MetricSpec("lr_requests", COUNTER, "Completion requests answered, by tenant, composition mode and HTTP status.",
                ("tenant", "composition", "status")),
     MetricSpec("lr_adapters_per_request", HISTOGRAM, "Adapters composed for one request (0: base model).",
@@ -178,6 +180,12 @@ def observe_retrieval(seconds: float, top1_score: float | None) -> None:
         _state.inc("lr_retrieval_empty", 1)
     else:
         _state.observe("lr_retrieval_top1_score", _number("lr_retrieval_top1_score", top1_score, minimum=-1.0))
+
+
+def observe_embedding_cache(hits: int, misses: int) -> None:
+    """Prompts of one retrieval batch found in, and missing from, the replica's embedding cache."""
+    _state.inc("lr_embedding_cache_hits", _number("lr_embedding_cache_hits", hits))
+    _state.inc("lr_embedding_cache_misses", _number("lr_embedding_cache_misses", misses))
 
 
 def observe_request(tenant: str | None, composition: str, adapters: int, status: int) -> None:

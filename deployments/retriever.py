@@ -5,6 +5,7 @@ import logging
 
 from ray import serve
 
+from deployments import metrics
 from services.config import AppConfig
 from services.wiring import make_index, make_registry, redis_client
 from services.retrieval.embedder import embedder_from_config
@@ -32,7 +33,10 @@ class Retriever:
     async def _retrieve(self, requests: list[tuple[str, dict]]) -> list[dict]:
         """One embedding call and one index search call for the whole batch."""
         index = self.sync.refresh()
+        before = self.embedder.cache.stats()
         vectors = self.embedder.encode([text for text, _ in requests])  # (batch, dim)
+        after = self.embedder.cache.stats()
+        metrics.observe_embedding_cache(after["hits"] - before["hits"], after["misses"] - before["misses"])
         options = [search for _, search in requests]
         try:
             results = index.search_batch(vectors, options)
@@ -46,4 +50,5 @@ class Retriever:
         return self.embedder.encode(texts)
 
     def status(self) -> dict:
-        return {"adapters": len(self.sync.index.names()), "generation": self.sync.generation}
+        return {"adapters": len(self.sync.index.names()), "generation": self.sync.generation,
+                "embedding_cache": self.embedder.cache.stats()}

@@ -59,6 +59,9 @@ class EmbedderConfig(Section):
     max_seq_length: int = Field(DEFAULT_MAX_SEQ_LENGTH, ge=8, le=8192,
                                 description="tokens kept per text (the rest is cut); capped by the model's own limit")
     threads: int | None = Field(1, ge=1, description="CPU threads per encoding call; None = all cores")
+    cache_entries: int = Field(4096, ge=0, le=10_000_000,
+                               description="recent prompts whose embeddings a retriever replica keeps (about 1.6 KB "
+                               "each at 384 dimensions); a repeated prompt skips the embedder; 0 = off")
 
 
 class QdrantConfig(Section):

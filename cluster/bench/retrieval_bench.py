@@ -44,19 +44,9 @@ SCORINGS = (("centroid", "centroid", 1), ("best sample", "samples", 1), ("top-3 
 LENGTHS = tuple((b, 256) for b in BACKENDS) + ((DEFAULT_BACKEND, 128), (DEFAULT_BACKEND, 64), ("torch", 128))
 
 
-class CachedEmbedder(Embedder):
+def cached_embedder(model: str | None = None, **kw) -> Embedder:
     """Each text is encoded once across the many configurations compared here (timings are taken apart)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, threads=1, **kwargs)
-        self._cache: dict[str, np.ndarray] = {}
-
-    def encode(self, texts, *, progress=False):
-        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        if missing:
-            for text, vector in zip(missing, super().encode(missing, progress=progress)):
-                self._cache[text] = vector
-        return np.stack([self._cache[t] for t in texts]) if texts else super().encode([])
+    return Embedder(model, threads=1, cache_entries=10_000_000, **kw)
 
 
 def run(embedder, cards, queries, scoring: str, m: int, **kw) -> dict:
@@ -73,7 +63,7 @@ def compare_backends(cards, queries, model: str | None = None) -> dict:
     out = {}
     for backend in BACKENDS:
         for label, kw in (("instruction", {}), ("no instruction", {"instruction": ""})):
-            out[f"{backend}, {label}"] = run(CachedEmbedder(model, backend=backend, **kw), cards, queries, "centroid", 1)
+            out[f"{backend}, {label}"] = run(cached_embedder(model, backend=backend, **kw), cards, queries, "centroid", 1)
     return out
 
 
@@ -81,7 +71,7 @@ def compare_lengths(cards, queries) -> dict:
     """Long prompts: centroid top-k and batch-32 embedding cost per backend and sequence-length limit."""
     out = {}
     for backend, length in LENGTHS:
-        r = run(CachedEmbedder(backend=backend, max_seq_length=length), cards, queries, "centroid", 1)
+        r = run(cached_embedder(backend=backend, max_seq_length=length), cards, queries, "centroid", 1)
         out[f"{backend}, {length} tokens"] = r
         print(f"long prompts, {backend}, {length} tokens: top-1 {r['top1']}, {r['embed_ms_per_query']} ms", flush=True)
     return out
@@ -189,7 +179,7 @@ def main() -> int:
     if not args.skip_cost:
         results["cost"] = query_cost(cards, queries, long_queries)
         print(json.dumps(results["cost"], indent=1), flush=True)
-    base = {"instruction": CachedEmbedder(), "no instruction": CachedEmbedder(instruction="")}
+    base = {"instruction": cached_embedder(), "no instruction": cached_embedder(instruction="")}
     results["all_tasks"] = {name: compare_scorings(e, cards, queries) for name, e in base.items()}
     results["exclude_own"] = run(base["instruction"], cards, queries, "centroid", 1, exclude_own=True)
     results["long"] = compare_lengths(long_cards, long_queries)
@@ -205,7 +195,7 @@ def main() -> int:
         model = train_retriever([c for c in cards if c.model_name in train], Path(tmp) / "model",
                                 epochs=args.epochs, seed=args.seed)
         train_seconds = time.perf_counter() - started
-        tuned = CachedEmbedder(str(model))
+        tuned = cached_embedder(str(model))
         results["finetune"] = {
             "train_adapters": sorted(train), "epochs": args.epochs, "train_seconds": round(train_seconds, 1),
             "pools": {pool: {"before": compare_scorings(base["instruction"], pool_cards, held_queries),

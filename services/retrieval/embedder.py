@@ -13,6 +13,7 @@ import numpy as np
 from services.retrieval import DEFAULT_EMBEDDER_BACKEND as DEFAULT_BACKEND
 from services.retrieval import DEFAULT_INSTRUCTION, DEFAULT_MAX_SEQ_LENGTH
 from services.retrieval import EMBEDDER_BACKENDS as BACKENDS
+from services.retrieval.embedding_cache import EmbeddingCache
 
 
 class EmbedderLoadError(ValueError):
@@ -55,7 +56,7 @@ def _model_seq_limit(path: str) -> int | None:
 def embedder_from_config(cfg) -> "Embedder":
     """The Embedder an EmbedderConfig section describes."""
     return Embedder(cfg.model_path, cfg.instruction, batch_size=cfg.batch_size, backend=cfg.backend,
-                    max_seq_length=cfg.max_seq_length, threads=cfg.threads)
+                    max_seq_length=cfg.max_seq_length, threads=cfg.threads, cache_entries=cfg.cache_entries)
 
 
 def onnx_cache_dir() -> Path:
@@ -69,11 +70,13 @@ class Embedder:
 
     Texts longer than max_seq_length tokens are cut to their first max_seq_length tokens.
     threads pins the CPU threads of one encoding call (None: the runtime's default, all cores).
+    cache_entries > 0 keeps that many recent texts' embeddings (services/retrieval/embedding_cache.py).
     """
 
     def __init__(self, model_path: str | None = None, instruction: str = DEFAULT_INSTRUCTION,
                  batch_size: int = 32, device: str = "cpu", *, backend: str = DEFAULT_BACKEND,
-                 max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, threads: int | None = None):
+                 max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, threads: int | None = None,
+                 cache_entries: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if backend not in BACKENDS:
@@ -83,6 +86,7 @@ class Embedder:
         if threads is not None and threads < 1:
             raise EmbedderLoadError(f"threads must be at least 1, got {threads}")
         self.instruction, self.batch_size, self.backend, self.threads = instruction, batch_size, backend, threads
+        self.cache = EmbeddingCache(cache_entries)
         path = _checked_folder(model_path)
         self.model, self._onnx = None, None
         if backend == "torch":
@@ -111,7 +115,20 @@ class Embedder:
             raise TypeError("encode takes a list of texts, not one string")
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        texts = [self.instruction + t for t in texts]
+        if not self.cache.entries:
+            return self._encode([self.instruction + t for t in texts], progress)
+        cached, keys = self.cache.lookup(texts)
+        missing = list(dict.fromkeys(k for k, v in zip(keys, cached) if v is None))  # a text twice is encoded once
+        if missing:
+            text_of = dict(zip(keys, texts))
+            vectors = self._encode([self.instruction + text_of[k] for k in missing], progress)  # (m, dim)
+            self.cache.store(missing, vectors)
+            fresh = dict(zip(missing, vectors))
+            cached = [fresh[k] if v is None else v for k, v in zip(keys, cached)]
+        return np.stack(cached)  # (n, dim), a new array: callers may write it
+
+    def _encode(self, texts: list[str], progress: bool) -> np.ndarray:
+        """Instruction-prefixed texts -> (n, dim) float32."""
         if self._onnx is None:
             return self._encode_torch(texts, progress)
         # longest first, as sentence-transformers does, so each batch pads to similar lengths

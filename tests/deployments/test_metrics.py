@@ -163,6 +163,15 @@ def test_retrieval_records_latency_and_top1_score_or_an_empty_result(rec):
         metrics.observe_retrieval(-0.1, 0.5)
 
 
+def test_embedding_cache_counts_hits_and_misses_of_a_batch(rec):
+    metrics.observe_embedding_cache(3, 1)
+    metrics.observe_embedding_cache(0, 2)  # nothing cached: no zero increment reaches Ray
+    assert rec.total("lr_embedding_cache_hits") == 3
+    assert rec.total("lr_embedding_cache_misses") == 3
+    with pytest.raises(MetricValueError, match="lr_embedding_cache_hits"):
+        metrics.observe_embedding_cache(-1, 0)
+
+
 def test_batches_record_size_tokens_and_speed(rec):
     metrics.observe_batch(4, 100, 0.5)
     metrics.observe_batch(2, 0, 0.0)  # a batch that ended at once: no tokens, no speed
@@ -205,6 +214,7 @@ def test_real_ray_serve_metrics_accept_every_call(monkeypatch):
     monkeypatch.setattr(metrics, "_state", metrics._State())
     metrics.observe_retrieval(0.01, np.float64(0.8))
     metrics.observe_retrieval(0.01, None)
+    metrics.observe_embedding_cache(3, 1)
     metrics.observe_request(None, "fusion", 2, 200)
     metrics.observe_rejection("acme", "concurrency_limited")
     metrics.observe_batch(3, 30, 0.1)
