@@ -12,6 +12,9 @@ copy of K and V per query head) and a float32 softmax. Measured on this CPU for 
 (64 rows, 9 heads over 3 key heads, 61 positions), it takes 0.52 ms in float32 and 0.62 ms in
 bfloat16 against 1.24 and 3.50 ms for torch's scaled_dot_product_attention with a mask; keys are
 written with index_put_ (scatter_ copied the whole bfloat16 slot: 0.33 ms against 0.02 ms).
+On CPU the cache is float32 whatever the model's dtype: a bfloat16 batched matmul copies a
+strided operand (the rows' prefixes, a slice of each slot) into a contiguous one first, which
+cost more than the whole float32 product (cluster/bench/decode_ops.py).
 """
 from __future__ import annotations
 
@@ -38,9 +41,11 @@ class SlotDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
+        # (the values a bfloat16 model writes are exact in float32: only the sums gain precision)
+        self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
 
     def new_cache(self, rows: int = 4, length: int = 128) -> SlotCache:
-        return SlotCache(len(self.model.model.layers), self.kv_heads, self.head_dim, dtype=self.dtype,
+        return SlotCache(len(self.model.model.layers), self.kv_heads, self.head_dim, dtype=self.cache_dtype,
                          device=self.device, rows=rows, length=length)
 
     def forward(self, cache: SlotCache, tokens: torch.Tensor, lo: int, starts: torch.Tensor,
@@ -70,13 +75,14 @@ class SlotDecoder:
             k = attn.k_proj(x).view(n, c, self.kv_heads, self.head_dim).transpose(1, 2)  # (n, kv, c, d)
             v = attn.v_proj(x).view(n, c, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            cache.k[i].index_put_(write_at, k)
-            cache.v[i].index_put_(write_at, v)
+            cache.k[i].index_put_(write_at, k.to(cache.dtype))
+            cache.v[i].index_put_(write_at, v.to(cache.dtype))
             keys, values = cache.k[i][lo:lo + n, :, :span], cache.v[i][lo:lo + n, :, :span]  # (n, kv, span, d)
-            grouped = q.reshape(n, self.kv_heads, groups * c, self.head_dim)  # heads h*groups+g share key head h
+            # heads h*groups+g share key head h
+            grouped = q.reshape(n, self.kv_heads, groups * c, self.head_dim).to(cache.dtype)
             scores = (grouped @ keys.transpose(-1, -2)).float() * attn.scaling  # (n, kv, groups*c, span)
             weights = torch.softmax(scores.masked_fill_(blocked, float("-inf")), dim=-1).to(values.dtype)
-            out = (weights @ values).view(n, self.heads, c, self.head_dim)  # (n, heads, c, d)
+            out = (weights @ values).to(hidden.dtype).view(n, self.heads, c, self.head_dim)  # (n, heads, c, d)
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(n, c, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return inner.norm(hidden)

@@ -17,6 +17,7 @@ from services.lora.decoder import SlotDecoder
 from services.lora.generation import GenerationRequest, GenerationResult, check_request
 from services.lora.layers import LoraContext, linear_shapes, wrap_model
 from services.lora.pool import AdapterPool
+from services.lora.packed_linear import can_pack, pack_linears
 from services.lora.prefix_cache import PrefixCache
 from services.lora.scheduler import DecodeScheduler
 
@@ -26,7 +27,7 @@ class CompositionEngine:
     def __init__(self, model, tokenizer, *, max_adapters_per_row: int = 4, device_slots: int = 32,
                  cpu_slots: int = 128, max_rank: int = 64, allow_unsafe_pickle: bool = False,
                  base_model: str | None = None, max_batch_rows: int = 64, prefill_tokens: int = 512,
-                 prefix_cache_mb: int = 256):
+                 prefix_cache_mb: int = 256, pack_weights: bool = True):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch_rows, self.prefill_tokens = max_batch_rows, prefill_tokens
         self.decoder = SlotDecoder(model)
@@ -42,6 +43,8 @@ class CompositionEngine:
         # stack (a larger rank), which must not happen under a forward in flight.
         self.device_lock = threading.RLock()
         wrap_model(model, self.context)
+        if pack_weights and can_pack(self.device, self.dtype):
+            pack_linears(model, batch_hint=max_batch_rows)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
@@ -167,7 +170,7 @@ class CompositionEngine:
 
     @property
     def vocab_size(self) -> int:
-        return self.model.get_output_embeddings().weight.shape[0]
+        return self.model.get_output_embeddings().out_features
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of final hidden states (the LM head; adapters never target it)."""

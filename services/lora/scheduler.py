@@ -189,7 +189,8 @@ class DecodeScheduler:
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> None:
         """logits (len(rows), vocab): one token per row."""
         plain = [j for j, row in enumerate(rows) if row.sampler.plain]
-        picked = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
+        # float32 first: the same argmax, and bfloat16's argmax on CPU took 3x the conversion plus float32's
+        picked = dict(zip(plain, logits[plain].float().argmax(-1).tolist())) if plain else {}
         for j, row in enumerate(rows):
             token = picked[j] if j in picked else row.sampler(logits[j])
             self._take(row, token, logits[j])

@@ -1,0 +1,134 @@
+"""Micro-benchmark of the choices inside one decode step, on the demo base model's shapes.
+
+Each line compares the way the engine does an operation with the alternatives it was chosen
+over, side by side in one process, on one pinned thread (the engine's figures in docs/engine.md
+are end to end; these say why the decode path is written as it is):
+- attention over the rows' prefixes: grouped batched matmuls on a bfloat16 slice, the same on a
+  float32 cache, and PyTorch's scaled_dot_product_attention with a mask;
+- writing a step's keys into the cache: index_put_ against scatter_;
+- greedy picking over the vocabulary: bfloat16 argmax against float32 conversion + argmax;
+- the model's linears: torch's linear against oneDNN with the weight packed once.
+
+    python -m cluster.bench.decode_ops [--rows 64] [--span 61] [--threads 1] [--json docs/decode_ops.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# SmolLM2-135M: hidden 576, 9 query heads over 3 key heads of 64, MLP 1536, vocabulary 49152
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB = 576, 9, 3, 64, 1536, 49152
+LINEARS = {"q/o proj": (HIDDEN, HIDDEN), "k/v proj": (HIDDEN, KV_HEADS * HEAD_DIM), "gate/up proj": (HIDDEN, MLP),
+           "down proj": (MLP, HIDDEN), "lm head": (HIDDEN, VOCAB)}
+
+
+def clocked(fn, repeat: int) -> float:
+    """Median milliseconds of `repeat` calls after two warm-up calls."""
+    fn(), fn()
+    times = []
+    for _ in range(repeat):
+        began = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - began))
+    return sorted(times)[len(times) // 2]
+
+
+def attention_variants(rows: int, span: int, length: int) -> dict:
+    """One decode step's attention of one layer: (rows, 9 heads, 1 query) over `span` positions."""
+    groups = HEADS // KV_HEADS
+    q = torch.randn(rows, KV_HEADS, groups, HEAD_DIM)  # (n, kv, groups, d): one new token per row
+    mask = torch.zeros(rows, 1, 1, span, dtype=torch.bool)  # every position visible
+
+    def grouped(cache_k, cache_v, query):
+        keys, values = cache_k[:, :, :span], cache_v[:, :, :span]  # (n, kv, span, d) slices of the slots
+        weights = torch.softmax((query @ keys.transpose(-1, -2)).float().masked_fill_(mask, float("-inf")), -1)
+        return weights.to(values.dtype) @ values  # (n, kv, groups, d)
+
+    def sdpa(cache_k, cache_v, query):
+        keys = cache_k[:, :, :span].repeat_interleave(groups, dim=1)  # (n, heads, span, d)
+        values = cache_v[:, :, :span].repeat_interleave(groups, dim=1)
+        return torch.nn.functional.scaled_dot_product_attention(query.reshape(rows, HEADS, 1, HEAD_DIM), keys,
+                                                                values, attn_mask=~mask)
+
+    out = {}
+    for label, cache_dtype, query_dtype in (("bf16 cache", torch.bfloat16, torch.bfloat16),
+                                            ("f32 cache, bf16 model", torch.float32, torch.bfloat16),
+                                            ("f32 model", torch.float32, torch.float32)):
+        cache_k = torch.randn(rows, KV_HEADS, length, HEAD_DIM).to(cache_dtype)  # (n, kv, length, d)
+        cache_v = torch.randn(rows, KV_HEADS, length, HEAD_DIM).to(cache_dtype)
+        query = q.to(query_dtype)
+        out[f"grouped matmuls, {label}"] = clocked(lambda: grouped(cache_k, cache_v, query.to(cache_dtype)), 50)
+        out[f"sdpa with a mask, {label}"] = clocked(lambda: sdpa(cache_k, cache_v, query.to(cache_dtype)), 50)
+    return out
+
+
+def write_variants(rows: int, span: int, length: int) -> dict:
+    """One layer's keys of a decode step (rows, kv, 1, d) written at each row's position."""
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        cache = torch.zeros(rows, KV_HEADS, length, HEAD_DIM, dtype=dtype)
+        k = torch.randn(rows, KV_HEADS, 1, HEAD_DIM, dtype=dtype)
+        positions = torch.full((rows, 1), span - 1)
+        at = (torch.arange(rows)[:, None, None], torch.arange(KV_HEADS)[None, :, None], positions[:, None, :])
+        index = positions[:, None, :, None].expand(rows, KV_HEADS, 1, HEAD_DIM)
+        name = str(dtype).removeprefix("torch.")
+        out[f"index_put_, {name}"] = clocked(lambda: cache.index_put_(at, k), 50)
+        out[f"scatter_, {name}"] = clocked(lambda: cache.scatter_(2, index, k), 50)
+    return out
+
+
+def argmax_variants(rows: int) -> dict:
+    logits = torch.randn(rows, VOCAB).to(torch.bfloat16)  # (n, vocab)
+    return {"argmax, bf16": clocked(lambda: logits.argmax(-1), 30),
+            "to f32, argmax": clocked(lambda: logits.float().argmax(-1), 30)}
+
+
+def linear_variants(rows: int) -> dict:
+    """Each linear of the model at `rows` tokens (a decode step) and 8x that (a prompt chunk)."""
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        name = str(dtype).removeprefix("torch.")
+        for label, (fan_in, fan_out) in LINEARS.items():
+            weight = torch.randn(fan_out, fan_in).to(dtype)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+            for tokens in (rows, 8 * rows):
+                x = torch.randn(tokens, fan_in).to(dtype)
+                repeat = 10 if label == "lm head" else 40
+                key = f"{label} {fan_in}x{fan_out}, {tokens} tokens, {name}"
+                out[f"{key}: torch linear"] = clocked(lambda: torch.nn.functional.linear(x, weight), repeat)
+                out[f"{key}: oneDNN packed"] = clocked(
+                    lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), repeat)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=64, help="rows in the decode step")
+    parser.add_argument("--span", type=int, default=61, help="positions each row attends to")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    length = 2 * args.span  # the slot capacity: doubling growth leaves room past the longest row
+    report = {"rows": args.rows, "span": args.span, "threads": args.threads, "torch": torch.__version__, "ms": {}}
+    with torch.inference_mode():
+        for section, results in (("attention", attention_variants(args.rows, args.span, length)),
+                                 ("key write", write_variants(args.rows, args.span, length)),
+                                 ("greedy pick", argmax_variants(args.rows)),
+                                 ("linear", linear_variants(args.rows))):
+            print(f"\n{section} ({args.rows} rows, {args.threads} thread{'s' * (args.threads > 1)}), ms:")
+            for name, ms in results.items():
+                print(f"  {name:<62} {ms:8.3f}", flush=True)
+            report["ms"][section] = {name: round(ms, 4) for name, ms in results.items()}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
