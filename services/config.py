@@ -38,7 +38,10 @@ class BaseModelConfig(Section):
         "SmolLM2-135M-Instruct folder that `loraretriever demo build` converts",
     )
     name: str | None = Field(None, description="id clients use for the base model; None = the folder's name")
-    dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$", description="weights dtype")
+    dtype: str = Field("auto", pattern="^(auto|float32|float16|bfloat16)$",
+                       description="weights dtype; 'auto' = bfloat16 where the device computes it natively (a CPU "
+                       "with AVX-512 BF16 or AMX, a GPU that supports it), else float32 (the oracle the engine is "
+                       "tested against)")
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu' or 'cuda[:N]'")
 
 

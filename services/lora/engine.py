@@ -23,6 +23,16 @@ from services.lora.scheduler import DecodeScheduler
 
 log = logging.getLogger(__name__)
 
+
+def native_bfloat16(device: torch.device) -> torch.dtype:
+    """bfloat16 where the device has bfloat16 arithmetic (a CPU with AVX-512 BF16 or AMX; CUDA's own
+    check), else float32: elsewhere bfloat16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native and can_pack(device, torch.bfloat16) else torch.float32
+
+
 class CompositionEngine:
     def __init__(self, model, tokenizer, *, max_adapters_per_row: int = 4, device_slots: int = 32,
                  cpu_slots: int = 128, max_rank: int = 64, allow_unsafe_pickle: bool = False,
@@ -53,16 +63,17 @@ class CompositionEngine:
 
     @classmethod
     def from_pretrained(cls, path, *, device="auto", dtype="float32", **kw) -> "CompositionEngine":
-        """A Hugging Face folder (or a .gguf file, dequantized) and its tokenizer."""
+        """A Hugging Face folder (or a .gguf file, dequantized) and its tokenizer; dtype "auto" is
+        bfloat16 where the device computes it natively, else float32."""
         path = Path(path)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch_dtype = native_bfloat16(torch.device(device)) if dtype == "auto" else getattr(torch, dtype)
         gguf = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
         folder = path.parent if gguf else path
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **gguf).to(device)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **gguf).to(device)
         return cls(model, AutoTokenizer.from_pretrained(folder, **gguf), **kw)
 
-    # -- adapters ---------------------------------------------------------
     def read(self, key: str, path) -> LoraAdapterWeights:
         return read_adapter(path, base_config=self.model.config, base_model=self.base_model, max_rank=self.max_rank,
                             allow_unsafe_pickle=self.allow_unsafe_pickle, name=key.partition("@")[0])

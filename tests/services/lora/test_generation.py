@@ -156,6 +156,20 @@ def test_from_pretrained_folder_serves_the_same_tokens(engine, folders, tokenize
     assert loaded.generate([request])[0].token_ids == engine.generate([request])[0].token_ids
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(tokenizer, tmp_path, monkeypatch, native):
+    from services.lora.packed_linear import can_pack
+
+    tiny_model(vocab_size=VOCAB).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    loaded = CompositionEngine.from_pretrained(tmp_path, device="cpu", dtype="auto")
+    expected = torch.bfloat16 if native and can_pack(torch.device("cpu"), torch.bfloat16) else torch.float32
+    assert loaded.dtype == expected
+    assert loaded.generate([GenerationRequest(prompt_ids=PROMPTS[0], max_tokens=3)])[0].completion_tokens == 3
+
+
 @pytest.mark.parametrize("temperature, top_p", [(5e-324, 0.5), (1e-30, 0.5), (1e-8, 1.0), (1.0, 5e-324)])
 def test_vanishing_temperature_or_top_p_samples_the_top_token_instead_of_failing(temperature, top_p):
     """5e-324 passes the API's `> 0`; logits / T once overflowed to NaN probabilities, and a top_p
