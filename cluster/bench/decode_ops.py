@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
+
+from cluster.bench.retrieval_scale import clocked
 
 # SmolLM2-135M: hidden 576, 9 query heads over 3 key heads of 64, MLP 1536, vocabulary 49152
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB = 576, 9, 3, 64, 1536, 49152
@@ -26,15 +27,9 @@ LINEARS = {"q/o proj": (HIDDEN, HIDDEN), "k/v proj": (HIDDEN, KV_HEADS * HEAD_DI
            "down proj": (MLP, HIDDEN), "lm head": (HIDDEN, VOCAB)}
 
 
-def clocked(fn, repeat: int) -> float:
-    """Median milliseconds of `repeat` calls after two warm-up calls."""
-    fn(), fn()
-    times = []
-    for _ in range(repeat):
-        began = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - began))
-    return sorted(times)[len(times) // 2]
+def wall_ms(fn, repeat: int) -> float:
+    """Median wall milliseconds of one call (after a warm-up call)."""
+    return clocked(fn, repeat)[0]
 
 
 def attention_variants(rows: int, span: int, length: int) -> dict:
@@ -61,8 +56,8 @@ def attention_variants(rows: int, span: int, length: int) -> dict:
         cache_k = torch.randn(rows, KV_HEADS, length, HEAD_DIM).to(cache_dtype)  # (n, kv, length, d)
         cache_v = torch.randn(rows, KV_HEADS, length, HEAD_DIM).to(cache_dtype)
         query = q.to(query_dtype)
-        out[f"grouped matmuls, {label}"] = clocked(lambda: grouped(cache_k, cache_v, query.to(cache_dtype)), 50)
-        out[f"sdpa with a mask, {label}"] = clocked(lambda: sdpa(cache_k, cache_v, query.to(cache_dtype)), 50)
+        out[f"grouped matmuls, {label}"] = wall_ms(lambda: grouped(cache_k, cache_v, query.to(cache_dtype)), 50)
+        out[f"sdpa with a mask, {label}"] = wall_ms(lambda: sdpa(cache_k, cache_v, query.to(cache_dtype)), 50)
     return out
 
 
@@ -76,15 +71,15 @@ def write_variants(rows: int, span: int, length: int) -> dict:
         at = (torch.arange(rows)[:, None, None], torch.arange(KV_HEADS)[None, :, None], positions[:, None, :])
         index = positions[:, None, :, None].expand(rows, KV_HEADS, 1, HEAD_DIM)
         name = str(dtype).removeprefix("torch.")
-        out[f"index_put_, {name}"] = clocked(lambda: cache.index_put_(at, k), 50)
-        out[f"scatter_, {name}"] = clocked(lambda: cache.scatter_(2, index, k), 50)
+        out[f"index_put_, {name}"] = wall_ms(lambda: cache.index_put_(at, k), 50)
+        out[f"scatter_, {name}"] = wall_ms(lambda: cache.scatter_(2, index, k), 50)
     return out
 
 
 def argmax_variants(rows: int) -> dict:
     logits = torch.randn(rows, VOCAB).to(torch.bfloat16)  # (n, vocab)
-    return {"argmax, bf16": clocked(lambda: logits.argmax(-1), 30),
-            "to f32, argmax": clocked(lambda: logits.float().argmax(-1), 30)}
+    return {"argmax, bf16": wall_ms(lambda: logits.argmax(-1), 30),
+            "to f32, argmax": wall_ms(lambda: logits.float().argmax(-1), 30)}
 
 
 def linear_variants(rows: int) -> dict:
@@ -99,7 +94,7 @@ def linear_variants(rows: int) -> dict:
                 x = torch.randn(tokens, fan_in).to(dtype)
                 repeat = 10 if label == "lm head" else 40
                 key = f"{label} {fan_in}x{fan_out}, {tokens} tokens, {name}"
-                out[f"{key}: torch linear"] = clocked(lambda: torch.nn.functional.linear(x, weight), repeat)
+                out[f"{key}: torch linear"] = wall_ms(lambda: torch.nn.functional.linear(x, weight), repeat)
                 out[f"{key}: oneDNN packed"] = clocked(
                     lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), repeat)
     return out

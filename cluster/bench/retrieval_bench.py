@@ -123,7 +123,19 @@ def query_cost(cards, queries, long_queries) -> dict:
         index.upsert(f"a{a}", unit_rows(rng, 20))
     search["1000 adapters, in-memory"] = search_cost(index, vectors)
     out["search"] = {k: {m: round(v, 3) for m, v in r.items()} for k, r in search.items()}
+    out["repeat"] = repeat_cost(long)
     return out
+
+
+def repeat_cost(long: list[str]) -> dict:
+    """Milliseconds, wall and CPU, of long prompts seen before: the replica's embedding cache answers."""
+    embedder = Embedder(threads=1, cache_entries=4096)
+    embedder.encode(long[:32])
+    singles = iter(long[:24] * 2)
+    one = clocked(lambda: embedder.encode([next(singles)]), 24)
+    batch = clocked(lambda: embedder.encode(long[:32]), 3)
+    return {"1 prompt ms": one[0], "1 prompt cpu ms": one[1],
+            "batch-32 ms/prompt": batch[0] / 32, "batch-32 cpu ms/prompt": batch[1] / 32}
 
 
 def main() -> int:
@@ -273,6 +285,11 @@ def cost_lines(results: dict) -> list[str]:
     lines += [f"| {label} | {r['1 query ms']:.3f} / {r['1 query cpu ms']:.3f} | "
               f"{r['batch-32 ms/query']:.3f} / {r['batch-32 cpu ms/query']:.3f} |"
               for label, r in results["cost"]["search"].items()]
+    if "repeat" in results["cost"]:
+        r = results["cost"]["repeat"]
+        lines += ["", f"**Repeated prompts** (default runtime, `embedder.cache_entries` on; a long prompt embedded "
+                  f"before): {r['1 prompt ms']:.3f} / {r['1 prompt cpu ms']:.3f} ms alone, "
+                  f"{r['batch-32 ms/prompt']:.3f} / {r['batch-32 cpu ms/prompt']:.3f} ms per prompt in a batch of 32."]
     return lines
 
 
