@@ -48,21 +48,25 @@ class SlotDecoder:
         return SlotCache(len(self.model.model.layers), self.kv_heads, self.head_dim, dtype=self.cache_dtype,
                          device=self.device, rows=rows, length=length)
 
-    def forward(self, cache: SlotCache, tokens: torch.Tensor, lo: int, starts: torch.Tensor,
+    def forward(self, cache: SlotCache, tokens: torch.Tensor, slots: list[int], starts: torch.Tensor,
                 span: int) -> torch.Tensor:
-        """Final hidden states (n, c, hidden) for tokens (n, c) of the rows in cache slots
-        [lo, lo + n), row b's tokens at positions starts[b] .. starts[b] + c - 1 (starts (n,) long,
+        """Final hidden states (n, c, hidden) for tokens (n, c) of the rows in cache slots `slots`
+        (ascending), row b's tokens at positions starts[b] .. starts[b] + c - 1 (starts (n,) long,
         on the device). `span` = max(starts) + c, the positions any row reads (a host int, so no
         sync). Rows with fewer real tokens are right-padded: the padding writes keys past the
-        row's length, which its next tokens overwrite before anyone reads them."""
+        row's length, which its next tokens overwrite before anyone reads them. Contiguous slots
+        attend through a view of the cache; scattered ones (a prompt chunk's rows after others
+        left) gather their prefixes, a copy worth making for prompt chunks, not for a decode step."""
         n, c = tokens.shape
-        cache.reserve(lo + n, span)
+        cache.reserve(slots[-1] + 1, span)
+        contiguous = slots[-1] - slots[0] == n - 1
+        rows_at = slice(slots[0], slots[-1] + 1) if contiguous else torch.tensor(slots, device=self.device)
         positions = starts[:, None] + torch.arange(c, device=self.device)  # (n, c)
         keys_at = torch.arange(span, device=self.device)
         groups = self.heads // self.kv_heads
         allowed = keys_at[None, None, :] <= positions[:, :, None]  # (n, c, span): own prefix only
         blocked = ~allowed[:, None, None].expand(n, 1, groups, c, span).reshape(n, 1, groups * c, span)
-        rows = torch.arange(lo, lo + n, device=self.device)[:, None, None]  # (n, 1, 1)
+        rows = torch.tensor(slots, device=self.device)[:, None, None]  # (n, 1, 1)
         kv_heads = torch.arange(self.kv_heads, device=self.device)[None, :, None]  # (1, kv, 1)
         write_at = (rows, kv_heads, positions[:, None, :])  # index (n, kv, c) into a cache tensor
         inner = self.model.model
@@ -77,7 +81,7 @@ class SlotDecoder:
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             cache.k[i].index_put_(write_at, k.to(cache.dtype))
             cache.v[i].index_put_(write_at, v.to(cache.dtype))
-            keys, values = cache.k[i][lo:lo + n, :, :span], cache.v[i][lo:lo + n, :, :span]  # (n, kv, span, d)
+            keys, values = cache.k[i][rows_at, :, :span], cache.v[i][rows_at, :, :span]  # (n, kv, span, d)
             # heads h*groups+g share key head h
             grouped = q.reshape(n, self.kv_heads, groups * c, self.head_dim).to(cache.dtype)
             scores = (grouped @ keys.transpose(-1, -2)).float() * attn.scaling  # (n, kv, groups*c, span)

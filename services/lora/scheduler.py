@@ -6,8 +6,9 @@ One step:
    first, so a long prompt holds the decoding rows back by one chunk, never by its whole length
    (a joining row first copies the longest prefix of its prompt that a row of the same composition
    has read, services/lora/prefix_cache.py);
-2. one decode forward over every running row (a row still reading its prompt feeds a placeholder
-   at its next free position, which its next chunk overwrites: one shape, no second forward);
+2. a decode forward over the rows that have read their prompt, one per contiguous range of slots
+   (a row still reading its prompt inside a range feeds a placeholder at its next free position,
+   which its next chunk overwrites; a long stretch of such rows, a burst's, is skipped);
 3. sampling: the rows that sample greedily with nothing shaping their logits take one batched
    argmax and one host transfer; the others use their own sampler;
 4. finished and cancelled rows leave; the last row moves into each freed slot.
@@ -27,6 +28,11 @@ from services.lora.generation import (GenerationRequest, GenerationResult, RowSa
 from services.lora.pool import AdapterPoolFull
 
 CANCELLED = "cancelled"  # internal finish reason: the row leaves without a result
+# A decode forward covers a contiguous range of slots. Rows still reading their prompt between two
+# decoding rows ride along with a placeholder token when at most this many lie between them (cheaper
+# than a second forward's fixed cost); a longer stretch, such as the many rows of a burst still
+# queued for their prompt chunks, is skipped.
+PLACEHOLDER_GAP = 4
 
 
 @dataclass(eq=False)
@@ -65,7 +71,8 @@ class DecodeScheduler:
         self.rows: list[Row] = []  # rows[i] lives in cache slot i
         self.logprobs = TokenLogprobs(engine.tokenizer)
         self.step_tokens = 0  # tokens sampled by the last step
-        self._decode_meta: tuple[tuple, LoraBatchMeta] | None = None  # (rows and pool writes it was built for, meta)
+        # decode forwards' metadata by (the rows of the forward, pool writes): kept while they stay the same
+        self._decode_meta: dict[tuple, LoraBatchMeta] = {}
 
     @property
     def full(self) -> bool:
@@ -87,6 +94,8 @@ class DecodeScheduler:
         not fit the device slots the running rows leave."""
         slot_of = self.engine.pool.acquire(list(request.composition.adapters))
         try:
+            # its slot exists from now on: a decode forward may skip it, and a retiring row's move may read it
+            self.cache.reserve(len(self.rows) + 1, self.cache.length)
             row = Row(request, RowSampler(request, self.engine.device, self.engine.vocab_size),
                       TextStream(self.engine.tokenizer, request.stop), slot_of, time.perf_counter(),
                       token_lps=[] if request.logprobs is not None else None)
@@ -117,18 +126,18 @@ class DecodeScheduler:
         rows, self.rows = self.rows, []
         for row in rows:
             self.engine.pool.release(list(row.slot_of))
-        self._decode_meta = None
+        self._decode_meta = {}
         return rows
 
     # -- forwards -----------------------------------------------------------
-    def _forward(self, rows: list[Row], meta: LoraBatchMeta, tokens: list[list[int]], lo: int,
+    def _forward(self, rows: list[Row], meta: LoraBatchMeta, tokens: list[list[int]], slots: list[int],
                  starts: list[int]) -> torch.Tensor:
-        """Final hidden states (n, c, hidden) of the rows in slots [lo, lo + n)."""
+        """Final hidden states (n, c, hidden) of the rows in cache slots `slots` (ascending)."""
         device = self.engine.device
         self.engine.context.meta = meta
         try:
             return self.engine.decoder.forward(
-                self.cache, torch.tensor(tokens, device=device), lo, torch.tensor(starts, device=device),
+                self.cache, torch.tensor(tokens, device=device), slots, torch.tensor(starts, device=device),
                 max(starts) + len(tokens[0]))
         finally:
             self.engine.context.meta = None
@@ -146,44 +155,51 @@ class DecodeScheduler:
             if row.reading_prompt and row.finish is None:
                 chunk[i] = min(len(row.request.prompt_ids) - row.fed, budget)
                 budget -= chunk[i]
-        for run in contiguous_runs(sorted(chunk)):
-            rows = [self.rows[i] for i in run]
-            width = max(chunk[i] for i in run)
-            tokens = [(r.request.prompt_ids[r.fed:r.fed + chunk[i]] + [self.engine.pad_id] * width)[:width]
-                      for i, r in zip(run, rows)]
-            hidden = self._forward(rows, self._meta(rows), tokens, run[0], [r.fed for r in rows])  # (n, width, hidden)
-            done = []
-            for j, (i, row) in enumerate(zip(run, rows)):
-                if row.request.prompt_logprobs:
-                    read = row.request.prompt_ids[row.fed + 1:row.fed + chunk[i] + 1]  # tokens these positions predict
-                    row.prompt_lps += self.logprobs.span(hidden[j, :len(read)], self.engine.project, read,
-                                                         row.request.logprobs or 0)
-                row.fed += chunk[i]
-                if not row.reading_prompt:
-                    done.append((row, hidden[j, chunk[i] - 1]))
-                    self.engine.prefix_cache.store(row.request.composition, row.request.prompt_ids, self.cache, i)
-            sampling = [(row, h) for row, h in done if row.request.max_tokens > 0]
-            for row, _ in done:
-                if row.request.max_tokens == 0:
-                    row.finish = "length"
-            if sampling:
-                self._sample([row for row, _ in sampling],
-                             self.engine.project(torch.stack([h for _, h in sampling])))  # (m, vocab)
+        if not chunk:
+            return
+        run = sorted(chunk)  # one forward, whether or not the slots are contiguous
+        rows = [self.rows[i] for i in run]
+        width = max(chunk[i] for i in run)
+        tokens = [(r.request.prompt_ids[r.fed:r.fed + chunk[i]] + [self.engine.pad_id] * width)[:width]
+                  for i, r in zip(run, rows)]
+        hidden = self._forward(rows, self._meta(rows), tokens, run, [r.fed for r in rows])  # (n, width, hidden)
+        done = []
+        for j, (i, row) in enumerate(zip(run, rows)):
+            if row.request.prompt_logprobs:
+                read = row.request.prompt_ids[row.fed + 1:row.fed + chunk[i] + 1]  # tokens these positions predict
+                row.prompt_lps += self.logprobs.span(hidden[j, :len(read)], self.engine.project, read,
+                                                     row.request.logprobs or 0)
+            row.fed += chunk[i]
+            if not row.reading_prompt:
+                done.append((row, hidden[j, chunk[i] - 1]))
+                self.engine.prefix_cache.store(row.request.composition, row.request.prompt_ids, self.cache, i)
+        sampling = [(row, h) for row, h in done if row.request.max_tokens > 0]
+        for row, _ in done:
+            if row.request.max_tokens == 0:
+                row.finish = "length"
+        if sampling:
+            self._sample([row for row, _ in sampling],
+                         self.engine.project(torch.stack([h for _, h in sampling])))  # (m, vocab)
 
     def _decode(self) -> None:
         ready = [i for i, row in enumerate(self.rows) if row.pending is not None and row.finish is None]
         if not ready:
             return
-        key = (tuple(id(row) for row in self.rows), self.engine.pool.writes)
-        if self._decode_meta is None or self._decode_meta[0] != key:  # rows joined or left, or slots were written
-            self._decode_meta = (key, self._meta(self.rows))
-        tokens = [[row.pending if i in ready else self.engine.pad_id] for i, row in enumerate(self.rows)]
-        hidden = self._forward(self.rows, self._decode_meta[1], tokens, 0, [row.fed for row in self.rows])
+        metas, states = {}, []  # states: (ready rows, hidden) in slot order
+        for run in bridged_runs(ready, PLACEHOLDER_GAP):
+            lo, rows = run[0], self.rows[run[0]:run[-1] + 1]
+            key = (tuple(id(row) for row in rows), self.engine.pool.writes)
+            metas[key] = self._decode_meta.get(key) or self._meta(rows)  # rebuilt when rows or slots changed
+            decoding = set(run)
+            tokens = [[row.pending if i in decoding else self.engine.pad_id] for i, row in enumerate(rows, lo)]
+            hidden = self._forward(rows, metas[key], tokens, list(range(lo, run[-1] + 1)),
+                                   [row.fed for row in rows])  # (len(rows), 1, hidden)
+            states.append(hidden[torch.tensor(run, device=self.engine.device) - lo, 0])
+        self._decode_meta = metas
         rows = [self.rows[i] for i in ready]
         for row in rows:
             row.fed, row.pending = row.fed + 1, None
-        index = torch.tensor(ready, device=self.engine.device)
-        self._sample(rows, self.engine.project(hidden[index, 0]))  # (m, vocab)
+        self._sample(rows, self.engine.project(torch.cat(states)))  # (len(ready), vocab)
 
     # -- sampling and streaming ------------------------------------------------
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> None:
@@ -235,11 +251,12 @@ class DecodeScheduler:
         return gone[::-1]
 
 
-def contiguous_runs(slots: list[int]) -> list[list[int]]:
-    """[0, 1, 2, 5, 6] -> [[0, 1, 2], [5, 6]] (sorted input)."""
+def bridged_runs(slots: list[int], gap: int) -> list[list[int]]:
+    """Sorted slots in runs whose neighbours are at most `gap` slots apart:
+    [0, 1, 3, 9] with gap 1 -> [[0, 1, 3], [9]] (slot 2 rides along in the first forward)."""
     runs: list[list[int]] = []
     for slot in slots:
-        if runs and runs[-1][-1] == slot - 1:
+        if runs and slot - runs[-1][-1] <= gap + 1:
             runs[-1].append(slot)
         else:
             runs.append([slot])

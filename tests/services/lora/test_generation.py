@@ -313,6 +313,45 @@ def test_chunked_prefill_of_a_long_prompt_equals_reading_it_at_once(engine, peft
     assert out[1] == peft_greedy(peft_model, long_prompt, "a", 5, tokenizer.eos_token_id)
 
 
+def test_decode_skips_a_burst_of_rows_still_reading_their_prompts(engine, peft_model, tokenizer, monkeypatch):
+    """A row that has read its prompt decodes alone while the eight behind it still read theirs
+    (no placeholder forward for them), and every row still gets PEFT's tokens."""
+    from services.lora.scheduler import DecodeScheduler, bridged_runs
+
+    assert bridged_runs([0, 1, 3, 9], 1) == [[0, 1, 3], [9]] and bridged_runs([0, 1, 3], 0) == [[0, 1], [3]]
+    first = GenerationRequest(prompt_ids=PROMPTS[1][:3], composition=Composition.single("a"), max_tokens=10)
+    burst = [GenerationRequest(prompt_ids=[(11 * i + j) % 900 + 3 for j in range(30)],
+                               composition=Composition.single("ab"[i % 2]), max_tokens=2) for i in range(8)]
+    decode_rows = []
+    forward = engine.decoder.forward
+    monkeypatch.setattr(engine.decoder, "forward", lambda cache, tokens, *a: (
+        tokens.shape[1] == 1 and decode_rows.append(tokens.shape[0])) or forward(cache, tokens, *a))
+    scheduler = DecodeScheduler(engine, max_rows=10, prefill_tokens=4)
+    with engine.device_lock:
+        rows = [scheduler.add(r) for r in [first, *burst]]
+        while scheduler.rows:
+            scheduler.step()
+    assert decode_rows[:3] == [1, 1, 1]  # the burst reads 4 tokens a step; the first row decodes alone
+    for row, request in zip(rows, [first, *burst]):
+        adapter = request.composition.adapters[0]
+        assert list(row.stream.token_ids) == peft_greedy(peft_model, request.prompt_ids, adapter, request.max_tokens,
+                                                         tokenizer.eos_token_id)
+
+
+def test_scattered_slots_attend_like_contiguous_ones(engine):
+    """A prompt chunk's rows may sit in slots with other rows between them (after others left):
+    the gathered prefixes give the hidden states of the same rows in adjacent slots."""
+    tokens = torch.tensor([[5, 9, 13, 2], [7, 3, 11, 4]])  # (2, 4)
+    with torch.inference_mode():
+        hidden = {}
+        for slots in ([0, 1], [1, 3]):
+            cache = engine.decoder.new_cache()
+            first = engine.decoder.forward(cache, tokens[:, :2], slots, torch.tensor([0, 0]), 2)
+            rest = engine.decoder.forward(cache, tokens[:, 2:], slots, torch.tensor([2, 2]), 4)
+            hidden[tuple(slots)] = torch.cat([first, rest], dim=1)  # (2, 4, hidden)
+    torch.testing.assert_close(hidden[(1, 3)], hidden[(0, 1)])
+
+
 def test_a_cancelled_row_leaves_at_the_next_step_and_frees_its_adapters(engine):
     scheduler = engine.scheduler()
     with engine.device_lock:
