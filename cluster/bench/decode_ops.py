@@ -50,6 +50,10 @@ def attention_variants(rows: int, span: int, length: int) -> dict:
                                                                 values, attn_mask=~mask)
 
     out = {}
+    cache_k = torch.randn(rows, KV_HEADS, length, HEAD_DIM).to(torch.bfloat16)  # (n, kv, length, d)
+    cache_v = torch.randn(rows, KV_HEADS, length, HEAD_DIM).to(torch.bfloat16)
+    out["grouped matmuls, bf16 cache, prefix converted to f32"] = wall_ms(
+        lambda: grouped(cache_k[:, :, :span].float(), cache_v[:, :, :span].float(), q), 50)
     for label, cache_dtype, query_dtype in (("bf16 cache", torch.bfloat16, torch.bfloat16),
                                             ("f32 cache, bf16 model", torch.float32, torch.bfloat16),
                                             ("f32 model", torch.float32, torch.float32)):

@@ -41,6 +41,7 @@ class CompositionEngine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch_rows, self.prefill_tokens = max_batch_rows, prefill_tokens
         self.decoder = SlotDecoder(model)
+        self._parked_cache = None  # the last finished scheduler's KV cache: the next one starts with it
         self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
         self.max_adapters_per_row, self.max_rank = max_adapters_per_row, max_rank
         self.allow_unsafe_pickle, self.base_model = allow_unsafe_pickle, base_model
@@ -150,6 +151,15 @@ class CompositionEngine:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).logits
 
+    def take_cache(self):
+        """A KV SlotCache: the parked one (already grown, already zeroed: its stale keys are finite
+        and never read unmasked), else a small new one."""
+        cache, self._parked_cache = self._parked_cache, None
+        return cache if cache is not None else self.decoder.new_cache()
+
+    def park_cache(self, cache) -> None:
+        self._parked_cache = cache
+
     def scheduler(self) -> DecodeScheduler:
         """A continuous batch over this engine (one driver thread; see services/lora/scheduler.py)."""
         return DecodeScheduler(self, max_rows=self.max_batch_rows, prefill_tokens=self.prefill_tokens)
@@ -177,6 +187,7 @@ class CompositionEngine:
         finally:
             with self.device_lock:
                 scheduler.abort()  # a failed step: release the adapters of the rows still running
+                scheduler.close()
         return results
 
     @property

@@ -66,8 +66,7 @@ class DecodeScheduler:
         if max_rows < 1 or prefill_tokens < 1:
             raise ValueError("max_rows and prefill_tokens must be at least 1")
         self.engine, self.max_rows, self.prefill_tokens = engine, max_rows, prefill_tokens
-        self.cache = engine.decoder.new_cache()
-        self._initial_cache_bytes = self.cache.nbytes()
+        self.cache = engine.take_cache()
         self.rows: list[Row] = []  # rows[i] lives in cache slot i
         self.logprobs = TokenLogprobs(engine.tokenizer)
         self.step_tokens = 0  # tokens sampled by the last step
@@ -246,9 +245,17 @@ class DecodeScheduler:
             self.rows.pop()
             self.engine.pool.release(list(row.slot_of))
             gone.append(row)
-        if gone and not self.rows and self.cache.nbytes() > self._initial_cache_bytes:
-            self.cache = self.engine.decoder.new_cache()  # idle: give back what a burst or a long prompt took
         return gone[::-1]
+
+    def release_memory(self) -> None:
+        """Idle: give back what a burst or a long prompt grew the cache to (the caller decides when;
+        shrinking at every empty moment made each next burst zero the memory again)."""
+        if not self.rows:
+            self.cache = self.engine.decoder.new_cache()
+
+    def close(self) -> None:
+        """Done with this scheduler (no rows): its cache goes back to the engine for the next one."""
+        self.engine.park_cache(self.cache)
 
 
 def bridged_runs(slots: list[int], gap: int) -> list[list[int]]:

@@ -25,6 +25,9 @@ from services.lora.generation import GenerationRequest, GenerationResult
 log = logging.getLogger(__name__)
 
 _DONE = object()
+# Seconds without a request before the running batch's KV memory shrinks back: long enough that a
+# lull between bursts does not make the next burst allocate and zero it again.
+IDLE_RELEASE_S = 30.0
 
 
 @dataclasses.dataclass
@@ -107,7 +110,14 @@ class ContinuousBatcher:
         while True:
             try:
                 idle = not self._running and not self._waiting
-                self._take(self._inbox.get() if idle else None)
+                if idle:
+                    try:
+                        self._take(self._inbox.get(timeout=IDLE_RELEASE_S))
+                    except queue.Empty:
+                        scheduler.release_memory()
+                        self._take(self._inbox.get())
+                else:
+                    self._take(None)
                 while not self._inbox.empty():
                     self._take(self._inbox.get_nowait())
                 self._admit(scheduler)

@@ -352,6 +352,19 @@ def test_scattered_slots_attend_like_contiguous_ones(engine):
     torch.testing.assert_close(hidden[(1, 3)], hidden[(0, 1)])
 
 
+def test_the_kv_cache_outlives_a_generate_call_and_shrinks_only_when_asked(engine):
+    """A burst's grown cache is reused by the next scheduler (no second allocation and zeroing);
+    release_memory gives it back once no row runs."""
+    engine.generate([GenerationRequest(prompt_ids=p, max_tokens=2) for p in PROMPTS * 3])
+    grown = engine.take_cache()
+    assert grown.rows >= 3 * len(PROMPTS)
+    engine.park_cache(grown)
+    scheduler = engine.scheduler()
+    assert scheduler.cache is grown
+    scheduler.release_memory()
+    assert scheduler.cache.nbytes() < grown.nbytes()
+
+
 def test_a_cancelled_row_leaves_at_the_next_step_and_frees_its_adapters(engine):
     scheduler = engine.scheduler()
     with engine.device_lock:
