@@ -193,7 +193,7 @@ class VllmRunner:
         work = {"model": str(self.inputs.base), "dtype": dtype, "threads": args.threads,
                 "kv_cache_gib": args.vllm_kv_gib, "device": args.device, "max_model_len": args.max_model_len,
                 "max_num_seqs": args.max_batch, "max_tokens": args.max_tokens, "eos_ids": self.inputs.eos_ids,
-                "mode": mode, "runs": runs,
+                "mode": mode, "runs": runs, "ignore_eos": args.ignore_eos,
                 "lora": None if adapters is None else {"max_rank": args.max_rank, "max_loras": args.lora_slots,
                                                        "adapters": {a.name: str(a.path) for a in adapters}}}
         work_file, result_file, log_file = (self.folder / f"vllm-{name}.{ext}"
@@ -246,18 +246,18 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def generation_requests(rows: list[Row], max_tokens: int):
+def generation_requests(rows: list[Row], args):
     from services.composition import Composition
     from services.lora.generation import GenerationRequest
 
-    return [GenerationRequest(prompt_ids=row.prompt_ids, max_tokens=row.max_tokens or max_tokens, temperature=0.0,
-                              composition=Composition.of("none" if row.mode == "base" else row.mode, row.adapters))
+    return [GenerationRequest(prompt_ids=row.prompt_ids, max_tokens=row.max_tokens or args.max_tokens, temperature=0.0,
+                              ignore_eos=args.ignore_eos, composition=Composition.of("none" if row.mode == "base" else row.mode, row.adapters))
             for row in rows]
 
 
 def ours_offline(engine, rows, args) -> dict:
-    engine.generate(generation_requests(warmup_rows(rows, args.warmup), args.max_tokens))
-    requests = generation_requests(rows, args.max_tokens)
+    engine.generate(generation_requests(warmup_rows(rows, args.warmup), args))
+    requests = generation_requests(rows, args)
     began = time.perf_counter()
     results = engine.generate(requests)
     return {"wall_s": time.perf_counter() - began, "output_ids": [list(r.token_ids) for r in results]}
@@ -267,7 +267,7 @@ async def ours_open_loop(engine, rows, at: list[float], args) -> list[dict]:
     """Each request submitted at its arrival time; when its first and last text pieces and its
     end came, relative to the run's start (the vLLM side records the same)."""
     batcher = our_batcher(engine, args.max_batch)
-    requests = generation_requests(rows, args.max_tokens)
+    requests = generation_requests(rows, args)
 
     async def one(request, arrival: float, t0: float) -> dict:
         await asyncio.sleep(max(t0 + arrival - time.perf_counter(), 0))
@@ -287,7 +287,7 @@ async def ours_open_loop(engine, rows, at: list[float], args) -> list[dict]:
         return list(await asyncio.gather(*(one(r, a, t0) for r, a in zip(batch, times))))
 
     warmup = warmup_rows(rows, args.warmup)
-    await play(generation_requests(warmup, args.max_tokens), [0.0] * len(warmup))
+    await play(generation_requests(warmup, args), [0.0] * len(warmup))
     return await play(requests, at)
 
 
@@ -518,7 +518,8 @@ def write_section(doc: Path, report: dict) -> None:
              f"{s['threads']} threads on each side (vLLM's OpenMP threads bound to the same cores; otherwise its "
              f"defaults, prefix caching and chunked prefill on), the demo "
              f"base model and adapters, the same prompt token ids, greedy, at most {s['max_tokens']} new tokens, "
-             f"EOS stops. Mixture and fusion: each query's own adapter plus the two other demo adapters of its "
+             f"{'EOS ignored (every answer runs to the limit)' if s.get('ignore_eos') else 'EOS stops'}. "
+             f"Mixture and fusion: each query's own adapter plus the two other demo adapters of its "
              f"domain, weights 1/3. Ratios are ours over vLLM; \"same answer\" counts identical token ids."), ""]
     if report.get("offline"):
         parts += [(f"Offline: {s['queries']} held-out queries submitted at once (vLLM `LLM.generate`, ours "
@@ -573,6 +574,8 @@ def parse_args(argv):
     only.add_argument("--offline-only", action="store_true")
     only.add_argument("--open-loop-only", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="both sides run every answer to --max-tokens (equal lengths across systems)")
     parser.add_argument("--max-batch", type=int, default=256, help="rows per batch / vLLM max_num_seqs")
     parser.add_argument("--lora-slots", type=int, default=32, help="adapters in one batch: vLLM max_loras, our "
                         "device slots")
@@ -626,6 +629,7 @@ def run(args, argv) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(args),
               "settings": {"queries": len(inputs.prompts), "adapters": len(inputs.adapters), "zipf": args.zipf,
                            "seconds": args.seconds, "rates": args.rates, "max_tokens": args.max_tokens,
+                           "ignore_eos": args.ignore_eos,
                            "threads": args.threads, "lora_slots": args.lora_slots, "max_batch": args.max_batch,
                            "warmup": args.warmup, "seed": args.seed, "systems": args.systems,
                            "siblings": "the two other demo adapters of the query's domain"}}

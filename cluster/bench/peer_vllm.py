@@ -67,13 +67,13 @@ def run_offline(work: dict) -> dict:
     for request in loras.values():  # preloaded: no run pays for reading an adapter
         llm.llm_engine.add_lora(request)
     startup = time.perf_counter() - started
-    eos = set(work["eos_ids"])
+    eos = set() if work.get("ignore_eos") else set(work["eos_ids"])  # ignored: an EOS is just a token
     results = {}
 
     def generate(requests: list[dict]):
         prompts = [TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in requests]
-        params = [SamplingParams(temperature=0.0, max_tokens=r.get("max_tokens") or work["max_tokens"])
-                  for r in requests]
+        params = [SamplingParams(temperature=0.0, max_tokens=r.get("max_tokens") or work["max_tokens"],
+                                 ignore_eos=work.get("ignore_eos", False)) for r in requests]
         lora = [loras[r["adapter"]] if r.get("adapter") else None for r in requests] if loras else None
         return llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
 
@@ -101,14 +101,14 @@ async def run_open_loop(work: dict) -> dict:
     for request in loras.values():
         await engine.add_lora(request)
     startup = time.perf_counter() - started
-    eos = set(work["eos_ids"])
+    eos = set() if work.get("ignore_eos") else set(work["eos_ids"])  # ignored: an EOS is just a token
     counter = iter(range(1 << 62))
 
     async def one(request: dict, t0: float) -> dict:
         await asyncio.sleep(max(t0 + request["at"] - time.perf_counter(), 0))
         lora = loras[request["adapter"]] if request.get("adapter") else None
         params = SamplingParams(temperature=0.0, max_tokens=request.get("max_tokens") or work["max_tokens"],
-                                output_kind=RequestOutputKind.DELTA)
+                                ignore_eos=work.get("ignore_eos", False), output_kind=RequestOutputKind.DELTA)
         first = last = None
         ids: list[int] = []
         async for out in engine.generate(TokensPrompt(prompt_token_ids=request["prompt_ids"]), params,

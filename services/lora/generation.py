@@ -42,6 +42,7 @@ class GenerationRequest:
     logprobs: int | None = None  # None: none; k: each sampled token's logprob and the k most likely
     prompt_logprobs: bool = False  # the prompt's tokens' logprobs too (with `logprobs` alternatives)
     constraint: TokenConstraint | None = None
+    ignore_eos: bool = False  # run to max_tokens (or a stop string): benchmarks compare equal lengths
     on_token: Callable[[str | dict], None] | None = None  # each new text piece (a dict when logprobs)
 
 

@@ -213,7 +213,7 @@ class DecodeScheduler:
 
     def _take(self, row: Row, token: int, logits: torch.Tensor) -> None:
         request, stream = row.request, row.stream
-        if token in self.engine.eos_ids:
+        if token in self.engine.eos_ids and not request.ignore_eos:
             row.finish, piece = "stop", stream.flush()
         else:
             if row.token_lps is not None:

@@ -137,6 +137,14 @@ def test_stream_holds_back_a_possible_stop_start(tokenizer):
     assert "".join(stream.push(t) for t in ids) == "Hello world" and stream.stopped
 
 
+def test_ignore_eos_runs_to_max_tokens(engine):
+    eos = next(iter(engine.eos_ids))
+    forced = dict(prompt_ids=PROMPTS[0], max_tokens=4, logit_bias={eos: 100.0})  # EOS is every step's top token
+    stops, runs = engine.generate([GenerationRequest(**forced), GenerationRequest(**forced, ignore_eos=True)])
+    assert (stops.finish_reason, stops.completion_tokens) == ("stop", 0)
+    assert (runs.finish_reason, runs.token_ids) == ("length", [eos] * 4)
+
+
 def test_bad_requests_are_refused(engine):
     with pytest.raises(GenerationError, match="prompt_ids"):
         engine.generate([GenerationRequest(prompt_ids=[])])
