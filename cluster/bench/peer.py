@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -193,7 +194,7 @@ class VllmRunner:
         work = {"model": str(self.inputs.base), "dtype": dtype, "threads": args.threads,
                 "kv_cache_gib": args.vllm_kv_gib, "device": args.device, "max_model_len": args.max_model_len,
                 "max_num_seqs": args.max_batch, "max_tokens": args.max_tokens, "eos_ids": self.inputs.eos_ids,
-                "mode": mode, "runs": runs, "ignore_eos": args.ignore_eos,
+                "mode": mode, "runs": runs, "ignore_eos": args.ignore_eos, "repeats": args.repeats,
                 "lora": None if adapters is None else {"max_rank": args.max_rank, "max_loras": args.lora_slots,
                                                        "adapters": {a.name: str(a.path) for a in adapters}}}
         work_file, result_file, log_file = (self.folder / f"vllm-{name}.{ext}"
@@ -256,11 +257,15 @@ def generation_requests(rows: list[Row], args):
 
 
 def ours_offline(engine, rows, args) -> dict:
-    engine.generate(generation_requests(warmup_rows(rows, args.warmup), args))
-    requests = generation_requests(rows, args)
-    began = time.perf_counter()
-    results = engine.generate(requests)
-    return {"wall_s": time.perf_counter() - began, "output_ids": [list(r.token_ids) for r in results]}
+    walls = []
+    for _ in range(args.repeats):  # each repeat starts from an empty prefix cache, as the first
+        engine.prefix_cache.clear()
+        engine.generate(generation_requests(warmup_rows(rows, args.warmup), args))
+        requests = generation_requests(rows, args)
+        began = time.perf_counter()
+        results = engine.generate(requests)
+        walls.append(time.perf_counter() - began)
+    return {"wall_s": statistics.median(walls), "walls_s": walls, "output_ids": [list(r.token_ids) for r in results]}
 
 
 async def ours_open_loop(engine, rows, at: list[float], args) -> list[dict]:
@@ -523,8 +528,9 @@ def write_section(doc: Path, report: dict) -> None:
              f"domain, weights 1/3. Ratios are ours over vLLM; \"same answer\" counts identical token ids."), ""]
     if report.get("offline"):
         parts += [(f"Offline: {s['queries']} held-out queries submitted at once (vLLM `LLM.generate`, ours "
-                  f"`CompositionEngine.generate`), after a warm-up; vLLM's base model runs without LoRA "
-                  f"enabled."), "", offline_table(report["offline"]), ""]
+                  f"`CompositionEngine.generate`), after a warm-up; the median wall time of "
+                  f"{s.get('repeats', 1)} timed runs, each after emptying the prefix cache and warming up again; "
+                  f"vLLM's base model runs without LoRA enabled."), "", offline_table(report["offline"]), ""]
     if report.get("open_loop"):
         parts += [(f"Open loop ({report['open_loop']['dtype']}): Poisson arrivals for {s['seconds']} s per rate, "
                   f"adapters by Zipf popularity (s = {s['zipf']}) over {s['adapters']} adapters (the demo "
@@ -574,6 +580,7 @@ def parse_args(argv):
     only.add_argument("--offline-only", action="store_true")
     only.add_argument("--open-loop-only", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3, help="offline: timed runs per system (median reported)")
     parser.add_argument("--ignore-eos", action="store_true",
                         help="both sides run every answer to --max-tokens (equal lengths across systems)")
     parser.add_argument("--max-batch", type=int, default=256, help="rows per batch / vLLM max_num_seqs")
@@ -629,7 +636,7 @@ def run(args, argv) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(args),
               "settings": {"queries": len(inputs.prompts), "adapters": len(inputs.adapters), "zipf": args.zipf,
                            "seconds": args.seconds, "rates": args.rates, "max_tokens": args.max_tokens,
-                           "ignore_eos": args.ignore_eos,
+                           "ignore_eos": args.ignore_eos, "repeats": args.repeats,
                            "threads": args.threads, "lora_slots": args.lora_slots, "max_batch": args.max_batch,
                            "warmup": args.warmup, "seed": args.seed, "systems": args.systems,
                            "siblings": "the two other demo adapters of the query's domain"}}

@@ -172,6 +172,9 @@ class CompositionEngine:
         for request in requests:
             check_request(request, self.vocab_size)
         scheduler, waiting = self.scheduler(), deque(enumerate(requests))
+        first = requests[:self.max_batch_rows]  # the rows that can run at once: one allocation, not a doubling per join
+        if first:
+            scheduler.cache.reserve(len(first), max(len(r.prompt_ids) + r.max_tokens for r in first))
         index: dict[int, int] = {}  # id(row) -> request index
         results: list[GenerationResult | None] = [None] * len(requests)
         try:
