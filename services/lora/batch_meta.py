@@ -26,6 +26,14 @@ class LoraBatchMeta:
     def has_lora(self) -> bool:
         return self.unique_slots.numel() > 0
 
+    def take(self, rows: torch.Tensor) -> "LoraBatchMeta":
+        """The metadata of a batch whose row j is this batch's row rows[j] (rows (m,) long, on the
+        device): a prompt chunk's tokens packed one per row. any_fusion stays the parent's (a
+        superset: asking the device would sync); the per-layer stacks are shared."""
+        return LoraBatchMeta(slots=self.slots[rows], weights=self.weights[rows], fusion=self.fusion[rows],
+                             any_fusion=self.any_fusion, unique_slots=self.unique_slots,
+                             dense_weights=self.dense_weights[rows], layer_cache=self.layer_cache)
+
 
 def build_batch_meta(rows: list[Composition], slot_of: dict[str, int], *, dtype: torch.dtype,
                      device) -> LoraBatchMeta:

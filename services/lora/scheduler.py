@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.lora.batch_meta import LoraBatchMeta, build_batch_meta
+from services.lora.decoder import real_positions
 from services.lora.generation import (GenerationRequest, GenerationResult, RowSampler, TextStream,
                                       TokenLogprobs)
 from services.lora.pool import AdapterPoolFull
@@ -130,14 +131,16 @@ class DecodeScheduler:
 
     # -- forwards -----------------------------------------------------------
     def _forward(self, rows: list[Row], meta: LoraBatchMeta, tokens: list[list[int]], slots: list[int],
-                 starts: list[int]) -> torch.Tensor:
-        """Final hidden states (n, c, hidden) of the rows in cache slots `slots` (ascending)."""
-        device = self.engine.device
-        self.engine.context.meta = meta
+                 starts: list[int], lengths: list[int] | None = None) -> torch.Tensor:
+        """Final hidden states (n, c, hidden) of the rows in cache slots `slots` (ascending); row b's
+        first lengths[b] tokens are real (None: all), the rest padding, which is not computed."""
+        device, width = self.engine.device, len(tokens[0])
+        real = None if lengths is None else real_positions(lengths, width, device)
+        self.engine.context.meta = meta if real is None else meta.take(real // width)
         try:
             return self.engine.decoder.forward(
                 self.cache, torch.tensor(tokens, device=device), slots, torch.tensor(starts, device=device),
-                max(starts) + len(tokens[0]))
+                max(starts) + width, real)
         finally:
             self.engine.context.meta = None
 
@@ -161,7 +164,8 @@ class DecodeScheduler:
         width = max(chunk[i] for i in run)
         tokens = [(r.request.prompt_ids[r.fed:r.fed + chunk[i]] + [self.engine.pad_id] * width)[:width]
                   for i, r in zip(run, rows)]
-        hidden = self._forward(rows, self._meta(rows), tokens, run, [r.fed for r in rows])  # (n, width, hidden)
+        hidden = self._forward(rows, self._meta(rows), tokens, run, [r.fed for r in rows],
+                               [chunk[i] for i in run])  # (n, width, hidden)
         done = []
         for j, (i, row) in enumerate(zip(run, rows)):
             if row.request.prompt_logprobs:
