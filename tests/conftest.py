@@ -55,7 +55,8 @@ def cluster_config(zoo, redis_url: str, store, port: int, **overrides):
     from services.config import AppConfig
 
     cfg = {
-        "base_model": {"path": str(zoo.base), "name": "tiny-random-llama"},
+        # float32, not the product's auto: tests compare answers with the float32 engine (the oracle)
+        "base_model": {"path": str(zoo.base), "name": "tiny-random-llama", "dtype": "float32"},
         "adapter_store": {"path": str(store)},
         "redis": {"url": redis_url, "start_local": False},
         "server": {"port": port, "request_timeout_s": 60},
