@@ -3,9 +3,10 @@ it in the step they finish, freeing their KV slot and their adapters at once.
 
 One step:
 1. prompt chunks of the rows still reading their prompt, at most `prefill_tokens` in all, oldest
-   first, so a long prompt holds the decoding rows back by one chunk, never by its whole length
-   (a joining row first copies the longest prefix of its prompt that a row of the same composition
-   has read, services/lora/prefix_cache.py);
+   first, in one forward (only real tokens, packed; the padding of shorter chunks is not
+   computed), so a long prompt holds the decoding rows back by one chunk, never by its whole
+   length (a joining row first copies the longest prefix of its prompt that a row of the same
+   composition has read, services/lora/prefix_cache.py);
 2. a decode forward over the rows that have read their prompt, one per contiguous range of slots
    (a row still reading its prompt inside a range feeds a placeholder at its next free position,
    which its next chunk overwrites; a long stretch of such rows, a burst's, is skipped);
