@@ -251,8 +251,9 @@ def generation_requests(rows: list[Row], args):
     from services.composition import Composition
     from services.lora.generation import GenerationRequest
 
-    return [GenerationRequest(prompt_ids=row.prompt_ids, max_tokens=row.max_tokens or args.max_tokens, temperature=0.0,
-                              ignore_eos=args.ignore_eos, composition=Composition.of("none" if row.mode == "base" else row.mode, row.adapters))
+    return [GenerationRequest(prompt_ids=row.prompt_ids, max_tokens=row.max_tokens or args.max_tokens,
+                              temperature=0.0, ignore_eos=args.ignore_eos,
+                              composition=Composition.of("none" if row.mode == "base" else row.mode, row.adapters))
             for row in rows]
 
 

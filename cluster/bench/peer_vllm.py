@@ -58,6 +58,11 @@ def output_ids(completion, eos_ids: set[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] in eos_ids else ids
 
 
+def stop_ids(work: dict) -> set[int]:
+    """Token ids that end an answer: none when EOS is ignored (then an EOS is just a token)."""
+    return set() if work.get("ignore_eos") else set(work["eos_ids"])
+
+
 def run_offline(work: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -68,7 +73,7 @@ def run_offline(work: dict) -> dict:
     for request in loras.values():  # preloaded: no run pays for reading an adapter
         llm.llm_engine.add_lora(request)
     startup = time.perf_counter() - started
-    eos = set() if work.get("ignore_eos") else set(work["eos_ids"])  # ignored: an EOS is just a token
+    eos = stop_ids(work)
     results = {}
 
     def generate(requests: list[dict]):
@@ -105,7 +110,7 @@ async def run_open_loop(work: dict) -> dict:
     for request in loras.values():
         await engine.add_lora(request)
     startup = time.perf_counter() - started
-    eos = set() if work.get("ignore_eos") else set(work["eos_ids"])  # ignored: an EOS is just a token
+    eos = stop_ids(work)
     counter = iter(range(1 << 62))
 
     async def one(request: dict, t0: float) -> dict:

@@ -75,6 +75,7 @@ class CompositionEngine:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **gguf).to(device)
         return cls(model, AutoTokenizer.from_pretrained(folder, **gguf), **kw)
 
+    # -- adapters ---------------------------------------------------------
     def read(self, key: str, path) -> LoraAdapterWeights:
         return read_adapter(path, base_config=self.model.config, base_model=self.base_model, max_rank=self.max_rank,
                             allow_unsafe_pickle=self.allow_unsafe_pickle, name=key.partition("@")[0])
@@ -172,9 +173,6 @@ class CompositionEngine:
         for request in requests:
             check_request(request, self.vocab_size)
         scheduler, waiting = self.scheduler(), deque(enumerate(requests))
-        first = requests[:self.max_batch_rows]  # the rows that can run at once: one allocation, not a doubling per join
-        if first:
-            scheduler.cache.reserve(len(first), max(len(r.prompt_ids) + r.max_tokens for r in first))
         index: dict[int, int] = {}  # id(row) -> request index
         results: list[GenerationResult | None] = [None] * len(requests)
         try:

@@ -4,8 +4,9 @@ torch's CPU linear hands a plain row-major weight to its BLAS on every call. On 
 CPU (AMD EPYC, AVX-512) that BLAS is slow in float32, and in bfloat16 the call re-lays the weight
 out for oneDNN each time. Packing once made the float32 LM head 2.4x and the MLP projections
 1.2-1.5x faster, the bfloat16 LM head 1.4x and its MLP up to 1.5x at decode batches
-(`python -m cluster.bench.decode_ops`, docs/engine.md). The packed weight replaces the module's dense one (no second copy), except for
-an LM head tied to the input embeddings, whose dense weight the embedding lookup still reads.
+(`python -m cluster.bench.decode_ops`, docs/engine.md). The packed weight replaces the module's
+dense one (no second copy), except for an LM head tied to the input embeddings, whose dense
+weight the embedding lookup still reads.
 Bitwise equal in bfloat16; float32 sums in another order (differences of about 1e-6 relative).
 """
 from __future__ import annotations

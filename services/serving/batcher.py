@@ -110,14 +110,14 @@ class ContinuousBatcher:
         while True:
             try:
                 idle = not self._running and not self._waiting
+                item = None
                 if idle:
                     try:
-                        self._take(self._inbox.get(timeout=IDLE_RELEASE_S))
+                        item = self._inbox.get(timeout=IDLE_RELEASE_S)
                     except queue.Empty:
                         scheduler.release_memory()
-                        self._take(self._inbox.get())
-                else:
-                    self._take(None)
+                        item = self._inbox.get()
+                self._take(item)
                 while not self._inbox.empty():
                     self._take(self._inbox.get_nowait())
                 self._admit(scheduler)
