@@ -1,7 +1,6 @@
 """Composer replicas: the shared base model, the adapter pool, continuous batching, streaming."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 
@@ -53,7 +52,7 @@ class Composer:
             log.info(json.dumps({"event": "compose", "request_id": job.request_id, "replica": self.replica_id,
                                  "adapters": job.plan.keys(), "composition": job.plan.composition.value,
                                  "completion_tokens": item.completion_tokens, "finish_reason": item.finish_reason}))
-            yield dataclasses.asdict(item)
+            yield dict(vars(item))  # not dataclasses.asdict: its deep copy of every logprob entry cost seconds
 
     async def score_compatibility(self, pairs: list[tuple[str, str]],
                                   cards: dict[str, list[tuple[str, str]]]) -> list[PairScore]:

@@ -85,7 +85,7 @@ class ReplicaCalls:
     async def compose(self, job: ComposeJob) -> dict:
         """A non-streamed job's result; the whole job is sent again if its replica is lost midway."""
         async def collect() -> dict:
-            stream, result = self._open(job), None
+            stream, result = self._open(job.model_copy(update={"stream": False})), None
             while (item := await next_item(stream)) is not None:
                 if isinstance(item, dict):
                     result = item

@@ -7,6 +7,8 @@ are end to end; these say why the decode path is written as it is):
   float32 cache, and PyTorch's scaled_dot_product_attention with a mask;
 - writing a step's keys into the cache: index_put_ against scatter_;
 - greedy picking over the vocabulary: bfloat16 argmax against float32 conversion + argmax;
+- random sampling (temperature, top_p): one draw for all rows (bucketed nucleus, one uniform number
+  a row) against sorting the vocabulary and multinomial, per row and batched;
 - the model's linears: torch's linear against oneDNN with the weight packed once.
 
     python -m cluster.bench.decode_ops [--rows 64] [--span 61] [--threads 1] [--json docs/decode_ops.json]
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from cluster.bench.retrieval_scale import clocked
+from services.lora.sampling import draw_tokens
 
 # SmolLM2-135M: hidden 576, 9 query heads over 3 key heads of 64, MLP 1536, vocabulary 49152
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB = 576, 9, 3, 64, 1536, 49152
@@ -86,6 +89,33 @@ def argmax_variants(rows: int) -> dict:
             "to f32, argmax": wall_ms(lambda: logits.float().argmax(-1), 30)}
 
 
+def sort_nucleus_draw(logits: torch.Tensor, top_p: float, generators: list) -> list[int]:
+    """The sort-based reference: probabilities sorted, the prefix reaching top_p kept, multinomial
+    (at top_p 1, multinomial alone)."""
+    probs = torch.softmax(logits, -1)  # (n, vocab)
+    if top_p >= 1:
+        return [int(torch.multinomial(probs[i], 1, generator=g)) for i, g in enumerate(generators)]
+    ordered, order = probs.sort(-1, descending=True)
+    ordered[(ordered.cumsum(-1) - ordered) >= top_p] = 0.0
+    return [int(order[i, torch.multinomial(ordered[i], 1, generator=g)]) for i, g in enumerate(generators)]
+
+
+def sampling_variants(rows: int) -> dict:
+    """Temperature 1 with top_p 0.9 or 1, over a peaked (trained-model-like) and a flat vocabulary."""
+    generators = [torch.Generator().manual_seed(i) for i in range(rows)]
+    out = {}
+    for shape, scale in (("peaked", 4.0), ("flat", 0.5)):
+        logits = torch.randn(rows, VOCAB) * scale  # (n, vocab)
+        for top_p in (0.9, 1.0):
+            key = f"{shape}, top_p {top_p}"
+            out[f"{key}: per row, sort + multinomial"] = wall_ms(
+                lambda: [sort_nucleus_draw(logits[i:i + 1], top_p, generators[i:i + 1]) for i in range(rows)], 5)
+            out[f"{key}: batched sort + multinomial"] = wall_ms(lambda: sort_nucleus_draw(logits, top_p, generators), 5)
+            out[f"{key}: draw_tokens (buckets, one uniform a row)"] = wall_ms(
+                lambda: draw_tokens(logits, [1.0] * rows, [top_p] * rows, generators), 10)
+    return out
+
+
 def linear_variants(rows: int) -> dict:
     """Each linear of the model at `rows` tokens (a decode step) and 8x that (a prompt chunk)."""
     out = {}
@@ -119,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         for section, results in (("attention", attention_variants(args.rows, args.span, length)),
                                  ("key write", write_variants(args.rows, args.span, length)),
                                  ("greedy pick", argmax_variants(args.rows)),
+                                 ("random sampling", sampling_variants(args.rows)),
                                  ("linear", linear_variants(args.rows))):
             print(f"\n{section} ({args.rows} rows, {args.threads} thread{'s' * (args.threads > 1)}), ms:")
             for name, ms in results.items():

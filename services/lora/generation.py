@@ -10,6 +10,7 @@ import torch
 
 from services.errors import InvalidRequest
 from services.composition import Composition
+from services.lora.sampling import GREEDY_BELOW, draw_tokens
 
 ProjectFn = Callable[[torch.Tensor], torch.Tensor]  # hidden states (..., hidden) -> logits (..., vocab)
 PROMPT_CHUNK = 128  # prompt positions projected to logits at a time
@@ -83,8 +84,9 @@ def check_request(request: GenerationRequest, vocab_size: int | None = None) -> 
 
 
 class RowSampler:
-    """Greedy at temperature 0, else nucleus sampling with the row's own seeded generator; logit
-    bias, presence and frequency penalties and the row's constraint shape the logits first.
+    """Greedy at temperature 0, else nucleus sampling with the row's own seeded generator
+    (services/lora/sampling.py draws a step's rows together); logit bias, presence and frequency
+    penalties and the row's constraint shape the logits first.
     Reported logprobs are the model's own (log-softmax of the composed model's logits, before
     bias, penalties, constraint and temperature), as OpenAI and vLLM report them."""
 
@@ -107,13 +109,13 @@ class RowSampler:
     @property
     def plain(self) -> bool:
         """Greedy with nothing shaping the logits: the scheduler batches these rows' argmax."""
-        return (self.temperature < torch.finfo(torch.float32).tiny and self.bias is None and self.counts is None
+        return (self.temperature < GREEDY_BELOW and self.bias is None and self.counts is None
                 and self.constraint is None)
 
     def shaped(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits sampling draws from (a copy when anything changes them)."""
+        """The logits (vocab,) sampling draws from, in float32 (a copy when anything changes them)."""
         if self.bias is None and self.counts is None and self.constraint is None:
-            return logits
+            return logits.float()
         logits = logits.float().clone()
         if self.bias is not None:
             logits += self.bias
@@ -124,31 +126,20 @@ class RowSampler:
         return logits
 
     def __call__(self, logits: torch.Tensor) -> int:  # logits (vocab,)
-        token = self.draw(self.shaped(logits))
-        if self.counts is not None:
-            self.counts[token] += 1
-        if self.constraint is not None:
-            self.constraint.advance(token)
-        return token
+        return self.draw_rows([self], logits[None])[0]
 
-    def draw(self, logits: torch.Tensor) -> int:
-        if self.temperature == 0:
-            return int(logits.argmax())
-        # A tiny temperature (1e-30 passes "> 0") sent logits / T to inf and the softmax to NaN, and
-        # multinomial's error failed the whole batch (500s). Shifted by the max, the others go to
-        # -inf instead (same distribution for ordinary temperatures); one that is 0 in float32
-        # (5e-324) is greedy.
-        if self.temperature < torch.finfo(torch.float32).tiny:
-            return int(logits.argmax())
-        logits = logits.float()
-        probs = torch.softmax((logits - logits.max()) / self.temperature, dim=-1)
-        if self.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
-            outside[0] = False  # a top_p that is 0 in float32 (5e-324) dropped it too: all-zero, 500
-            probs = probs.scatter(0, order[outside], 0.0)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+    @staticmethod
+    def draw_rows(samplers: list[RowSampler], logits: torch.Tensor) -> list[int]:
+        """One token for each sampler's row, drawn together. logits (len(samplers), vocab)."""
+        shaped = torch.stack([s.shaped(row) for s, row in zip(samplers, logits)])  # (R, vocab) float32
+        tokens = draw_tokens(shaped, [s.temperature for s in samplers], [s.top_p for s in samplers],
+                             [s.generator for s in samplers])
+        for sampler, token in zip(samplers, tokens):
+            if sampler.counts is not None:
+                sampler.counts[token] += 1
+            if sampler.constraint is not None:
+                sampler.constraint.advance(token)
+        return tokens
 
 
 class TokenLogprobs:
@@ -160,28 +151,36 @@ class TokenLogprobs:
         self._pieces: dict[int, str] = {}
 
     def piece(self, token: int) -> dict:
-        text = self._pieces.get(token)
-        if text is None:
-            text = self._pieces[token] = self.tokenizer.decode([token])
-        return {"token": text, "bytes": list(text.encode("utf-8", "replace"))}
+        entry = self._pieces.get(token)
+        if entry is None:
+            text = self.tokenizer.decode([token])
+            entry = self._pieces[token] = {"token": text, "bytes": list(text.encode("utf-8", "replace"))}
+        return entry
 
-    def entry(self, logprobs: torch.Tensor | None, token: int, k: int) -> dict:
-        """logprobs (vocab,) of the position that produced `token`; None for a first prompt token."""
-        if logprobs is None:
-            return {**self.piece(token), "logprob": None, "top": []}
-        top = []
-        if k:
-            values, ids = logprobs.topk(k)
-            top = [{**self.piece(int(i)), "logprob": float(v)} for v, i in zip(values, ids)]
-        return {**self.piece(token), "logprob": float(logprobs[token]), "top": top}
+    def first(self, token: int) -> dict:
+        """The entry of a prompt's first token: nothing precedes it."""
+        return {**self.piece(token), "logprob": None, "top": []}
+
+    def entries(self, logprobs: torch.Tensor, tokens: list[int], ks: list[int]) -> list[dict]:
+        """logprobs (n, vocab): row i is the distribution that produced tokens[i], reported with its
+        ks[i] most likely alternatives (one top-k and one host transfer for all n)."""
+        index = torch.tensor(tokens, device=logprobs.device)[:, None]  # (n, 1)
+        chosen = logprobs.gather(1, index)[:, 0].tolist()
+        k = max(ks)
+        values, ids = logprobs.topk(k) if k else (logprobs[:, :0], index[:, :0])  # (n, k)
+        values, ids = values.tolist(), ids.tolist()
+        return [{**self.piece(token), "logprob": lp,
+                 "top": [{**self.piece(t), "logprob": v} for t, v in zip(ids[i][:ks[i]], values[i][:ks[i]])]}
+                for i, (token, lp) in enumerate(zip(tokens, chosen))]
 
     def span(self, hidden: torch.Tensor, project: ProjectFn, tokens: list[int], k: int) -> list[dict]:
         """Entries of `tokens`, each predicted by the position whose hidden state is the matching row
         of hidden (len(tokens), hidden); projected PROMPT_CHUNK positions at a time."""
         entries = []
         for start in range(0, len(tokens), PROMPT_CHUNK):
+            chunk = tokens[start:start + PROMPT_CHUNK]
             logprobs = torch.log_softmax(project(hidden[start:start + PROMPT_CHUNK]).float(), dim=-1)
-            entries += [self.entry(lp, t, k) for lp, t in zip(logprobs, tokens[start:start + PROMPT_CHUNK])]
+            entries += self.entries(logprobs, chunk, [k] * len(chunk))
         return entries
 
 

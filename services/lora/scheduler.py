@@ -11,7 +11,7 @@ One step:
    (a row still reading its prompt inside a range feeds a placeholder at its next free position,
    which its next chunk overwrites; a long stretch of such rows, a burst's, is skipped);
 3. sampling: the rows that sample greedily with nothing shaping their logits take one batched
-   argmax and one host transfer; the others use their own sampler;
+   argmax and one host transfer; the others are drawn together, each from its own generator;
 4. finished and cancelled rows leave; the last row moves into each freed slot.
 The driver (engine.generate, or the serving batcher's thread) holds the engine's device_lock
 around `add` and `step`, so adapter slots are never rewritten under a forward.
@@ -101,7 +101,7 @@ class DecodeScheduler:
                       TextStream(self.engine.tokenizer, request.stop), slot_of, time.perf_counter(),
                       token_lps=[] if request.logprobs is not None else None)
             if request.prompt_logprobs:  # every prompt position is computed: its logprobs are asked for
-                row.prompt_lps = [self.logprobs.entry(None, request.prompt_ids[0], 0)]
+                row.prompt_lps = [self.logprobs.first(request.prompt_ids[0])]
             else:
                 row.fed = self.engine.prefix_cache.restore(request.composition, request.prompt_ids, self.cache,
                                                            len(self.rows))
@@ -211,18 +211,24 @@ class DecodeScheduler:
         plain = [j for j, row in enumerate(rows) if row.sampler.plain]
         # float32 first: the same argmax, and bfloat16's argmax on CPU took 3x the conversion plus float32's
         picked = dict(zip(plain, logits[plain].float().argmax(-1).tolist())) if plain else {}
+        drawn = [j for j in range(len(rows)) if j not in picked]
+        if drawn:
+            picked.update(zip(drawn, RowSampler.draw_rows([rows[j].sampler for j in drawn], logits[drawn])))
+        asked = [j for j, row in enumerate(rows) if row.token_lps is not None]
+        entries = dict(zip(asked, self.logprobs.entries(
+            torch.log_softmax(logits[asked].float(), dim=-1), [picked[j] for j in asked],
+            [rows[j].request.logprobs for j in asked]))) if asked else {}
         for j, row in enumerate(rows):
-            token = picked[j] if j in picked else row.sampler(logits[j])
-            self._take(row, token, logits[j])
+            self._take(row, picked[j], entries.get(j))
         self.step_tokens += len(rows)
 
-    def _take(self, row: Row, token: int, logits: torch.Tensor) -> None:
+    def _take(self, row: Row, token: int, entry: dict | None) -> None:
+        """entry: the token's logprobs when the row asked for them."""
         request, stream = row.request, row.stream
         if token in self.engine.eos_ids and not request.ignore_eos:
             row.finish, piece = "stop", stream.flush()
         else:
             if row.token_lps is not None:
-                entry = self.logprobs.entry(torch.log_softmax(logits.float(), dim=-1), token, request.logprobs)
                 row.token_lps.append(entry)
                 row.unsent.append(entry)
             piece = stream.push(token)

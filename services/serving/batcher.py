@@ -80,8 +80,9 @@ class ContinuousBatcher:
         self._inbox.put((fn, args, future))
         return await asyncio.wrap_future(future)
 
-    async def submit(self, request: GenerationRequest) -> AsyncIterator[str | dict | GenerationResult]:
-        """Yields text pieces as they are generated, then the GenerationResult."""
+    async def submit(self, request: GenerationRequest, *,
+                     stream: bool = True) -> AsyncIterator[str | dict | GenerationResult]:
+        """Yields text pieces as they are generated (unless stream is False), then the GenerationResult."""
         self._ensure_thread()
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
@@ -89,7 +90,8 @@ class ContinuousBatcher:
         def deliver(item) -> None:
             loop.call_soon_threadsafe(out.put_nowait, item)
 
-        entry = _Entry(dataclasses.replace(request, on_token=deliver), deliver, time.perf_counter())
+        entry = _Entry(dataclasses.replace(request, on_token=deliver if stream else None), deliver,
+                       time.perf_counter())
         self._inbox.put(entry)
         try:
             while True:

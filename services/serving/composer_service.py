@@ -48,6 +48,7 @@ class ComposeJob(Strict):
     logprobs: int | None = None  # alternatives per token; None: no logprobs
     prompt_logprobs: bool = False
     response_format: dict | None = None  # ResponseFormat.wire(): constrained decoding
+    stream: bool = True  # False: the result alone, without a piece per token on the way
 
 
 class ComposerService:
@@ -148,8 +149,9 @@ class ComposerService:
         return request
 
     async def generate(self, job: ComposeJob) -> AsyncIterator[str | GenerationResult]:
-        """Text pieces, then the result (the plan's adapters are loaded before the row joins)."""
-        async for item in self.batcher.submit(self.to_request(job)):
+        """Text pieces (when the job streams), then the result (the plan's adapters are loaded before
+        the row joins)."""
+        async for item in self.batcher.submit(self.to_request(job), stream=job.stream):
             yield item
 
     async def follow_catalog(self, catalog) -> tuple[list[str], list[str]]:

@@ -48,7 +48,8 @@ class FakeScheduler:
             if not row.cancelled:
                 piece = f"t{row.request.prompt_ids[len(row.emitted)]}"
                 row.emitted.append(piece)
-                row.request.on_token(piece)
+                if row.request.on_token is not None:  # None: the caller wants the result alone
+                    row.request.on_token(piece)
         self.step_tokens = len(self.rows)
         gone = [r for r in self.rows if r.cancelled or len(r.emitted) == len(r.request.prompt_ids)]
         self.rows = [r for r in self.rows if r not in gone]
@@ -68,8 +69,8 @@ class FakeEngine:
         return FakeScheduler(self)
 
 
-async def collect(batcher, request):
-    return [item async for item in batcher.submit(request)]
+async def collect(batcher, request, stream=True):
+    return [item async for item in batcher.submit(request, stream=stream)]
 
 
 def test_requests_join_the_running_batch_and_leave_when_done():
@@ -91,6 +92,12 @@ def test_requests_join_the_running_batch_and_leave_when_done():
     assert max(engine.step_sizes) == 2 and batcher.stats.rows == 2
     assert batcher.stats.row_steps == sum(engine.step_sizes) and all(rows == tokens for rows, tokens in seen)
     assert short[-1].batch_seconds > 0 and short[-1].queue_seconds >= 0
+
+
+def test_a_caller_that_does_not_stream_gets_the_result_alone():
+    batcher = ContinuousBatcher(FakeEngine())
+    [result] = asyncio.run(collect(batcher, GenerationRequest(prompt_ids=[3, 4, 5]), stream=False))
+    assert isinstance(result, GenerationResult) and result.text == "t3t4t5"
 
 
 def test_running_rows_are_capped_and_a_failed_step_reaches_every_running_caller():
