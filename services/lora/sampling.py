@@ -39,9 +39,10 @@ def nucleus_floor(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     top_p = torch.minimum(top_p.clamp(min=TINY), from_top[:, 0])
     edge = (from_top >= top_p[:, None]).sum(-1) - 1  # (R,) the bucket where the mass reaches top_p
     need = top_p - above.gather(1, edge[:, None])[:, 0]  # (R,) > 0: still wanted from the edge bucket
-    row, col = (bucket == edge.to(torch.int32)[:, None] + offsets).nonzero(as_tuple=True)  # (N,) the edge buckets' tokens
+    # (N,) the tokens of each row's edge bucket, ordered by row, then most probable first
+    row, col = (bucket == edge.to(torch.int32)[:, None] + offsets).nonzero(as_tuple=True)
     low = (bits[row, col] & LOW_MASK).long()
-    order = torch.argsort(row << LOW_BITS | (LOW_MASK - low))  # by row, then most probable first
+    order = torch.argsort(row << LOW_BITS | (LOW_MASK - low))
     row, col, low = row[order], col[order], low[order]
     p = probs[row, col].double()  # (N,)
     before = p.cumsum(0) - p  # (N,) mass ahead of each token, counted from the first row's
