@@ -11,7 +11,8 @@ are end to end; these say why the decode path is written as it is):
   a row) against sorting the vocabulary and multinomial, per row and batched;
 - the model's linears: torch's linear against oneDNN with the weight packed once.
 
-    python -m cluster.bench.decode_ops [--rows 64] [--span 61] [--threads 1] [--json docs/decode_ops.json]
+    python -m cluster.bench.decode_ops [--rows 64] [--span 61] [--threads 1] [--only SECTION ...]
+        [--json docs/decode_ops.json]
 """
 from __future__ import annotations
 
@@ -134,11 +135,21 @@ def linear_variants(rows: int) -> dict:
     return out
 
 
+SECTIONS = {  # name -> fn(rows, span, slot length) -> {variant: median ms}
+    "attention": attention_variants,
+    "key write": write_variants,
+    "greedy pick": lambda rows, span, length: argmax_variants(rows),
+    "random sampling": lambda rows, span, length: sampling_variants(rows),
+    "linear": lambda rows, span, length: linear_variants(rows),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=64, help="rows in the decode step")
     parser.add_argument("--span", type=int, default=61, help="positions each row attends to")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="these sections alone")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -146,11 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     length = 2 * args.span  # the slot capacity: doubling growth leaves room past the longest row
     report = {"rows": args.rows, "span": args.span, "threads": args.threads, "torch": torch.__version__, "ms": {}}
     with torch.inference_mode():
-        for section, results in (("attention", attention_variants(args.rows, args.span, length)),
-                                 ("key write", write_variants(args.rows, args.span, length)),
-                                 ("greedy pick", argmax_variants(args.rows)),
-                                 ("random sampling", sampling_variants(args.rows)),
-                                 ("linear", linear_variants(args.rows))):
+        for section in args.only:
+            results = SECTIONS[section](args.rows, args.span, length)
             print(f"\n{section} ({args.rows} rows, {args.threads} thread{'s' * (args.threads > 1)}), ms:")
             for name, ms in results.items():
                 print(f"  {name:<62} {ms:8.3f}", flush=True)
