@@ -148,7 +148,7 @@ class TokenLogprobs:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self._pieces: dict[int, str] = {}
+        self._pieces: dict[int, dict] = {}  # token -> {"token", "bytes"}, shared by its entries (never changed)
 
     def piece(self, token: int) -> dict:
         entry = self._pieces.get(token)
