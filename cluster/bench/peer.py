@@ -195,6 +195,7 @@ class VllmRunner:
                 "kv_cache_gib": args.vllm_kv_gib, "device": args.device, "max_model_len": args.max_model_len,
                 "max_num_seqs": args.max_batch, "max_tokens": args.max_tokens, "eos_ids": self.inputs.eos_ids,
                 "mode": mode, "runs": runs, "ignore_eos": args.ignore_eos, "repeats": args.repeats,
+                "temperature": args.temperature, "top_p": args.top_p,
                 "lora": None if adapters is None else {"max_rank": args.max_rank, "max_loras": args.lora_slots,
                                                        "adapters": {a.name: str(a.path) for a in adapters}}}
         work_file, result_file, log_file = (self.folder / f"vllm-{name}.{ext}"
@@ -252,7 +253,7 @@ def generation_requests(rows: list[Row], args):
     from services.lora.generation import GenerationRequest
 
     return [GenerationRequest(prompt_ids=row.prompt_ids, max_tokens=row.max_tokens or args.max_tokens,
-                              temperature=0.0, ignore_eos=args.ignore_eos,
+                              temperature=args.temperature, top_p=args.top_p, ignore_eos=args.ignore_eos,
                               composition=Composition.of("none" if row.mode == "base" else row.mode, row.adapters))
             for row in rows]
 
@@ -364,12 +365,13 @@ def run_offline(args, inputs: Inputs, vllm: VllmRunner | None) -> dict:
             outputs[f"vllm-{mode}"] = result["runs"][mode]
             startup[mode] = round(result["startup_s"], 1)
         systems = {system: offline_stats(run) for system, run in outputs.items()}
-        report[dtype] = {"systems": systems, "ratios": offline_ratios(systems, outputs), "vllm_startup_s": startup}
+        report[dtype] = {"systems": systems, "ratios": offline_ratios(systems, outputs, sampled=args.temperature > 0),
+                         "vllm_startup_s": startup}
         log.info("offline %s: %s", dtype, report[dtype])
     return report
 
 
-def offline_ratios(systems: dict, outputs: dict) -> dict:
+def offline_ratios(systems: dict, outputs: dict, *, sampled: bool = False) -> dict:
     """Ours over vLLM tokens/s per mode (mixture and fusion against vLLM's selection), ours
     composed over ours selection, and how many answers are token for token the same."""
     tps = {system: stats["tokens_per_s"] for system, stats in systems.items()}
@@ -381,7 +383,7 @@ def offline_ratios(systems: dict, outputs: dict) -> dict:
     for mode in ("mixture", "fusion"):
         if f"ours-{mode}" in tps and "ours-selection" in tps:
             ratios[f"ours-{mode} / ours-selection tokens/s"] = ratio(tps[f"ours-{mode}"], tps["ours-selection"])
-    for mode in VLLM_MODES:
+    for mode in () if sampled else VLLM_MODES:  # sampled answers differ by chance
         if f"ours-{mode}" in outputs and f"vllm-{mode}" in outputs:
             ratios[f"same answer, {mode}"] = agreement(outputs[f"ours-{mode}"]["output_ids"],
                                                        outputs[f"vllm-{mode}"]["output_ids"])
@@ -515,6 +517,13 @@ def plot(report: dict, path: Path) -> None:
 SECTION = "## Against vLLM-CPU"
 
 
+def sampling_words(settings: dict) -> str:
+    temperature, top_p = settings.get("temperature", 0.0), settings.get("top_p", 1.0)
+    if not temperature:
+        return "greedy"
+    return f"sampled at temperature {temperature}" + (f", top_p {top_p}" if top_p < 1 else "")
+
+
 def write_section(doc: Path, report: dict) -> None:
     """Replace the section (up to the next `## ` heading) in the doc, or add it at the end."""
     s = report["settings"]
@@ -523,7 +532,8 @@ def write_section(doc: Path, report: dict) -> None:
              f"vLLM {report['versions'].get('vllm_version', '–')} (`{VLLM_PIN}`, its own virtual environment), "
              f"{s['threads']} threads on each side (vLLM's OpenMP threads bound to the same cores; otherwise its "
              f"defaults, prefix caching and chunked prefill on), the demo "
-             f"base model and adapters, the same prompt token ids, greedy, at most {s['max_tokens']} new tokens, "
+             f"base model and adapters, the same prompt token ids, {sampling_words(s)}, at most {s['max_tokens']} new "
+             f"tokens, "
              f"{'EOS ignored (every answer runs to the limit)' if s.get('ignore_eos') else 'EOS stops'}. "
              f"Mixture and fusion: each query's own adapter plus the two other demo adapters of its "
              f"domain, weights 1/3. Ratios are ours over vLLM; \"same answer\" counts identical token ids."), ""]
@@ -581,6 +591,8 @@ def parse_args(argv):
     only.add_argument("--offline-only", action="store_true")
     only.add_argument("--open-loop-only", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--temperature", type=float, default=0.0, help="both sides (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="both sides' nucleus")
     parser.add_argument("--repeats", type=int, default=3, help="offline: timed runs per system (median reported)")
     parser.add_argument("--ignore-eos", action="store_true",
                         help="both sides run every answer to --max-tokens (equal lengths across systems)")
@@ -638,6 +650,7 @@ def run(args, argv) -> int:
               "settings": {"queries": len(inputs.prompts), "adapters": len(inputs.adapters), "zipf": args.zipf,
                            "seconds": args.seconds, "rates": args.rates, "max_tokens": args.max_tokens,
                            "ignore_eos": args.ignore_eos, "repeats": args.repeats,
+                           "temperature": args.temperature, "top_p": args.top_p,
                            "threads": args.threads, "lora_slots": args.lora_slots, "max_batch": args.max_batch,
                            "warmup": args.warmup, "seed": args.seed, "systems": args.systems,
                            "siblings": "the two other demo adapters of the query's domain"}}

@@ -63,8 +63,17 @@ def stop_ids(work: dict) -> set[int]:
     return set() if work.get("ignore_eos") else set(work["eos_ids"])
 
 
+def sampling_params(work: dict, request: dict, **extra):
+    """The run's sampling (greedy unless the work says otherwise) and the request's token limit."""
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=work.get("temperature", 0.0), top_p=work.get("top_p", 1.0),
+                          max_tokens=request.get("max_tokens") or work["max_tokens"],
+                          ignore_eos=work.get("ignore_eos", False), **extra)
+
+
 def run_offline(work: dict) -> dict:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
     from vllm.inputs import TokensPrompt
 
     started = time.perf_counter()
@@ -78,8 +87,7 @@ def run_offline(work: dict) -> dict:
 
     def generate(requests: list[dict]):
         prompts = [TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in requests]
-        params = [SamplingParams(temperature=0.0, max_tokens=r.get("max_tokens") or work["max_tokens"],
-                                 ignore_eos=work.get("ignore_eos", False)) for r in requests]
+        params = [sampling_params(work, r) for r in requests]
         lora = [loras[r["adapter"]] if r.get("adapter") else None for r in requests] if loras else None
         return llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
 
@@ -98,7 +106,6 @@ def run_offline(work: dict) -> dict:
 
 
 async def run_open_loop(work: dict) -> dict:
-    from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
@@ -116,8 +123,7 @@ async def run_open_loop(work: dict) -> dict:
     async def one(request: dict, t0: float) -> dict:
         await asyncio.sleep(max(t0 + request["at"] - time.perf_counter(), 0))
         lora = loras[request["adapter"]] if request.get("adapter") else None
-        params = SamplingParams(temperature=0.0, max_tokens=request.get("max_tokens") or work["max_tokens"],
-                                ignore_eos=work.get("ignore_eos", False), output_kind=RequestOutputKind.DELTA)
+        params = sampling_params(work, request, output_kind=RequestOutputKind.DELTA)
         first = last = None
         ids: list[int] = []
         async for out in engine.generate(TokensPrompt(prompt_token_ids=request["prompt_ids"]), params,
