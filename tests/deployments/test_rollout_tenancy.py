@@ -174,18 +174,13 @@ def test_cli_talks_to_the_admin_api(serve_cluster):
     assert added.returncode == 0 and json.loads(added.stdout)["api_key"].startswith("lr-")
 
 
-def test_pinned_adapters_become_resident_on_composers(serve_cluster, admin):
-    from ray import serve
-
-    from cluster.bringup import APP_NAME
-
-    composer = serve.get_deployment_handle("Composer", APP_NAME)
+def test_pinned_adapters_become_resident_on_composers(admin, composer_status):
     name = "add"
     assert admin.post(f"/admin/adapters/{name}/pin").status_code == 200
     active = admin.get(f"/admin/adapters/{name}").json()["active_version"]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        status = composer.status.remote().result()
+        status = composer_status()
         if f"{name}@{active}" in status["resident"] and status["pool"]["pinned"] >= 1:
             break
         time.sleep(1)

@@ -8,6 +8,7 @@ import pytest
 from openai import OpenAI
 
 
+
 @pytest.fixture(scope="module")
 def client(serve_cluster):
     return OpenAI(base_url=f"{serve_cluster.url}/v1", api_key=serve_cluster.api_key, max_retries=0, timeout=120)
@@ -22,25 +23,17 @@ def task_prompts(serve_cluster):
     return prompts
 
 
-def composer_status(serve_cluster) -> dict:
-    from ray import serve
-
-    from cluster.bringup import APP_NAME
-
-    return serve.get_deployment_handle("Composer", APP_NAME).status.remote().result()
-
-
 def test_models_lists_base_auto_and_adapters(client, serve_cluster):
     ids = {m.id for m in client.models.list().data}
     assert {"tiny-random-llama", "auto"} | {c.model_name for c in serve_cluster.zoo.cards} <= ids
 
 
-def test_mixed_prompts_get_their_own_adapters_in_shared_steps(client, serve_cluster, task_prompts):
+def test_mixed_prompts_get_their_own_adapters_in_shared_steps(client, task_prompts, composer_status):
     tasks = sorted(task_prompts)
-    before = composer_status(serve_cluster)["batches"]
+    before = composer_status()["batches"]
     resp = client.completions.create(model="auto", prompt=[task_prompts[t] for t in tasks], max_tokens=6,
                                      extra_body={"lora": {"composition": "selection"}})
-    after = composer_status(serve_cluster)["batches"]
+    after = composer_status()["batches"]
     chosen = [c.model_extra["lora"]["adapters"][0]["name"] for c in sorted(resp.choices, key=lambda c: c.index)]
     assert chosen == tasks
     assert after["rows"] - before["rows"] == len(tasks)
