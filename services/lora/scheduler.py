@@ -214,7 +214,7 @@ class DecodeScheduler:
         drawn = [j for j in range(len(rows)) if j not in picked]
         if drawn:
             picked.update(zip(drawn, RowSampler.draw_rows([rows[j].sampler for j in drawn], logits[drawn])))
-        asked = [j for j, row in enumerate(rows) if row.token_lps is not None]
+        asked = [j for j, row in enumerate(rows) if row.token_lps is not None and not self._ends(row, picked[j])]
         entries = dict(zip(asked, self.logprobs.entries(
             torch.log_softmax(logits[asked].float(), dim=-1), [picked[j] for j in asked],
             [rows[j].request.logprobs for j in asked]))) if asked else {}
@@ -222,10 +222,14 @@ class DecodeScheduler:
             self._take(row, picked[j], entries.get(j))
         self.step_tokens += len(rows)
 
+    def _ends(self, row: Row, token: int) -> bool:
+        """An end-of-sequence token that ends the row (it is no output token: no text, no logprobs)."""
+        return token in self.engine.eos_ids and not row.request.ignore_eos
+
     def _take(self, row: Row, token: int, entry: dict | None) -> None:
-        """entry: the token's logprobs when the row asked for them."""
+        """entry: the token's logprobs when the row asked for them (None for an ending EOS)."""
         request, stream = row.request, row.stream
-        if token in self.engine.eos_ids and not request.ignore_eos:
+        if self._ends(row, token):
             row.finish, piece = "stop", stream.flush()
         else:
             if row.token_lps is not None:
