@@ -531,9 +531,8 @@ def write_section(doc: Path, report: dict) -> None:
              (f"Measured with `{report['command']}` on {report['date']} ({report['machine']['note']}): "
              f"vLLM {report['versions'].get('vllm_version', '–')} (`{VLLM_PIN}`, its own virtual environment), "
              f"{s['threads']} threads on each side (vLLM's OpenMP threads bound to the same cores; otherwise its "
-             f"defaults, prefix caching and chunked prefill on), the demo "
-             f"base model and adapters, the same prompt token ids, {sampling_words(s)}, at most {s['max_tokens']} new "
-             f"tokens, "
+             f"defaults, prefix caching and chunked prefill on), the demo base model and adapters, the same "
+             f"prompt token ids, {sampling_words(s)}, at most {s['max_tokens']} new tokens, "
              f"{'EOS ignored (every answer runs to the limit)' if s.get('ignore_eos') else 'EOS stops'}. "
              f"Mixture and fusion: each query's own adapter plus the two other demo adapters of its "
              f"domain, weights 1/3. Ratios are ours over vLLM; \"same answer\" counts identical token ids."), ""]
