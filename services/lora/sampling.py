@@ -57,14 +57,25 @@ def nucleus_floor(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 def draw_tokens(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
                 generators: list[torch.Generator]) -> list[int]:
     """One token per row. logits (R, V) as each row's sampler shaped them; a temperature below
-    GREEDY_BELOW is greedy; otherwise softmax(logits / T), cut to the nucleus where top_p < 1, and one
-    uniform number from the row's generator picks the token (a row's draw does not depend on the
-    other rows)."""
+    GREEDY_BELOW is greedy (the argmax, no softmax); otherwise softmax(logits / T), cut to the
+    nucleus where top_p < 1, and one uniform number from the row's generator picks the token (a
+    row's draw does not depend on the other rows)."""
     logits = logits.float()
+    drawn = [i for i, t in enumerate(temperatures) if t >= GREEDY_BELOW]
+    if len(drawn) == len(temperatures):
+        return _draw(logits, temperatures, top_ps, generators).tolist()
+    tokens = logits.argmax(-1)  # (R,): the greedy rows' tokens
+    if drawn:
+        tokens[drawn] = _draw(logits[drawn], [temperatures[i] for i in drawn], [top_ps[i] for i in drawn],
+                              [generators[i] for i in drawn])
+    return tokens.tolist()
+
+
+def _draw(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
+          generators: list[torch.Generator]) -> torch.Tensor:
+    """draw_tokens for rows that all sample: tokens (R,) from logits (R, V) float32."""
     device = logits.device
-    temperature = torch.tensor(temperatures, device=device)[:, None]  # (R, 1)
-    greedy = temperature < GREEDY_BELOW
-    probs = torch.softmax(logits / torch.where(greedy, 1.0, temperature), dim=-1)  # (R, V); greedy rows: below
+    probs = torch.softmax(logits / torch.tensor(temperatures, device=device)[:, None], dim=-1)  # (R, V)
     cut = [i for i, p in enumerate(top_ps) if p < 1]
     if cut:
         part = probs if len(cut) == len(top_ps) else probs[cut]  # (C, V)
@@ -80,5 +91,4 @@ def draw_tokens(logits: torch.Tensor, temperatures: list[float], top_ps: list[fl
     # takes the last token with mass (tokens of zero mass are never drawn)
     token = torch.where(target < total, torch.searchsorted(cdf, target, right=True),
                         torch.searchsorted(cdf, total))  # (R, 1)
-    token = torch.where(greedy, logits.argmax(-1, keepdim=True), token)
-    return token[:, 0].tolist()
+    return token[:, 0]

@@ -58,3 +58,7 @@ def test_each_rows_draw_depends_on_its_own_generator_alone_and_tiny_temperature_
     assert draw([1], [6]) == [together[1]] and draw([2, 0], [7, 5]) == [together[2], together[0]]
     assert draw([0, 1, 2], [5, 6, 7], (1.0, 1e-39, 0.0)) == [together[0], int(logits[1].argmax()),
                                                             int(logits[2].argmax())]
+    greedy_generator = torch.Generator().manual_seed(3)
+    state = greedy_generator.get_state()
+    assert draw_tokens(logits[:1], [0.0], [0.5], [greedy_generator]) == [int(logits[0].argmax())]
+    assert torch.equal(greedy_generator.get_state(), state)  # a greedy row draws nothing
