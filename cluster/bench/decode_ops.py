@@ -9,7 +9,8 @@ are end to end; these say why the decode path is written as it is):
 - greedy picking over the vocabulary: bfloat16 argmax against float32 conversion + argmax;
 - random sampling (temperature, top_p): one draw for all rows (bucketed nucleus, one uniform number
   a row) against sorting the vocabulary and multinomial, per row and batched;
-- the model's linears: torch's linear against oneDNN with the weight packed once.
+- the model's linears: torch's linear against oneDNN with the weight packed once;
+- a LoRA delta under a bfloat16 model: stacks in bfloat16 against float32 (the input converted).
 
     python -m cluster.bench.decode_ops [--rows 64] [--span 61] [--threads 1] [--only SECTION ...]
         [--json docs/decode_ops.json]
@@ -23,6 +24,9 @@ from pathlib import Path
 import torch
 
 from cluster.bench.retrieval_scale import clocked
+from services.composition import Composition
+from services.lora.backends import shrink_expand_delta
+from services.lora.batch_meta import build_batch_meta
 from services.lora.sampling import draw_tokens
 
 # SmolLM2-135M: hidden 576, 9 query heads over 3 key heads of 64, MLP 1536, vocabulary 49152
@@ -135,12 +139,33 @@ def linear_variants(rows: int) -> dict:
     return out
 
 
+def lora_variants(rows: int, adapters: int = 8, rank: int = 8) -> dict:
+    """One LoRA delta (the engine's shrink/expand backend) under a bfloat16 model: each row its own
+    adapter of `adapters`, stacks and rank-space math in bfloat16, or in float32 with the input
+    converted and the delta converted back (what LoraLinear does on CPU)."""
+    rows_of = [Composition.single(f"a{i % adapters}") for i in range(rows)]
+    slot_of = {f"a{i}": i for i in range(adapters)}
+    out = {}
+    for label, (fan_in, fan_out) in LINEARS.items():
+        if label == "lm head":
+            continue
+        x = torch.randn(rows, 1, fan_in).to(torch.bfloat16)  # (rows, 1, in): a decode step
+        for dtype in (torch.bfloat16, torch.float32):
+            a = torch.randn(adapters, rank, fan_in).to(dtype)  # (slots, r, in)
+            b = torch.randn(adapters, rank, fan_out).to(dtype)  # (slots, r, out)
+            meta = build_batch_meta(rows_of, slot_of, dtype=dtype, device="cpu")
+            key = f"{label} {fan_in}x{fan_out}: {str(dtype).removeprefix('torch.')} stacks"
+            out[key] = wall_ms(lambda: shrink_expand_delta(x.to(dtype), a, b, meta, label).to(torch.bfloat16), 200)
+    return out
+
+
 SECTIONS = {  # name -> fn(rows, span, slot length) -> {variant: median ms}
     "attention": attention_variants,
     "key write": write_variants,
     "greedy pick": lambda rows, span, length: argmax_variants(rows),
     "random sampling": lambda rows, span, length: sampling_variants(rows),
     "linear": lambda rows, span, length: linear_variants(rows),
+    "lora delta": lambda rows, span, length: lora_variants(rows),
 }
 
 

@@ -40,7 +40,7 @@ class LoraLinear(nn.Module):
         stack = self.context.pool.stacks.get(self.layer_key)
         if meta is None or stack is None or not meta.has_lora:
             return y
-        delta = self.context.delta_fn(x.shape[1])(x, stack.a, stack.b, meta, self.layer_key)
+        delta = self.context.delta_fn(x.shape[1])(x.to(stack.a.dtype), stack.a, stack.b, meta, self.layer_key)
         return y + delta.to(y.dtype)
 
 

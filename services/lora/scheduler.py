@@ -147,7 +147,7 @@ class DecodeScheduler:
 
     def _meta(self, rows: list[Row]) -> LoraBatchMeta:
         slot_of = {key: slot for row in rows for key, slot in row.slot_of.items()}
-        return build_batch_meta([row.request.composition for row in rows], slot_of, dtype=self.engine.dtype,
+        return build_batch_meta([row.request.composition for row in rows], slot_of, dtype=self.engine.lora_dtype,
                                 device=self.engine.device)
 
     def _prefill(self) -> None:
