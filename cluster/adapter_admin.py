@@ -30,5 +30,5 @@ class AdapterAdmin:
     def add(self, name: str, path: str | Path, card: AdapterCard, *, tenant: str | None = None,
             visibility: str = "shared", activate: bool = True, actor: str = "operator"):
         embeddings = self.embedder.encode([s.inputs for s in card.sample])  # (samples, dim)
-        return self.registry.add_version(name, Path(path), card, embeddings, tenant=tenant,
+        return self.registry.add_version(name, path, card, embeddings, tenant=tenant,
                                          visibility=visibility, activate=activate, actor=actor)

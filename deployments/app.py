@@ -21,6 +21,7 @@ def deployment_options(dep: DeploymentConfig) -> dict:
         "autoscaling_config": dep.autoscaling.to_serve(),
         # Offline wherever the replica runs (local Ray, KubeRay, a user's own Ray cluster).
         "ray_actor_options": {"num_cpus": dep.num_cpus, "num_gpus": dep.num_gpus,
+                              **({"resources": dict(dep.resources)} if dep.resources else {}),
                               "runtime_env": {"env_vars": OFFLINE_ENV}},
         "max_ongoing_requests": dep.max_ongoing_requests,
     }

@@ -8,7 +8,7 @@ from ray import serve
 
 from services.config import AppConfig
 from deployments import metrics
-from services.wiring import base_model_path, make_placement, make_registry
+from services.wiring import base_model_path, make_adapter_cache, make_placement, make_registry
 from services.lora.compatibility import PairScore
 from services.serving.catalog import CatalogCache
 from services.serving.composer_service import ComposeJob, ComposerService
@@ -36,11 +36,13 @@ class Composer:
                 prefill_tokens=comp.prefill_tokens, prefix_cache_mb=comp.prefix_cache_mb,
                 allow_unsafe_pickle=cfg.adapter_store.allow_unsafe_pickle,
             )
-        self.service = ComposerService(engine, cfg.adapter_store.path, max_prompt_tokens=comp.max_prompt_tokens,
-                                       on_batch=metrics.observe_batch)
+        registry = make_registry(cfg)
+        # Adapter files come through this node's cache (fetched from object storage and verified).
+        self.service = ComposerService(engine, make_adapter_cache(cfg, registry),
+                                       max_prompt_tokens=comp.max_prompt_tokens, on_batch=metrics.observe_batch)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.placement = make_placement(cfg)
-        self.catalog = CatalogCache(make_registry(cfg))
+        self.catalog = CatalogCache(registry)
         self._synced_generation = None
 
     async def generate(self, job: ComposeJob):

@@ -7,6 +7,7 @@ field unknown to it is rejected everywhere.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -45,9 +46,34 @@ class BaseModelConfig(Section):
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu' or 'cuda[:N]'")
 
 
+class ObjectStoreConfig(Section):
+    """How to reach object storage (services/registry/object_store.py). Credentials come from the
+    environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; on Kubernetes a Secret), never from here."""
+
+    endpoint_url: str | None = Field(None, description="an S3-compatible server's URL (MinIO, SeaweedFS, Ceph, R2, "
+                                     "...); None = AWS itself, or AWS_ENDPOINT_URL from the environment")
+    region: str | None = Field(None, description="S3 region; None = AWS_REGION from the environment")
+    allow_http: bool = Field(False, description="allow a plain-http endpoint (a server inside the cluster)")
+    connect_timeout_s: float = Field(5.0, gt=0, description="seconds to open a connection")
+    timeout_s: float = Field(60.0, gt=0, description="seconds one request may take")
+    retries: int = Field(3, ge=0, le=20, description="retries of a failed request (with backoff)")
+
+
 class AdapterStoreConfig(Section):
     path: str = Field("var/adapters", description="directory (or mounted volume) holding adapter versions")
+    uri: str | None = Field(None, description="object storage for uploaded versions instead of `path`, e.g. "
+                            "s3://bucket/adapters; composers fetch from it into their node's cache")
+    cache_path: str | None = Field(None, description="node-local folder where composers keep fetched versions; "
+                                   "None = adapter-cache/ under the data home ($LORARETRIEVER_HOME)")
+    objects: ObjectStoreConfig = Field(default_factory=ObjectStoreConfig)
     allow_unsafe_pickle: bool = Field(False, description="accept .bin (pickle) adapter weights; never in production")
+
+    @model_validator(mode="after")
+    def _uri_is_remote(self) -> "AdapterStoreConfig":
+        if self.uri is not None and not re.match(r"^(s3|s3a|gs|az|abfs|abfss)://[^/]+", self.uri):
+            raise ValueError(f"adapter_store.uri {self.uri!r} must be an object store URI "
+                             "(s3://bucket/prefix, gs://..., az://...); a folder goes in adapter_store.path")
+        return self
 
 
 class EmbedderConfig(Section):
@@ -150,6 +176,19 @@ class DeploymentConfig(Section):
     num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (1 for composers on a GPU cluster)")
     max_ongoing_requests: int = Field(64, ge=1, description="requests one replica accepts at once")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources per replica (Serve's ray_actor_options): a "
+        "replica lands only on nodes that offer them, e.g. {lr_composer: 1} on the GPU workers and "
+        "{lr_cpu_worker: 1} on the CPU workers (k8s rayStartParams `resources`), so ingress and retrievers "
+        "never take a GPU node")
+
+    @model_validator(mode="after")
+    def _custom_resources(self) -> "DeploymentConfig":
+        for name, amount in self.resources.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory") or amount <= 0:
+                raise ValueError(f"resources: {name}={amount} must be a custom resource with a positive amount "
+                                 "(CPUs and GPUs go in num_cpus and num_gpus)")
+        return self
 
 
 class DeploymentsConfig(Section):

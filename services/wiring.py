@@ -47,13 +47,42 @@ def make_registry(cfg: AppConfig):
     from transformers import AutoConfig
 
     from services.registry.registry import AdapterRegistry
-    from services.registry.store import AdapterStore
 
     return AdapterRegistry(
-        redis_client(cfg), AdapterStore(cfg.adapter_store.path),
+        redis_client(cfg), make_adapter_store(cfg),
         base_config=AutoConfig.from_pretrained(base_model_path(cfg)), base_model=base_model_name(cfg),
         max_rank=cfg.composition.max_rank, allow_unsafe_pickle=cfg.adapter_store.allow_unsafe_pickle,
+        objects=make_object_folders(cfg),
     )
+
+
+def make_object_folders(cfg: AppConfig):
+    from services.registry.object_store import ObjectFolders
+
+    return ObjectFolders(cfg.adapter_store.objects)
+
+
+def make_adapter_store(cfg: AppConfig):
+    """Where uploaded versions go: the folder `adapter_store.path`, or the bucket `adapter_store.uri`."""
+    from services.registry.bucket_store import BucketAdapterStore
+    from services.registry.store import AdapterStore
+
+    if cfg.adapter_store.uri:
+        return BucketAdapterStore(cfg.adapter_store.uri, make_object_folders(cfg))
+    return AdapterStore(cfg.adapter_store.path)
+
+
+def adapter_cache_path(cfg: AppConfig) -> Path:
+    """This node's folder for fetched adapter versions."""
+    return Path(cfg.adapter_store.cache_path) if cfg.adapter_store.cache_path else data_home() / "adapter-cache"
+
+
+def make_adapter_cache(cfg: AppConfig, registry):
+    """The node's NodeAdapterCache over `registry`: how every composer engine gets adapter files."""
+    from services.registry.node_cache import NodeAdapterCache, registry_resolver
+
+    return NodeAdapterCache(adapter_cache_path(cfg), registry_resolver(registry, cfg.adapter_store.path),
+                            make_object_folders(cfg))
 
 
 def make_index(cfg: AppConfig, dim: int):

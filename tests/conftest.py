@@ -64,6 +64,31 @@ def tiny_zoo(tmp_path_factory):
     return build_zoo(tmp_path_factory.mktemp("tiny_zoo"), tiny=True, progress=False)
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (SeaweedFS) on loopback for the whole session."""
+    from cluster.s3_server import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The S3 server with its credentials in this process's environment (as a k8s Secret puts them),
+    the adapter store's object settings for it, and `root`, an s3:// folder of this test's own (in one
+    shared bucket: each bucket is a collection of volumes in SeaweedFS)."""
+    import secrets
+
+    from services.config import ObjectStoreConfig
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    config = ObjectStoreConfig(endpoint_url=s3_server.endpoint, region="us-east-1", allow_http=True, retries=1)
+    return SimpleNamespace(server=s3_server, config=config, root=f"s3://lr-tests/t{secrets.token_hex(6)}")
+
+
 ADMIN_KEY = "test-admin-key-0123456789"
 
 

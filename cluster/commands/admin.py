@@ -36,7 +36,8 @@ def register(sub) -> None:
     ref = (["ref"], {"help": "NAME@VERSION"})
     cmd(adapters, "add", "validate, embed and stage a new adapter version", cmd_add, name,
         (["folder"], {"help": "PEFT folder (as save_pretrained writes it; only adapter_config.json and "
-                              "adapter_model.safetensors are sent)"}),
+                              "adapter_model.safetensors are sent), or the URI of one in object storage "
+                              "(s3://bucket/path: the cluster checks it and registers it where it is)"}),
         (["--card"], {"help": f"card JSON: {{model_name?, sample: [{{inputs, targets}}], domain?, evaluation?: "
                               f"{{metric, samples}}}} (default: FOLDER/{CARD_FILE})"}),
         (["--store-path"], {"action": "store_true", "help": "the cluster reads FOLDER itself (shared volume)"}),
@@ -144,13 +145,20 @@ def adapter_files(folder: Path) -> tuple[dict[str, str], list[str]]:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    from services.registry.object_store import is_remote
+
+    remote = is_remote(args.folder)
     folder = Path(args.folder)
-    if not folder.is_dir():
+    if remote and not args.card:
+        raise UserError(f"give the card with --card: {args.folder} is read by the cluster, not here")
+    if not remote and not folder.is_dir():
         raise UserError(f"adapter folder {folder} does not exist")
     card, evaluation = read_card(Path(args.card) if args.card else folder / CARD_FILE, args.name)
     body = {"name": args.name, "card": card, "tenant": args.tenant, "evaluation": evaluation,
             "visibility": "private" if args.private else "shared", "activate": not args.staged}
-    if args.store_path:
+    if remote:
+        body["path"] = args.folder
+    elif args.store_path:
         body["path"] = str(folder.resolve())
     else:
         body["files"], left_out = adapter_files(folder)

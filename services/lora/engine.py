@@ -87,7 +87,12 @@ class CompositionEngine:
     def load_adapter(self, key: str, path) -> LoraAdapterWeights:
         """Validate the folder and put the adapter in the CPU tier; a refused one changes nothing."""
         check_adapter_name(key)
-        weights = self.read(key, path)
+        return self.install_adapter(key, self.read(key, path), path)
+
+    def install_adapter(self, key: str, weights: LoraAdapterWeights, path) -> LoraAdapterWeights:
+        """Put weights `read` from `path` in the CPU tier (the read may run on another thread; this
+        must not overlap a forward)."""
+        check_adapter_name(key)
         replaced = self.pool.contains(key)
         self.pool.add(key, weights, Path(path))
         if replaced:  # cached prefixes under this key were read with the old weights

@@ -62,7 +62,10 @@ class VersionRecord(BaseModel):
     target_modules: list[str]
     created_at: float = Field(description="unix time")
     created_by: str = Field(description="the actor that added it")
-    path: str = Field(description="the version folder in the adapter store")
+    path: str = Field(description="the version folder in the adapter store (as `uri` for object storage)")
+    uri: str | None = Field(None, description="where the files live: file:///... (the folder store), "
+                            "s3://bucket/prefix/... (a bucket store, or files registered where they are); "
+                            "None in records written before versions had URIs (the folder store)")
     card: AdapterCard
     embedding_shape: tuple[int, int] = Field(description="(card samples, embedding dim)")
     embedding_dtype: Literal["float32"] = "float32"

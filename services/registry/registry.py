@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -23,6 +24,8 @@ from services.registry.errors import (AccessDenied, AdapterNotFound, InvalidAdap
 from services.registry.placement import PlacementStore
 from services.registry.records import AdapterRecord, Canary, QualityReport, VersionRecord, Visibility
 from services.registry.redis_access import bytes_client, guarded
+from services.registry.bucket_store import BucketAdapterStore, download_checked
+from services.registry.object_store import ObjectFolders, is_remote, is_uri
 from services.registry.store import AdapterStore, StoreError, VersionFolderExists, check_name
 from services.schemas import AdapterCard
 from services.tenancy.tenants import TENANT_NAME
@@ -50,11 +53,14 @@ def audit_key(name: str) -> str:
 
 
 class AdapterRegistry:
-    def __init__(self, redis_client: redis.Redis, store: AdapterStore, *, base_config=None, base_model: str,
-                 max_rank: int = 64, allow_unsafe_pickle: bool = False):
-        """`base_config` (the base model's transformers config) is needed only to add versions."""
+    def __init__(self, redis_client: redis.Redis, store: AdapterStore | BucketAdapterStore, *, base_config=None,
+                 base_model: str, max_rank: int = 64, allow_unsafe_pickle: bool = False,
+                 objects: ObjectFolders | None = None):
+        """`base_config` (the base model's transformers config) is needed only to add versions;
+        `objects` reads versions registered where they are in object storage (`add_version` with a URI)."""
         self.r = bytes_client(redis_client)
         self.store = store
+        self.objects = objects or getattr(store, "objects", None) or ObjectFolders()
         self.base_config = base_config
         self.base_model = base_model
         self.max_rank = max_rank
@@ -118,7 +124,10 @@ class AdapterRegistry:
                     actor: str = "operator") -> VersionRecord:
         """Validate, stage and register a new version of `name` (creating the adapter if new).
 
-        Any failure leaves the store and Redis as they were (the staged copy is deleted)."""
+        `src_dir` is a local folder (copied into the store: a folder, or a bucket) or the URI of a
+        folder already in object storage (s3://bucket/path: registered where it is, after the same
+        checks on a downloaded copy; the store never deletes it). Any failure leaves the store and
+        Redis as they were (the staged copy is deleted)."""
         if self.base_config is None:
             raise RegistryError("this registry handle has no base_config: it can read but not add versions")
         self._check_new_version_args(name, card, tenant, visibility)
@@ -136,7 +145,7 @@ class AdapterRegistry:
                                  + [int(v[1:]) for v in self.store.versions(name) if VERSION.match(v)])
                 version = f"v{number}"
                 try:
-                    staged, weights, checksum = self._stage(name, version, src_dir)
+                    staged, weights, checksum, owned = self._stage(name, version, src_dir)
                 except VersionFolderExists:  # a concurrent writer staged this number first
                     backoff(attempt)
                     continue
@@ -145,7 +154,7 @@ class AdapterRegistry:
                     vrec = VersionRecord(
                         version=version, checksum=checksum, rank=weights.rank, scaling=weights.scaling,
                         target_modules=list(weights.target_modules), created_at=now, created_by=actor,
-                        path=str(staged), card=card, embedding_shape=embeddings.shape)
+                        path=str(staged), uri=location_uri(staged), card=card, embedding_shape=embeddings.shape)
                     record = current or AdapterRecord(name=name, base_model=self.base_model, owner_tenant=tenant,
                                                       visibility=visibility, created_at=now, updated_at=now)
                     record = with_version(record, vrec, activate)
@@ -158,11 +167,13 @@ class AdapterRegistry:
                     if self._execute_staged(pipe, name, version, checksum, staged):
                         log.info("added adapter version %s@%s (active: %s)", name, version, record.active_version)
                         return vrec
-                    self.store.delete(name, version)
+                    if owned:
+                        self.store.delete_location(staged)
                 except _OutcomeUnknown:
                     raise
                 except BaseException:
-                    self.store.delete(name, version)
+                    if owned:
+                        self.store.delete_location(staged)
                     raise
             backoff(attempt)
         raise VersionConflict(f"adapter '{name}' kept changing under concurrent writers; try again")
@@ -284,7 +295,10 @@ class AdapterRegistry:
         `in_use`, e.g. every replica's resident list from placement); returns what was deleted.
         Folders younger than `min_age_s` stay: an add in flight has staged its folder before its
         record lands."""
-        live = {f"{r.name}@{v}" for r in self.snapshot() for v in r.versions} | set(in_use)
+        records = self.snapshot()
+        live = {f"{r.name}@{v}" for r in records for v in r.versions} | set(in_use)
+        if isinstance(self.store, BucketAdapterStore):
+            return self._collect_bucket_garbage(records, live, min_age_s)
         deleted = []
         for name in self.store.names():
             for version in self.store.versions(name):
@@ -294,6 +308,19 @@ class AdapterRegistry:
                     deleted.append(f"{name}@{version}")
         return deleted
 
+    def _collect_bucket_garbage(self, records: list[AdapterRecord], live: set[str], min_age_s: float) -> list[str]:
+        """collect_garbage in a bucket store: its folders are <name>/<version>-<token>; a folder the
+        registry names, or whose name@version a replica holds, stays."""
+        named = {vrec.uri for r in records for vrec in r.versions.values()}
+        deleted = []
+        for folder, modified in self.store.folders().items():
+            name, version = folder.rsplit("/", 2)[-2], folder.rsplit("/", 1)[-1].rsplit("-", 1)[0]
+            if folder in named or f"{name}@{version}" in live or time.time() - modified < min_age_s:
+                continue
+            self.store.delete_location(folder)
+            deleted.append(f"{name}@{version}")
+        return deleted
+
     def collect_garbage_unheld(self) -> list[str]:
         """collect_garbage, sparing what any composer replica reports resident (placement)."""
         with guarded(self.r, "read the composers' resident adapters"):
@@ -301,9 +328,12 @@ class AdapterRegistry:
         return self.collect_garbage({key for state in replicas.values() for key in state.resident})
 
     def missing_files(self) -> list[str]:
-        """'name@version' of registered versions whose store folder is gone (the store lost them)."""
-        return [f"{r.name}@{v}" for r in self.snapshot() for v in r.versions
-                if not self.store.path(r.name, v).is_dir()]
+        """'name@version' of registered versions in the folder store whose folder is gone (the store
+        lost them); versions in object storage are not looked at."""
+        if not isinstance(self.store, AdapterStore):
+            return []
+        return [f"{r.name}@{name_v}" for r in self.snapshot() for name_v, vrec in r.versions.items()
+                if not is_remote(vrec.uri or "") and not self.store.path(r.name, name_v).is_dir()]
 
     # ---- internals ---------------------------------------------------------------
     def _check_new_version_args(self, name: str, card: AdapterCard, tenant: str | None, visibility: str) -> None:
@@ -330,7 +360,8 @@ class AdapterRegistry:
                                   "that: change it first with `loraretriever adapters visibility`")
 
     def _stage(self, name: str, version: str, src_dir: str | Path):
-        """Copy, validate and checksum the files; returns (staged path, weights, checksum)."""
+        """Copy, validate and checksum the files; returns (where they are now, weights, checksum, whether
+        the store owns them). A folder in object storage is checked on a downloaded copy and stays where it is."""
         found = {}
 
         def verify(copy: Path) -> None:
@@ -339,14 +370,23 @@ class AdapterRegistry:
                                             name=name)
             found["checksum"] = adapter_checksum(copy)
 
+        remote = is_remote(str(src_dir))
+        if is_uri(str(src_dir)) and not remote:
+            raise InvalidAdapter(f"adapter '{name}' refused: {src_dir} is not a folder path or an object store URI")
         try:
-            staged = self.store.stage(name, version, src_dir, allow_unsafe_pickle=self.allow_unsafe_pickle,
-                                      verify=verify)
+            if remote:
+                staged = str(src_dir).rstrip("/")
+                with tempfile.TemporaryDirectory(prefix=f"{name}-check-") as tmp:
+                    download_checked(self.objects, staged, Path(tmp), allow_unsafe_pickle=self.allow_unsafe_pickle)
+                    verify(Path(tmp))
+            else:
+                staged = self.store.stage(name, version, src_dir, allow_unsafe_pickle=self.allow_unsafe_pickle,
+                                          verify=verify)
         except VersionFolderExists:
             raise
         except (AdapterValidationError, StoreError) as err:
             raise InvalidAdapter(f"adapter '{name}' refused: {err}") from err
-        return staged, found["weights"], found["checksum"]
+        return staged, found["weights"], found["checksum"], not remote
 
     def _execute_staged(self, pipe, name: str, version: str, checksum: str, staged: Path) -> bool:
         """EXEC; True once registered, False if a concurrent writer won (redo on fresh state).
@@ -414,6 +454,11 @@ class AdapterRegistry:
 
 class _OutcomeUnknown(RegistryUnavailable):
     """The outcome of an add is unknown: its files must stay (a record may point at them)."""
+
+
+def location_uri(location: str | Path) -> str:
+    """A store location as the URI composers resolve: object storage as it is, a folder as file://."""
+    return str(location) if is_uri(str(location)) else Path(location).resolve().as_uri()
 
 
 def parse_record(raw: bytes | None) -> AdapterRecord | None:

@@ -48,31 +48,7 @@ class AdapterStore:
         return self.root / check_name(name) / check_name(version, "version")
 
     def source_files(self, src_dir: str | Path, *, allow_unsafe_pickle: bool = False) -> list[Path]:
-        """The files of `src_dir` to copy; refuses anything unexpected or pointing outside it."""
-        src = Path(src_dir)
-        if not src.is_dir():
-            raise StoreError(f"{src}: not a directory")
-        src = src.resolve()
-        allowed = {CONFIG_FILE, SAFETENSORS_FILE} | ({PICKLE_FILE} if allow_unsafe_pickle else set())
-        files = []
-        for entry in sorted(src.iterdir()):
-            if entry.name in IGNORED_FILES:
-                continue
-            if entry.name == PICKLE_FILE and not allow_unsafe_pickle:
-                raise StoreError(f"{entry}: pickle weights are refused (they can run code); "
-                                 f"convert to {SAFETENSORS_FILE} or allow unsafe pickle")
-            if entry.name not in allowed:
-                raise StoreError(f"{entry}: unexpected file in an adapter folder "
-                                 f"(allowed: {', '.join(sorted(allowed))})")
-            target = entry.resolve()
-            if entry.is_symlink() and target.parent != src:
-                raise StoreError(f"{entry}: symlink points outside the adapter folder ({target})")
-            if not target.is_file():
-                raise StoreError(f"{entry}: not a regular file")
-            files.append(entry)
-        if not any(f.name == CONFIG_FILE for f in files):
-            raise StoreError(f"{src}: no {CONFIG_FILE}")
-        return files
+        return source_files(src_dir, allow_unsafe_pickle=allow_unsafe_pickle)
 
     def stage(self, name: str, version: str, src_dir: str | Path, *, allow_unsafe_pickle: bool = False,
               verify: Callable[[Path], None] | None = None) -> Path:
@@ -109,6 +85,11 @@ class AdapterStore:
         log.info("staged adapter %s@%s at %s", name, version, final)
         return final
 
+    def delete_location(self, location: str | Path) -> None:
+        """Remove the version folder `stage` returned."""
+        folder = Path(location)
+        self.delete(folder.parent.name, folder.name)
+
     def delete(self, name: str, version: str) -> None:
         """Remove a version folder (missing is fine); the adapter folder goes when empty."""
         final = self.path(name, version)
@@ -132,6 +113,34 @@ class AdapterStore:
         staging_root = self.root / STAGING_DIR
         staging_root.mkdir(parents=True, exist_ok=True)
         return staging_root
+
+
+def source_files(src_dir: str | Path, *, allow_unsafe_pickle: bool = False) -> list[Path]:
+    """The files of `src_dir` to copy; refuses anything unexpected or pointing outside it."""
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise StoreError(f"{src}: not a directory")
+    src = src.resolve()
+    allowed = {CONFIG_FILE, SAFETENSORS_FILE} | ({PICKLE_FILE} if allow_unsafe_pickle else set())
+    files = []
+    for entry in sorted(src.iterdir()):
+        if entry.name in IGNORED_FILES:
+            continue
+        if entry.name == PICKLE_FILE and not allow_unsafe_pickle:
+            raise StoreError(f"{entry}: pickle weights are refused (they can run code); "
+                             f"convert to {SAFETENSORS_FILE} or allow unsafe pickle")
+        if entry.name not in allowed:
+            raise StoreError(f"{entry}: unexpected file in an adapter folder "
+                             f"(allowed: {', '.join(sorted(allowed))})")
+        target = entry.resolve()
+        if entry.is_symlink() and target.parent != src:
+            raise StoreError(f"{entry}: symlink points outside the adapter folder ({target})")
+        if not target.is_file():
+            raise StoreError(f"{entry}: not a regular file")
+        files.append(entry)
+    if not any(f.name == CONFIG_FILE for f in files):
+        raise StoreError(f"{src}: no {CONFIG_FILE}")
+    return files
 
 
 def fsync_file(path: Path) -> None:

@@ -35,7 +35,8 @@ class AdapterUpload(Strict):
     name: str = Field(min_length=1, max_length=128)
     card: AdapterCard
     # min_length: an empty path once passed the one-of check below and crashed the upload branch (500).
-    path: str | None = Field(None, min_length=1, description="a folder the cluster can read (e.g. on the adapter volume)")
+    path: str | None = Field(None, min_length=1, description="a folder the cluster can read (e.g. on the adapter "
+                             "volume), or an object store URI (s3://bucket/path), registered where it is")
     files: dict[str, str] | None = Field(None, description="file name -> base64 content (adapter_config.json, adapter_model.safetensors)")
     tenant: str | None = Field(None, description="owner; with visibility=private only that tenant sees it")
     visibility: str = Field("shared", pattern="^(shared|private)$")
@@ -147,7 +148,7 @@ class AdminService:
         card, evaluation, source = split_card(body.card, body.evaluation)
         embeddings = await self.embed([s.inputs for s in card.sample])
         with tempfile.TemporaryDirectory(prefix="lr-upload-") as tmp:
-            src = Path(body.path) if body.path else self._unpack_upload(body.files, Path(tmp))
+            src = body.path if body.path else self._unpack_upload(body.files, Path(tmp))
             version = self.registry.add_version(body.name, src, card, embeddings, tenant=body.tenant,
                                                 visibility=body.visibility, activate=body.activate, actor=actor)
         out = version.model_dump(mode="json", exclude={"card"})

@@ -53,19 +53,23 @@ class ContinuousBatcher:
                  on_batch: Callable[[int, int, float], None] | None = None):
         """engine: a CompositionEngine (its `scheduler()`, `device_lock`). prepare(request) runs on
         the worker thread before a request joins (adapter loads); what it raises fails that request
-        alone. on_batch(rows, new_tokens, seconds) is called after every step (metrics)."""
+        alone. It may return futures the request must wait for (adapter fetches running on other
+        threads): the request is set aside, the batch goes on without it, and it comes back when they
+        are done (or fails with the first one's exception). on_batch(rows, new_tokens, seconds) is
+        called after every step (metrics)."""
         self.engine, self.prepare, self.on_batch = engine, prepare, on_batch
         self.stats = BatchStats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # _Entry or (fn, args, Future)
         self._waiting: collections.deque[_Entry] = collections.deque()
         self._running: dict[int, _Entry] = {}  # id(row) -> entry
+        self._parked: set[_Entry] = set()  # waiting for adapter fetches off this thread
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
     @property
     def queue_len(self) -> int:
         """Requests waiting plus rows running now (the autoscaling and routing signal)."""
-        return self._inbox.qsize() + len(self._waiting) + len(self._running)
+        return self._inbox.qsize() + len(self._waiting) + len(self._parked) + len(self._running)
 
     def _ensure_thread(self) -> None:
         with self._start_lock:
@@ -150,8 +154,10 @@ class ContinuousBatcher:
                 self._waiting.popleft()
                 continue
             try:
-                if self.prepare is not None:
-                    self.prepare(entry.request)
+                pending = self.prepare(entry.request) if self.prepare is not None else None
+                if pending:
+                    self._park(self._waiting.popleft(), pending)
+                    continue
                 with self.engine.device_lock:
                     entry.row = scheduler.try_add(entry.request)
             except Exception as err:  # this request alone cannot run; its caller hears why
@@ -187,6 +193,29 @@ class ContinuousBatcher:
                 entry.deliver(dataclasses.replace(row.result(), queue_seconds=row.admitted - entry.enqueued,
                                                   batch_seconds=now - row.admitted))
             entry.deliver(_DONE)
+
+    def _park(self, entry: _Entry, pending: list[concurrent.futures.Future]) -> None:
+        """Set `entry` aside until every future in `pending` is done; then `_unpark` runs on this thread."""
+        self._parked.add(entry)
+        left, lock = [len(pending)], threading.Lock()
+
+        def one_done(_future) -> None:  # on the fetching thread
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self._inbox.put((self._unpark, (entry, pending), concurrent.futures.Future()))
+
+        for future in pending:
+            future.add_done_callback(one_done)
+
+    def _unpark(self, entry: _Entry, pending: list[concurrent.futures.Future]) -> None:
+        self._parked.discard(entry)
+        failed = next((f.exception() for f in pending if f.exception() is not None), None)
+        if failed is not None:
+            self._fail(entry, failed)
+        else:
+            self._waiting.appendleft(entry)  # prepared again at once: installs what was fetched
 
     @staticmethod
     def _fail(entry: _Entry, err: Exception) -> None:

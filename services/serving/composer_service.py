@@ -1,10 +1,15 @@
-"""What a composer replica does, without Ray: resolve adapter versions to files, load them
-into the engine's pool on first use, tokenize, and feed the continuous batcher."""
+"""What a composer replica does, without Ray: get adapter versions' files on this node (the node
+cache fetches and verifies them off the batch thread), load them into the engine's pool on first
+use, tokenize, and feed the continuous batcher."""
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import logging
+import tempfile
+import threading
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -17,6 +22,7 @@ from services.lora.compatibility import CardTokens, PairScore, pair_score
 from services.lora.generation import GenerationRequest, GenerationResult, check_request
 from services.lora.structured import JsonGrammars
 from services.schemas import ChatMessage, CompositionPlan, Strict
+from services.registry.node_cache import NodeAdapterCache, folder_resolver
 from services.serving.batcher import ContinuousBatcher
 from services.errors import InvalidRequest, Unavailable
 
@@ -51,11 +57,54 @@ class ComposeJob(Strict):
     stream: bool = True  # False: the result alone, without a piece per token on the way
 
 
+class AdapterLoads:
+    """Adapter versions being fetched (NodeAdapterCache.local_folder) and read into CPU tensors on
+    worker threads, so a slow network read never stalls the batch thread. One load per key at a
+    time; a failed load is forgotten at once, so the next request for that key tries again."""
+
+    def __init__(self, cache: NodeAdapterCache, read, workers: int = 2):
+        self.cache, self.read = cache, read  # read(key, folder) -> LoraAdapterWeights (the engine's)
+        self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
+        self._pending: dict[str, concurrent.futures.Future] = {}
+        self._lock = threading.RLock()  # RLock: a done callback may run inside start()
+
+    def start(self, key: str) -> concurrent.futures.Future:
+        """The load of `key` in flight (or done and not yet taken); starts one if there is none."""
+        with self._lock:
+            future = self._pending.get(key)
+            if future is None:
+                future = self._pending[key] = self._threads.submit(self._load, key)
+                future.add_done_callback(lambda f: f.exception() is not None and self._drop(key, f))
+            return future
+
+    def take(self, key: str, future: concurrent.futures.Future):
+        """(folder, weights) of a finished load; raises what the load raised."""
+        self._drop(key, future)
+        return future.result()
+
+    def _drop(self, key: str, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            if self._pending.get(key) is future:
+                del self._pending[key]
+
+    def _load(self, key: str):
+        folder = self.cache.local_folder(key)  # fetched and checked against the registry's checksum
+        try:
+            return folder, self.read(key, folder)
+        except AdapterValidationError as err:
+            raise store_fault(key, err) from err
+
+
 class ComposerService:
-    def __init__(self, engine, store_root: str | Path, *, max_prompt_tokens: int, on_batch=None):
-        """engine: a CompositionEngine; its max_batch_rows bounds the running batch."""
+    def __init__(self, engine, adapters: NodeAdapterCache | str | Path, *, max_prompt_tokens: int, on_batch=None):
+        """engine: a CompositionEngine; its max_batch_rows bounds the running batch. adapters: the
+        node's NodeAdapterCache, or a folder in the store layout <root>/<name>/<version> read as it
+        is (tools and tests without a registry)."""
         self.engine = engine
-        self.store_root = Path(store_root)
+        if not isinstance(adapters, NodeAdapterCache):
+            adapters = NodeAdapterCache(tempfile.gettempdir(), folder_resolver(adapters))
+        self.adapters = adapters
+        self.loads = AdapterLoads(adapters, engine.read)
         self.max_prompt_tokens = max_prompt_tokens
         self.batcher = ContinuousBatcher(engine, prepare=self._prepare, on_batch=on_batch)
 
@@ -64,36 +113,46 @@ class ComposerService:
         """Made on the first request with a response_format (wrapping the tokenizer takes about 1 s)."""
         return JsonGrammars(self.engine.tokenizer, self.engine.vocab_size)
 
-    def adapter_path(self, key: str) -> Path:
-        adapter = AdapterKey.parse(key)
-        return self.store_root / adapter.name / adapter.version
+    async def fetch(self, keys) -> None:
+        """Have every key's files fetched and read (off the batch thread); raises the first failure."""
+        missing = [k for k in dict.fromkeys(keys) if not self.engine.has_adapter(k)]
+        await asyncio.gather(*(asyncio.wrap_future(self.loads.start(k)) for k in missing))
+
+    def install(self, key: str) -> concurrent.futures.Future | None:
+        """On the batch thread: put `key` in the engine's pool if its load is done (None once it is
+        there; raises what the load raised), else the load's future to wait for."""
+        if self.engine.has_adapter(key):
+            return None
+        future = self.loads.start(key)
+        if not future.done():
+            return future
+        # The registry validated these files when the version was added: missing, unreadable or
+        # altered files now are a server-side fault (503), not a bad request.
+        folder, weights = self.loads.take(key, future)
+        self.engine.install_adapter(key, weights, folder)
+        log.info("loaded adapter %s from %s", key, folder)
+        return None
 
     def ensure_loaded(self, keys: list[str]) -> None:
-        """Load each name@version the engine does not hold yet; a failed load changes nothing.
-
-        Runs on the batch thread (see `_prepare`), so loads never overlap a forward."""
+        """On the batch thread, after `fetch(keys)`: install each key (raises if one is not ready)."""
         for key in keys:
-            if self.engine.has_adapter(key):
-                continue
-            # The registry validated these files when the version was added: missing or unreadable
-            # files now mean the store lost them, a server-side fault (503), not a bad request.
-            path = self.adapter_path(key)
-            if not path.is_dir():
-                raise Unavailable(f"adapter '{key}' has no files in the adapter store")
-            try:
-                self.engine.load_adapter(key, path)
-            except AdapterValidationError as err:
-                raise store_fault(key, err) from err
-            log.info("loaded adapter %s from %s", key, path)
+            if self.install(key) is not None:
+                raise Unavailable(f"adapter '{key}' is still being fetched; retry shortly")
 
-    def _prepare(self, request: GenerationRequest) -> None:
-        """Before a request joins the running batch (on the batch thread): load its adapters (a
+    def _prepare(self, request: GenerationRequest) -> list[concurrent.futures.Future] | None:
+        """Before a request joins the running batch (on the batch thread): install its adapters (a
         registry sync may have dropped a version since the request was planned) and re-read any
-        whose CPU copy was let go. An adapter that cannot be read now fails this request alone,
-        with the reason; the running rows go on."""
-        for key in request.composition.adapters:
-            self.ensure_loaded([key])
-            self.ensure_readable(key)
+        whose CPU copy was let go. Adapters still being fetched: their futures (the batcher sets the
+        request aside meanwhile). An adapter that cannot be had fails this request alone, with the
+        reason; the running rows go on."""
+        pending = []
+        for key in dict.fromkeys(request.composition.adapters):
+            future = self.install(key)
+            if future is not None:
+                pending.append(future)
+            else:
+                self.ensure_readable(key)
+        return pending or None
 
     def ensure_readable(self, key: str) -> None:
         """Re-read now, from the store, an adapter that is neither on the device nor in the CPU
@@ -107,6 +166,7 @@ class ComposerService:
                           cards: dict[str, list[tuple[str, str]]]) -> list[PairScore]:
         """Compatibility of each pair of name@version keys on their card samples (inputs, targets),
         on the batch thread between batches (services/lora/compatibility.py)."""
+        await self.fetch(sorted({key for pair in pairs for key in pair}))
         return await self.batcher.run_exclusive(self._score_pairs, pairs, cards)
 
     def _score_pairs(self, pairs, cards) -> list[PairScore]:
@@ -155,7 +215,11 @@ class ComposerService:
             yield item
 
     async def follow_catalog(self, catalog) -> tuple[list[str], list[str]]:
-        """sync_with_catalog between two steps (never under a forward)."""
+        """sync_with_catalog between two steps (never under a forward), pinned versions fetched first."""
+        try:
+            await self.fetch(sorted(pinned_keys(catalog)))
+        except Unavailable as err:
+            log.warning("cannot pin: %s", err.message)
         return await self.batcher.run_exclusive(self.sync_with_catalog, catalog)
 
     def sync_with_catalog(self, catalog) -> tuple[list[str], list[str]]:
@@ -163,12 +227,10 @@ class ComposerService:
         pin or unpin by the registry's flag; runs between steps. Returns (dropped keys, stale keys
         kept because running rows still use them: a later sync drops them). A request still naming
         a dropped version reloads it from the store."""
-        live, pinned = set(), set()
+        live, pinned = set(), pinned_keys(catalog)
         for rec in catalog.records.values():
             if rec.active_version is not None:
                 live.add(str(AdapterKey(rec.name, rec.active_version)))
-                if rec.pinned:
-                    pinned.add(str(AdapterKey(rec.name, rec.active_version)))
             if rec.canary is not None:
                 live.add(str(AdapterKey(rec.name, rec.canary.version)))
         stale = [k for k in self.engine.loaded_adapters() if k not in live]
@@ -176,10 +238,11 @@ class ComposerService:
         dropped = [k for k in stale if k not in busy]
         for key in dropped:
             self.engine.unload_adapter(key)
-        try:
-            self.ensure_loaded(sorted(pinned))  # pinned adapters are resident before anyone asks
-        except Unavailable as err:
-            log.warning("cannot pin: %s", err.message)
+        for key in sorted(pinned):  # pinned adapters are resident before anyone asks
+            try:
+                self.ensure_loaded([key])
+            except Unavailable as err:
+                log.warning("cannot pin: %s", err.message)
         for key in self.engine.loaded_adapters():
             if key in pinned:
                 self.engine.pin(key)
@@ -191,7 +254,8 @@ class ComposerService:
         return self.engine.resident_adapters()
 
     def pool_stats(self) -> dict:
-        return self.engine.pool_stats()
+        """The engine's pool counters and this node's fetches (fetches, fetch_seconds, fetch_bytes, refused)."""
+        return {**self.engine.pool_stats(), **self.adapters.stats()}
 
     @property
     def queue_len(self) -> int:
@@ -199,3 +263,9 @@ class ComposerService:
 
     def batch_stats(self) -> dict:
         return dataclasses.asdict(self.batcher.stats)
+
+
+def pinned_keys(catalog) -> set[str]:
+    """name@version of every pinned adapter's active version."""
+    return {str(AdapterKey(rec.name, rec.active_version)) for rec in catalog.records.values()
+            if rec.pinned and rec.active_version is not None}
