@@ -41,7 +41,7 @@ class LocalCluster:
     def __init__(self, cfg: AppConfig, *, demo: bool = True):
         # Replicas run in other working directories: relative paths mean the caller's.
         cfg.adapter_store.path = str(Path(cfg.adapter_store.path).resolve())
-        if cfg.base_model.path != "demo":
+        if cfg.base_model.path != "demo" and "://" not in cfg.base_model.path:  # a URI is fetched per node
             cfg.base_model.path = str(Path(cfg.base_model.path).resolve())
         self.cfg = cfg
         self.demo = demo and cfg.base_model.path == "demo"

@@ -35,8 +35,10 @@ class Section(BaseModel):
 class BaseModelConfig(Section):
     path: str = Field(
         "demo",
-        description="Hugging Face model folder of the shared base model; 'demo' = the "
-        "SmolLM2-135M-Instruct folder that `loraretriever demo build` converts",
+        description="Hugging Face model folder of the shared base model, or its object store URI "
+        "(s3://bucket/models/name: fetched once per node into adapter_store.cache_path, with "
+        "adapter_store.objects' settings); 'demo' = the SmolLM2-135M-Instruct folder that "
+        "`loraretriever demo build` converts",
     )
     name: str | None = Field(None, description="id clients use for the base model; None = the folder's name")
     dtype: str = Field("auto", pattern="^(auto|float32|float16|bfloat16)$",
@@ -63,8 +65,9 @@ class AdapterStoreConfig(Section):
     path: str = Field("var/adapters", description="directory (or mounted volume) holding adapter versions")
     uri: str | None = Field(None, description="object storage for uploaded versions instead of `path`, e.g. "
                             "s3://bucket/adapters; composers fetch from it into their node's cache")
-    cache_path: str | None = Field(None, description="node-local folder where composers keep fetched versions; "
-                                   "None = adapter-cache/ under the data home ($LORARETRIEVER_HOME)")
+    cache_path: str | None = Field(None, description="node-local folder for what a node fetches from object storage "
+                                   "(adapters/: adapter versions, models/: a base model given by URI); None = "
+                                   "node-cache/ under the data home ($LORARETRIEVER_HOME)")
     objects: ObjectStoreConfig = Field(default_factory=ObjectStoreConfig)
     allow_unsafe_pickle: bool = Field(False, description="accept .bin (pickle) adapter weights; never in production")
 

@@ -18,10 +18,19 @@ def redis_client(cfg: AppConfig) -> redis.Redis:
     return redis.Redis.from_url(cfg.redis.url, password=password, socket_timeout=2.0, socket_connect_timeout=2.0)
 
 
-def base_model_path(cfg: AppConfig) -> Path:
-    """The base model folder; 'demo' = the SmolLM2 folder `loraretriever demo build` writes."""
+def base_model_path(cfg: AppConfig, *, config_only: bool = False) -> Path:
+    """The base model folder; 'demo' = the SmolLM2 folder `loraretriever demo build` writes; an object
+    store URI = this node's copy, fetched once per node (services/registry/model_cache.py; with
+    `config_only`, config.json alone)."""
+    from services.registry.object_store import is_remote
+
     if cfg.base_model.path == "demo":
         path = data_home() / "demo" / "base"
+    elif is_remote(cfg.base_model.path):
+        from services.registry.model_cache import node_model_folder
+
+        path = node_model_folder(cfg.base_model.path, node_cache_root(cfg), make_object_folders(cfg),
+                                 config_only=config_only)
     else:
         path = Path(cfg.base_model.path)
     if not (path / "config.json").is_file():
@@ -33,7 +42,7 @@ def base_model_name(cfg: AppConfig) -> str:
     """The id clients use for the base model (and adapters record as their base)."""
     if cfg.base_model.name:
         return cfg.base_model.name
-    return DEMO_BASE_NAME if cfg.base_model.path == "demo" else Path(cfg.base_model.path).name
+    return DEMO_BASE_NAME if cfg.base_model.path == "demo" else cfg.base_model.path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def make_placement(cfg: AppConfig):
@@ -50,7 +59,8 @@ def make_registry(cfg: AppConfig):
 
     return AdapterRegistry(
         redis_client(cfg), make_adapter_store(cfg),
-        base_config=AutoConfig.from_pretrained(base_model_path(cfg)), base_model=base_model_name(cfg),
+        base_config=AutoConfig.from_pretrained(base_model_path(cfg, config_only=True)),
+        base_model=base_model_name(cfg),
         max_rank=cfg.composition.max_rank, allow_unsafe_pickle=cfg.adapter_store.allow_unsafe_pickle,
         objects=make_object_folders(cfg),
     )
@@ -72,9 +82,13 @@ def make_adapter_store(cfg: AppConfig):
     return AdapterStore(cfg.adapter_store.path)
 
 
+def node_cache_root(cfg: AppConfig) -> Path:
+    """This node's folder for what it fetches from object storage (adapter versions, the base model)."""
+    return Path(cfg.adapter_store.cache_path) if cfg.adapter_store.cache_path else data_home() / "node-cache"
+
+
 def adapter_cache_path(cfg: AppConfig) -> Path:
-    """This node's folder for fetched adapter versions."""
-    return Path(cfg.adapter_store.cache_path) if cfg.adapter_store.cache_path else data_home() / "adapter-cache"
+    return node_cache_root(cfg) / "adapters"
 
 
 def make_adapter_cache(cfg: AppConfig, registry):

@@ -105,14 +105,15 @@ class ObjectFolders:
         store, prefix = self._open(uri)
         for name in names:
             key = f"{prefix}/{name}" if prefix else name
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             try:
-                data = obstore.get(store, key).bytes()
+                with open(dest / name, "wb") as handle:  # streamed: a base model's weights do not fit memory twice
+                    for chunk in obstore.get(store, key).stream(min_chunk_size=8 * 2**20):
+                        handle.write(memoryview(chunk))
             except FileNotFoundError as err:
                 raise ObjectStoreError(f"{join(uri, name)} does not exist") from err
             except Exception as err:
                 raise ObjectStoreError(f"cannot read {join(uri, name)}: {short(err)}") from err
-            with open(dest / name, "wb") as handle:
-                handle.write(memoryview(data))
 
     def upload(self, src: Path, names: list[str], uri: str) -> None:
         import obstore

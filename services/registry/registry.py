@@ -332,8 +332,8 @@ class AdapterRegistry:
         lost them); versions in object storage are not looked at."""
         if not isinstance(self.store, AdapterStore):
             return []
-        return [f"{r.name}@{name_v}" for r in self.snapshot() for name_v, vrec in r.versions.items()
-                if not is_remote(vrec.uri or "") and not self.store.path(r.name, name_v).is_dir()]
+        return [f"{r.name}@{version}" for r in self.snapshot() for version, vrec in r.versions.items()
+                if not is_remote(vrec.uri or "") and not self.store.path(r.name, version).is_dir()]
 
     # ---- internals ---------------------------------------------------------------
     def _check_new_version_args(self, name: str, card: AdapterCard, tenant: str | None, visibility: str) -> None:

@@ -45,9 +45,11 @@ def three_nodes(redis_server, tiny_zoo, s3_server, tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     from cluster.bringup import APP_NAME
+    from cluster.local_ray import loopback_ray_env
     from cluster.redis_server import free_port
     from deployments.app import build_app
-    from services.config import AppConfig
+    from services.config import AppConfig, ObjectStoreConfig
+    from services.registry.object_store import ObjectFolders
     from services.tenancy.tenants import TenantLimits, TenantStore
 
     os.environ["LORARETRIEVER_ADMIN_KEY"] = ADMIN_KEY
@@ -57,14 +59,22 @@ def three_nodes(redis_server, tiny_zoo, s3_server, tmp_path_factory):
     links = [HeldLink(s3_port), HeldLink(s3_port)]
     homes = [tmp_path_factory.mktemp(f"worker{i}-home") for i in range(2)]
     credentials = {k: v for k, v in s3_server.env().items() if k != "AWS_ENDPOINT_URL"}
+    head_env = {**loopback_ray_env(), **credentials, "AWS_ENDPOINT_URL": s3_server.endpoint}
+    os.environ.update(head_env)  # this process uploads and tampers with bucket objects too
+    base_uri = "s3://lr-multinode/models/tiny-random-llama"  # each node fetches it into its own cache
+    ObjectFolders(ObjectStoreConfig(allow_http=True)).upload(
+        tiny_zoo.base, [str(p.relative_to(tiny_zoo.base)) for p in tiny_zoo.base.rglob("*") if p.is_file()], base_uri)
     cfg = AppConfig.model_validate({
-        "base_model": {"path": str(tiny_zoo.base), "name": "tiny-random-llama", "dtype": "float32"},
+        "base_model": {"path": base_uri, "dtype": "float32"},
         # The endpoint is each node's AWS_ENDPOINT_URL: the head's is the server, a worker's its link.
         "adapter_store": {"path": str(tmp_path_factory.mktemp("head-only-folder")), "uri": "s3://lr-multinode/adapters",
                           "objects": {"allow_http": True, "region": "us-east-1", "retries": 1, "timeout_s": 120}},
         "redis": {"url": redis_server.url, "start_local": False},
         "server": {"port": port, "request_timeout_s": 120},
-        "composition": {"max_batch_size": 8, "device_slots": 8, "cpu_slots": 16, "torch_threads": 1},
+        # compatibility_neighbours 0: adding a version scores no pairs on a composer, so the first fetch
+        # of a version is the one a request makes (the checksum test tampers before it).
+        "composition": {"max_batch_size": 8, "device_slots": 8, "cpu_slots": 16, "torch_threads": 1,
+                        "compatibility_neighbours": 0},
         "deployments": {
             "ingress": {"num_cpus": 0.1, "resources": {HEAD_RESOURCE: 1}},
             "retriever": {"num_cpus": 0.1, "resources": {HEAD_RESOURCE: 1}},
@@ -75,15 +85,14 @@ def three_nodes(redis_server, tiny_zoo, s3_server, tmp_path_factory):
             "composer_router": "power_of_two",
         },
     })
-    head_env = {**credentials, "AWS_ENDPOINT_URL": s3_server.endpoint}
-    os.environ.update(head_env)  # this process uploads and tampers with bucket objects too
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "resources": {HEAD_RESOURCE: 4}, "include_dashboard": False, "env_vars": head_env})
-    workers = [cluster.add_node(num_cpus=1, resources={COMPOSER_RESOURCE: 1},
-                                env_vars={**credentials, "AWS_ENDPOINT_URL": link.endpoint,
+        "num_cpus": 1, "resources": {HEAD_RESOURCE: 4}, "include_dashboard": False, "env_vars": head_env,
+        "node_ip_address": "127.0.0.1"})
+    workers = [cluster.add_node(num_cpus=1, resources={COMPOSER_RESOURCE: 1}, node_ip_address="127.0.0.1",
+                                env_vars={**head_env, "AWS_ENDPOINT_URL": link.endpoint,
                                           "LORARETRIEVER_HOME": str(home)})
                for link, home in zip(links, homes)]
-    ray.init(address=cluster.address)
+    ray.init(address=cluster.address, log_to_driver=False)
     api_key = TenantStore(redis_server.client()).add("acme", TenantLimits(requests_per_second=1000, burst=2000,
                                                                           max_concurrent=64))
     serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
@@ -123,14 +132,6 @@ def composers(c) -> dict:
     return PlacementStore(c.redis.client()).replicas()
 
 
-def composer_nodes() -> dict[str, str]:
-    """Composer replica id -> the Ray node id it runs on."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("class_name", "=", "ServeReplica:loraretriever:Composer"), ("state", "=", "ALIVE")])
-    return {a.name.rsplit("#", 1)[-1]: a.node_id for a in actors}
-
-
 def wait_until(condition, what: str, timeout_s: float):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -140,6 +141,12 @@ def wait_until(condition, what: str, timeout_s: float):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting until {what}")
         time.sleep(0.2)
+
+
+def wait_known(c, model: str) -> None:
+    """Until the ingress's catalog (refreshed when the registry moves) lists `model`."""
+    with client(c) as http:
+        wait_until(lambda: http.get(f"/v1/models/{model}").status_code == 200, f"the ingress knows {model}", 30)
 
 
 def burst(c, model: str, n: int = 8, max_tokens: int = 4) -> list[httpx.Response]:
@@ -159,9 +166,19 @@ def burst(c, model: str, n: int = 8, max_tokens: int = 4) -> list[httpx.Response
 
 
 def test_composers_run_on_the_two_workers_and_nothing_else_does(three_nodes):
-    worker_ids = {w.node_id for w in three_nodes.workers}
-    nodes = wait_until(lambda: (n := composer_nodes()) and len(n) == 2 and n, "two composers are alive", 60)
-    assert set(nodes.values()) == worker_ids  # one on each worker, held there by lr_composer
+    import ray
+
+    alive = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    assert len(alive) == 3
+    assert {n for n, res in alive.items() if COMPOSER_RESOURCE in res} == {w.node_id for w in three_nodes.workers}
+    # Each worker offers one lr_composer and the two composers hold both; ingress and retriever
+    # hold the head's lr_head.
+    wait_until(lambda: len(composers(three_nodes)) == 2, "both composers send heartbeats", 60)
+    available = ray.available_resources()
+    assert available.get(COMPOSER_RESOURCE, 0) == 0 and available[HEAD_RESOURCE] == 2
+    for home in three_nodes.homes:  # each worker fetched the base model from the bucket into its own folder
+        models = (home / "node-cache" / "models").iterdir()
+        assert [m for m in models if (m / ".complete").is_file() and (m / "model.safetensors").is_file()]
 
 
 def test_an_adapter_added_on_the_head_is_answered_by_composers_on_both_workers(three_nodes, tmp_path):
@@ -171,6 +188,7 @@ def test_an_adapter_added_on_the_head_is_answered_by_composers_on_both_workers(t
     reply = c.admin.post("/admin/adapters", json=upload_body("shouty", src, {**c.cards[name], "model_name": "shouty"}))
     assert reply.status_code == 200, reply.text
     assert reply.json()["uri"].startswith("s3://lr-multinode/adapters/shouty/v1-")
+    wait_known(c, "shouty")
 
     def both_hold_it():
         for response in burst(c, "shouty"):
@@ -181,11 +199,38 @@ def test_an_adapter_added_on_the_head_is_answered_by_composers_on_both_workers(t
 
     states = wait_until(both_hold_it, "both composers answered with shouty@v1", 120)
     for home in c.homes:  # each worker fetched it into its own data folder
-        assert (home / "adapter-cache" / "shouty" / "v1" / ".checksum").is_file()
+        assert (home / "node-cache" / "adapters" / "shouty" / "v1" / ".checksum").is_file()
     per_fetch = [s.pool["fetch_seconds"] / s.pool["fetches"] for s in states.values() if s.pool.get("fetches")]
     FIGURES["fetch_seconds_per_adapter"] = sorted(per_fetch)
     FIGURES["fetch_bytes_per_adapter"] = sorted(s.pool["fetch_bytes"] / s.pool["fetches"] for s in states.values())
     print(f"fetch time per adapter on the workers: {[round(x, 3) for x in per_fetch]} s")
+
+
+def test_adapters_add_registers_files_already_in_a_bucket(three_nodes, tmp_path):
+    import contextlib
+    import io
+
+    from cluster.cli import main
+    from services.registry.object_store import ObjectFolders
+
+    c = three_nodes
+    src = variant_adapter(c.zoo.adapters["uppercase"], tmp_path / "trained", 0.75)
+    uri = "s3://lr-multinode/training-runs/run-7"
+    ObjectFolders(c.cfg.adapter_store.objects).upload(src, ["adapter_config.json", "adapter_model.safetensors"], uri)
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({**c.cards["uppercase"], "model_name": "from-bucket"}))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["adapters", "add", "from-bucket", uri, "--card", str(card), "--url", c.url])
+    assert code == 0, err.getvalue()
+    assert json.loads(out.getvalue())["uri"] == uri  # registered where it is, not copied
+    wait_known(c, "from-bucket")
+    with client(c) as http:
+        reply = complete(http, "from-bucket")
+    assert reply.status_code == 200, reply.text
+    with contextlib.redirect_stderr(err):
+        assert main(["adapters", "add", "x", uri, "--url", c.url]) != 0
+    assert "give the card with --card" in err.getvalue()
 
 
 def test_a_version_promoted_under_traffic_is_served_everywhere_within_the_stated_time(three_nodes, tmp_path):
@@ -237,6 +282,7 @@ def test_a_worker_killed_while_it_fetches_loses_no_request(three_nodes, tmp_path
     src = variant_adapter(c.zoo.adapters["uppercase"], tmp_path / "late", 2.0)
     assert c.admin.post("/admin/adapters", json=upload_body("late", src, {**c.cards["uppercase"],
                                                                            "model_name": "late"})).status_code == 200
+    wait_known(c, "late")
     for link in c.links:
         link.hold()
     result: dict = {}
@@ -251,16 +297,15 @@ def test_a_worker_killed_while_it_fetches_loses_no_request(three_nodes, tmp_path
     fetching = next(i for i, link in enumerate(c.links) if link.waiting)
     other = 1 - fetching
     c.links[other].release()
-    c.cluster.remove_node(c.workers[fetching], allow_graceful=False)
-    c.links[fetching].release()
+    c.cluster.remove_node(c.workers[fetching], allow_graceful=False)  # its link stays held: it never fetched
     sender.join(180)
     response = result["response"]
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["lora"]["adapters"][0]["name"] == "late"
     survivor = wait_until(lambda: (s := composers(c)) and any("late@v1" in x.resident for x in s.values()) and s,
                           "the surviving composer holds late@v1", 30)
-    assert (c.homes[other] / "adapter-cache" / "late" / "v1").is_dir()
-    assert not (c.homes[fetching] / "adapter-cache" / "late" / "v1").exists()
+    assert (c.homes[other] / "node-cache" / "adapters" / "late" / "v1").is_dir()
+    assert not (c.homes[fetching] / "node-cache" / "adapters" / "late" / "v1").exists()
     assert survivor
 
 
@@ -275,6 +320,7 @@ def test_a_fetched_file_that_fails_its_checksum_is_refused_and_never_served(thre
     assert reply.status_code == 200, reply.text
     other = variant_adapter(c.zoo.adapters["uppercase"], tmp_path / "other", 4.0)  # valid, not the registered files
     ObjectFolders(c.cfg.adapter_store.objects).upload(other, [SAFETENSORS_FILE], reply.json()["uri"])
+    wait_known(c, "spoiled")
     for response in burst(c, "spoiled", n=4):
         assert response.status_code == 503, response.text
         assert "adapter 'spoiled@v1' refused" in response.json()["error"]["message"]

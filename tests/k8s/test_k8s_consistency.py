@@ -2,6 +2,7 @@
 manifests, the Serve args, pyproject.toml and docs/kubernetes.md."""
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from urllib.parse import urlparse
@@ -99,13 +100,46 @@ def test_secret_env_names_agree(rendered, overlay):
     for group, container in ray_containers(objects).items():
         refs.add(secret_ref(container, cfg.redis.password_env))
         refs.add(secret_ref(container, cfg.server.admin_key_env))
+        if cfg.adapter_store.uri:  # adapters in object storage: every Ray pod reaches the bucket
+            refs.update(secret_ref(container, env) for env in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
     redis = one(objects, "StatefulSet", "loraretriever-redis")["spec"]["template"]["spec"]["containers"][0]
     assert secret_ref(redis, "REDIS_PASSWORD") in refs
     for name, key in refs:
-        assert f"kubectl -n loraretriever create secret generic {name} --from-literal={key}=" in DOCS
+        assert re.search(rf"kubectl -n loraretriever create secret generic {name}( --from-literal=\S+)* "
+                         rf"--from-literal={key}=", DOCS), (name, key)
         if overlay == "dev":
             assert key in one(objects, "Secret", name)["stringData"]
-    assert len(refs) == 2
+    assert len(refs) == (4 if cfg.adapter_store.uri else 2)
+
+
+@pytest.mark.parametrize("overlay", VARIANTS)
+def test_custom_resources_keep_ingress_and_retrievers_off_gpu_nodes(rendered, overlay):
+    """Each deployment's `resources` are offered by some group (rayStartParams resources), the
+    Ingress and Retrievers never by a group with GPUs, and on the gpu overlay Composers only there."""
+    cfg = config(rendered[overlay])
+    groups = ray_groups(one(rendered[overlay], "RayService"))
+    offered = {g: json.loads(json.loads(spec["rayStartParams"].get("resources", '"{}"'))) for g, spec in groups.items()}
+    with_gpus = {g for g, spec in groups.items() if spec["rayStartParams"].get("num-gpus", "0") != "0"}
+    hosts = {}
+    for name in ("ingress", "retriever", "composer"):
+        wanted = getattr(cfg.deployments, name).resources
+        assert wanted, f"{name} names no custom resource: it could land on any node"
+        hosts[name] = {g for g, res in offered.items() if all(res.get(k, 0) >= v for k, v in wanted.items())}
+        assert hosts[name], f"no group offers {wanted} for {name}"
+    assert not (hosts["ingress"] | hosts["retriever"]) & with_gpus
+    assert hosts["composer"] == (with_gpus or hosts["composer"])
+
+
+@pytest.mark.parametrize("overlay", VARIANTS)
+def test_the_node_cache_is_node_local(rendered, overlay):
+    """adapter_store.cache_path sits on an emptyDir of every Ray pod, never on the shared claim."""
+    cfg = config(rendered[overlay])
+    for group, spec in ray_groups(one(rendered[overlay], "RayService")).items():
+        pod = spec["template"]["spec"]
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if cfg.adapter_store.cache_path.startswith(
+            m["mountPath"].rstrip("/") + "/") or cfg.adapter_store.cache_path == m["mountPath"]]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert "emptyDir" in volume and volume["emptyDir"].get("medium") != "Memory", group
 
 
 @pytest.mark.parametrize("overlay", VARIANTS)

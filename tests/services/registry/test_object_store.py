@@ -152,3 +152,32 @@ def test_garbage_collection_in_a_bucket_store_deletes_retired_unheld_versions(bu
     assert bucket_registry.collect_garbage(in_use=["m@v1"], min_age_s=0) == []  # a replica still holds it
     assert bucket_registry.collect_garbage(min_age_s=0) == ["m@v1"]
     assert objects.list_files(first.uri) == {} and objects.list_files(second.uri)
+
+
+def test_a_base_model_by_uri_is_fetched_once_per_node_and_appears_whole(objects, s3, tmp_path):
+    from cluster.redis_server import free_port
+    from services.config import ObjectStoreConfig
+    from services.registry.model_cache import node_model_folder
+    from services.registry.object_store import ObjectStoreError
+
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"w" * 3000)
+    (model / "sub" / "tokenizer.json").write_text("{}")
+    uri = f"{s3.root}/models/tiny"
+    objects.upload(model, ["config.json", "model.safetensors", "sub/tokenizer.json"], uri)
+
+    config_only = node_model_folder(uri, tmp_path / "node", objects, config_only=True)
+    assert [p.name for p in config_only.iterdir() if p.name != ".complete"] == ["config.json"]
+    folder = node_model_folder(uri, tmp_path / "node", objects)
+    assert folder.name.startswith("tiny-") and (folder / "sub" / "tokenizer.json").read_text() == "{}"
+    assert (folder / "model.safetensors").read_bytes() == b"w" * 3000
+    # Found on the node afterwards: a server that is gone is not asked again, and the whole folder
+    # serves a config-only caller.
+    gone = ObjectFolders(ObjectStoreConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", allow_http=True, retries=0,
+                                           connect_timeout_s=1, timeout_s=2))
+    assert node_model_folder(uri, tmp_path / "node", gone) == folder
+    assert node_model_folder(uri, tmp_path / "node", gone, config_only=True) == folder
+    with pytest.raises(ObjectStoreError, match="holds no config.json"):
+        node_model_folder(f"{s3.root}/models/none", tmp_path / "node", objects)
