@@ -17,8 +17,9 @@ reads the registry, `folder_resolver` the folder layout alone, for tools without
 
 Files that do not match the registry's checksum are deleted and never returned:
 `ChecksumMismatch`. Anything else that goes wrong (unreachable store, missing object or folder)
-is an `AdapterFetchError`. Both are `Unavailable` (HTTP 503) and name the version. Concurrent
-calls for one version share one fetch; different versions fetch in parallel."""
+is an `AdapterFetchError`. Both are `Unavailable` (HTTP 503) and name the version, not where its
+files are (clients never see store paths or bucket names; the log has them). Concurrent calls for
+one version share one fetch; different versions fetch in parallel."""
 from __future__ import annotations
 
 import logging
@@ -81,15 +82,23 @@ class NodeAdapterCache:
             else:
                 folder = local_path(source.uri)
                 if not folder.is_dir():
-                    raise AdapterFetchError(f"adapter '{key}' has no files at {source.uri}")
+                    log.warning("adapter %s: no folder at %s", key, source.uri)
+                    raise AdapterFetchError(f"adapter '{key}' has no files in the adapter store")
                 self._check(key, folder, source, delete=False)
             self._verified[key] = folder
             return folder
 
-    def forget(self, key: str) -> None:
-        """Check `key`'s files again on next use (a version dropped by this node)."""
+    def drop(self, key: str) -> None:
+        """Forget `key` and delete this node's fetched copy of it (a version the registry no longer
+        serves); a folder read in place is never touched. A later call fetches it again."""
+        adapter = AdapterKey.parse(key)
         with self._lock:
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:
             self._verified.pop(key, None)
+            copy = self.root / adapter.name / adapter.version
+            if (copy / CHECKSUM_FILE).is_file():
+                shutil.rmtree(copy, ignore_errors=True)
 
     def stats(self) -> dict:
         with self._lock:
@@ -109,10 +118,12 @@ class NodeAdapterCache:
             try:
                 names = [n for n in self.objects.list_files(source.uri) if n in ADAPTER_FILES]
                 if CONFIG_FILE not in names:
-                    raise AdapterFetchError(f"adapter '{adapter}' has no {CONFIG_FILE} at {source.uri}")
+                    raise ObjectStoreError(f"{source.uri} holds no {CONFIG_FILE}")
                 self.objects.download(source.uri, names, tmp)
             except ObjectStoreError as err:
-                raise AdapterFetchError(f"cannot fetch adapter '{adapter}': {err.message}") from err
+                log.warning("adapter %s cannot be fetched: %s", adapter, err.message)
+                raise AdapterFetchError(f"adapter '{adapter}' cannot be fetched from the adapter store (unreachable "
+                                        "or files missing); retry shortly") from err
             seconds = time.perf_counter() - started
             size = sum((tmp / n).stat().st_size for n in names)
             self._check(str(adapter), tmp, source, delete=True)
@@ -137,7 +148,9 @@ class NodeAdapterCache:
         try:
             actual = adapter_checksum(folder)
         except Exception as err:  # a file missing: AdapterValidationError; unreadable: OSError
-            raise AdapterFetchError(f"adapter '{key}' cannot be read at {source.uri}: {err}") from err
+            log.warning("adapter %s cannot be read at %s: %s", key, source.uri, err)
+            raise AdapterFetchError(f"adapter '{key}' cannot be read from the adapter store (files missing or "
+                                    "unreadable)") from err
         if actual != source.checksum:
             if delete:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -145,8 +158,8 @@ class NodeAdapterCache:
                 self.counters["refused"] += 1
             log.error("adapter %s refused: files at %s have sha256 %s, the registry recorded %s", key, source.uri,
                       actual[:12], source.checksum[:12])
-            raise ChecksumMismatch(f"adapter '{key}' refused: its files at {source.uri} do not match the "
-                                   f"registry's checksum (sha256 {actual[:12]}..., expected {source.checksum[:12]}...)")
+            raise ChecksumMismatch(f"adapter '{key}' refused: its files in the adapter store do not match the "
+                                   "registry's checksum")
 
 
 def folder_resolver(store_root: str | Path) -> Callable[[str, str], VersionSource]:

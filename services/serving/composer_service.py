@@ -238,6 +238,7 @@ class ComposerService:
         dropped = [k for k in stale if k not in busy]
         for key in dropped:
             self.engine.unload_adapter(key)
+            self.adapters.drop(key)  # its fetched copy too: a node's cache holds what is served
         for key in sorted(pinned):  # pinned adapters are resident before anyone asks
             try:
                 self.ensure_loaded([key])

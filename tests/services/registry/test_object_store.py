@@ -48,6 +48,9 @@ def test_a_bucket_store_uploads_versions_and_a_node_fetches_them_once(bucket_reg
     assert adapter_checksum(folder) == vrec.checksum
     assert (folder / SAFETENSORS_FILE).read_bytes() == (src / SAFETENSORS_FILE).read_bytes()
     assert cache.local_folder("m@v1") == folder and cache.stats()["fetches"] == 1
+    cache.drop("m@v1")  # the registry moved off it: the node's copy goes, a later use fetches again
+    assert not folder.exists()
+    assert cache.local_folder("m@v1") == folder and cache.stats()["fetches"] == 2
     # Another process on the node (a restarted replica) finds the verified copy and reads nothing.
     again = node_cache(bucket_registry, tmp_path / "node-a", objects)
     assert again.local_folder("m@v1") == folder and again.stats()["fetches"] == 0
@@ -103,13 +106,16 @@ def test_files_already_in_a_bucket_are_registered_where_they_are_after_the_same_
 
 
 def test_files_that_fail_their_checksum_are_refused_deleted_and_never_served(bucket_registry, objects, adapter_dir,
-                                                                             tmp_path):
+                                                                             tmp_path, caplog):
     vrec = add(bucket_registry, adapter_dir(0))
     other = adapter_dir(1)  # valid weights of the same shapes: only the checksum tells them apart
     objects.upload(other, [SAFETENSORS_FILE], vrec.uri)
     cache = node_cache(bucket_registry, tmp_path / "node", objects)
-    with pytest.raises(ChecksumMismatch, match="adapter 'm@v1' refused: its files at s3://.* do not match"):
+    with pytest.raises(ChecksumMismatch, match="adapter 'm@v1' refused: its files in the adapter store do not match") \
+            as refused:
         cache.local_folder("m@v1")
+    assert "s3://" not in refused.value.message  # where files live is the log's, not the client's
+    assert f"files at {vrec.uri} have sha256" in caplog.text
     assert not (tmp_path / "node" / "m" / "v1").exists()
     assert not list((tmp_path / "node" / ".staging").iterdir())
     assert cache.stats()["refused"] == 1 and cache.stats()["fetches"] == 0
@@ -125,6 +131,8 @@ def test_the_folder_store_records_file_uris_and_is_read_in_place_after_its_check
     assert vrec.uri == folder.resolve().as_uri()
     cache = NodeAdapterCache(tmp_path / "cache", registry_resolver(registry, store.root))
     assert cache.local_folder("m@v1") == folder.resolve() and cache.stats()["fetches"] == 0
+    cache.drop("m@v1")
+    assert folder.is_dir()  # a folder read in place is the store's, never deleted by a node
     add(registry, adapter_dir(1))
     shutil.copyfile(adapter_dir(0) / SAFETENSORS_FILE, store.path("m", "v2") / SAFETENSORS_FILE)
     with pytest.raises(ChecksumMismatch, match="adapter 'm@v2' refused"):
@@ -132,7 +140,8 @@ def test_the_folder_store_records_file_uris_and_is_read_in_place_after_its_check
     assert (store.path("m", "v2") / SAFETENSORS_FILE).is_file()  # the store's own files are not deleted
 
 
-def test_an_unreachable_object_store_is_a_clear_error_naming_the_version(bucket_registry, adapter_dir, s3, tmp_path):
+def test_an_unreachable_object_store_is_a_clear_error_naming_the_version(bucket_registry, adapter_dir, s3, tmp_path,
+                                                                         caplog):
     from cluster.redis_server import free_port
     from services.config import ObjectStoreConfig
 
@@ -140,8 +149,9 @@ def test_an_unreachable_object_store_is_a_clear_error_naming_the_version(bucket_
     closed = ObjectFolders(ObjectStoreConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", allow_http=True,
                                              retries=0, connect_timeout_s=1, timeout_s=2))
     cache = node_cache(bucket_registry, tmp_path / "node", closed)
-    with pytest.raises(AdapterFetchError, match="cannot fetch adapter 'm@v1': cannot list s3://"):
+    with pytest.raises(AdapterFetchError, match="adapter 'm@v1' cannot be fetched from the adapter store"):
         cache.local_folder("m@v1")
+    assert "adapter m@v1 cannot be fetched: cannot list s3://" in caplog.text
 
 
 def test_garbage_collection_in_a_bucket_store_deletes_retired_unheld_versions(bucket_registry, objects,
