@@ -7,6 +7,7 @@ import time
 import httpx
 
 from cluster.bringup import ADMIN_KEY_FILE
+from cluster.errors import UserError
 from services.config import AppConfig
 from services.wiring import make_placement, make_registry, redis_client
 from services.serving.index_sync import REBUILD_EPOCH_KEY
@@ -104,16 +105,33 @@ def render_status(report: dict) -> str:
     return "\n".join(lines)
 
 
-def rebuild_index(cfg: AppConfig) -> str:
-    """A shared Qdrant server is rebuilt here; embedded indexes live in each retriever replica,
-    which rebuild when they see the epoch key move."""
-    redis_client(cfg).set(REBUILD_EPOCH_KEY, str(time.time()))
+def rebuild_index(cfg: AppConfig, wait_s: float = 120.0) -> str:
+    """Embedded indexes live in each retriever replica, which rebuild when they see the epoch key
+    move. A shared Qdrant collection is rebuilt by its one writer: the retriever replica holding
+    the writer lock, or, when no replica holds it (no cluster running), this command."""
+    from services.serving.index_sync import REBUILT_EPOCH_KEY, IndexSync
+
+    redis = redis_client(cfg)
+    epoch = str(time.time()).encode()
+    redis.set(REBUILD_EPOCH_KEY, epoch)
     if cfg.qdrant.url is None:
         return "asked every retriever replica to rebuild its embedded index from the registry"
     from services.wiring import make_index
     from services.retrieval.embedder import embedder_from_config
-    from services.serving.index_sync import IndexSync
 
     dim = embedder_from_config(cfg.embedder).dim
-    count = IndexSync(make_registry(cfg), make_index(cfg, dim)).rebuild()
-    return f"rebuilt the index at {cfg.qdrant.url}: {count} adapters"
+    sync = IndexSync(make_registry(cfg), make_index(cfg, dim), redis=redis, writer_id=f"cli:{os.getpid()}")
+    if sync.writer.hold():
+        try:
+            count = sync.rebuild()
+        finally:
+            sync.release()
+        return f"rebuilt the index at {cfg.qdrant.url} into a new collection and switched to it: {count} adapters"
+    holder = sync.writer.current()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if redis.get(REBUILT_EPOCH_KEY.format(alias=cfg.qdrant.collection)) == epoch:
+            return f"the index writer {holder} rebuilt the index at {cfg.qdrant.url} and switched to it"
+        time.sleep(1)
+    raise UserError(f"the index writer {holder} did not rebuild the index within {wait_s:.0f} s; "
+                    "check the retriever replicas (`loraretriever status`) and run this again")

@@ -1,6 +1,7 @@
 """Retriever replicas: embed prompts in batches, search the adapter index kept in step with the registry."""
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from ray import serve
@@ -9,20 +10,32 @@ from deployments import metrics
 from services.config import AppConfig
 from services.wiring import make_index, make_registry, redis_client
 from services.retrieval.embedder import embedder_from_config
-from services.serving.index_sync import REBUILD_EPOCH_KEY, IndexSync
+from services.serving.index_sync import IndexSync, process_id
 
 log = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="Retriever")
 class Retriever:
-    def __init__(self, config: dict):
+    # How often a replica follows the registry without traffic: the index writer must apply an
+    # adapter added on a quiet cluster, and keep its writer lease (services/serving/index_sync.py).
+    FOLLOW_EVERY_S = 1.0
+
+    async def __init__(self, config: dict):
         cfg = AppConfig.model_validate(config)
         self.embedder = embedder_from_config(cfg.embedder)
-        redis = redis_client(cfg)
-        self.sync = IndexSync(make_registry(cfg), make_index(cfg, self.embedder.dim),
-                              rebuild_epoch=lambda: redis.get(REBUILD_EPOCH_KEY))
+        self.sync = IndexSync(make_registry(cfg), make_index(cfg, self.embedder.dim), redis=redis_client(cfg),
+                              writer_id=f"retriever:{process_id()}")
         self.sync.refresh(force=True)
+        self._follower = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.FOLLOW_EVERY_S)
+            self.sync.refresh()
+
+    def __del__(self):
+        self.sync.release()  # a replica shut down hands the writer lock over at once
 
     async def retrieve(self, text: str, **search: object) -> dict:
         """RetrievalResult as a dict; `search` holds AdapterIndex.search keywords."""
@@ -51,4 +64,4 @@ class Retriever:
 
     def status(self) -> dict:
         return {"adapters": len(self.sync.index.names()), "generation": self.sync.generation,
-                "embedding_cache": self.embedder.cache.stats()}
+                "index_writer": self.sync.writes, "embedding_cache": self.embedder.cache.stats()}

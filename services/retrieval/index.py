@@ -5,15 +5,20 @@ Both kinds are stored so the scoring is a per-search choice:
 - "samples":  every card sample is a point; an adapter scores the mean of its best `sample_top_m`
               samples (Qdrant's grouped search, grouped by adapter name).
 Writes take the same code path for embedded Qdrant (":memory:" or a folder) and a Qdrant server
-(url). Searches differ: a server searches its HNSW graph with payload indexes, one
+(url). The configured collection name is a Qdrant alias: searches and writes go through it, and
+`rebuild` fills a new collection and then points the alias at it in one alias operation, so no
+search ever sees a half-filled index (docs/retrieval.md, "Index lifecycle"). Searches differ: a server searches its HNSW graph with payload indexes, one
 query_batch_points call per batch of queries; embedded Qdrant would filter every point in Python
 for every query, so the embedded index searches an in-memory copy instead (matrix_index.py),
 loaded from the collection when it opens and kept in step by every write.
 """
 from __future__ import annotations
 
+import re
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from qdrant_client import QdrantClient, models
@@ -34,6 +39,24 @@ class IndexInputError(ValueError):
     """A bad argument to the adapter index: name, embeddings shape, scoring, top_k."""
 
 
+@dataclass
+class IndexEntry:
+    """One adapter as a rebuild writes it: its card's sample embeddings (samples, dim) and payload fields."""
+    name: str
+    samples: np.ndarray
+    fields: dict = field(default_factory=dict)  # upsert keywords: version, tenant, base_model, domain
+
+
+def collection_pattern(alias: str) -> re.Pattern:
+    """Names of the collections an alias has pointed at (`<alias>--ix-<hex>`); other names are never touched."""
+    return re.compile(re.escape(alias) + r"--ix-[0-9a-f]+")
+
+
+def entry_fields(version, tenant, base_model, domain) -> tuple:
+    """What an index entry holds besides vectors; a change of any of them needs a re-upsert."""
+    return (version, tenant, base_model, domain)
+
+
 def _point_id(name: str, kind: str, i: int) -> str:
     # Deterministic ids: re-adding an adapter overwrites its points in place, so a query never
     # sees the adapter missing or twice while it is replaced.
@@ -47,7 +70,9 @@ def _match(key: str, value: str) -> models.FieldCondition:
 class AdapterIndex:
     def __init__(self, dim: int, *, url: str | None = None, path: str = ":memory:",
                  collection: str = "adapters", scoring: str = "centroid", api_key: str | None = None,
-                 sample_top_m: int = 1, memory_search: bool | None = None):
+                 sample_top_m: int = 1, memory_search: bool | None = None, client: QdrantClient | None = None):
+        """client: a Qdrant client other writers share (the same semantics as a server url; tests
+        stand a locked embedded client in for a server)."""
         if dim < 1:
             raise IndexInputError(f"dim must be positive, got {dim}")
         self.dim = dim
@@ -55,12 +80,18 @@ class AdapterIndex:
         if sample_top_m < 1:
             raise IndexInputError(f"sample_top_m must be at least 1, got {sample_top_m}")
         self.sample_top_m = sample_top_m
-        if memory_search and url:
+        shared = url is not None or client is not None
+        if memory_search and shared:
             raise IndexInputError("memory_search is for embedded Qdrant only: a server's collection has other writers")
-        self.collection = collection
-        self.client = QdrantClient(url=url, api_key=api_key) if url else QdrantClient(path=path)
-        self.remote = url is not None
-        self.ensure_collection()
+        self.collection = collection  # the alias: every search and write goes through it
+        if client is None:
+            client = QdrantClient(url=url, api_key=api_key) if url else QdrantClient(path=path)
+        self.client = client
+        self.remote = shared  # other processes may search and write this collection
+        if not shared or self.target() is not None:
+            # a shared collection is created by its writer only (IndexSync under the writer lock): a
+            # replica starting beside a writer must never point the alias at an empty collection
+            self.ensure_collection()
         # None: search in memory when embedded; False there searches embedded Qdrant itself (for comparison)
         self._matrix = self._load_matrix() if (not self.remote if memory_search is None else memory_search) else None
 
@@ -68,6 +99,12 @@ class AdapterIndex:
     def upsert(self, name: str, sample_embeddings: np.ndarray, *, version: str = "1", tenant: str | None = None,
                base_model: str | None = None, domain: str | None = None) -> None:
         """Index adapter `name` from its card's sample embeddings (samples, dim); replaces any previous entry."""
+        self._write(self.collection, self._matrix, name, sample_embeddings, version=version, tenant=tenant,
+                    base_model=base_model, domain=domain)
+
+    def _write(self, collection: str, matrix: MatrixIndex | None, name: str, sample_embeddings: np.ndarray, *,
+               version: str = "1", tenant: str | None = None, base_model: str | None = None,
+               domain: str | None = None) -> None:
         if not name:
             raise IndexInputError("adapter name must be a non-empty string")
         if tenant == "":
@@ -80,21 +117,21 @@ class AdapterIndex:
         payload = {"name": name, "version": version, "base_model": base_model, "domain": domain}
         if tenant is not None:
             payload["tenant"] = tenant  # absent = shared
-        previous = self._sample_count(name)
+        previous = self._sample_count(name, collection)
         points = [models.PointStruct(id=_point_id(name, "centroid", 0), vector=centroid.tolist(),
                                      payload={**payload, "kind": "centroid", "idx": 0, "samples": len(samples)})]
         points += [models.PointStruct(id=_point_id(name, "sample", i), vector=v.tolist(),
                                       payload={**payload, "kind": "sample", "idx": i})
                    for i, v in enumerate(samples)]
-        self.client.upsert(self.collection, points=points, wait=True)
+        self.client.upsert(collection, points=points, wait=True)
         # a previous card may have had more samples than this one
         if previous is None:
-            self.client.delete(self.collection, wait=True, points_selector=models.FilterSelector(filter=models.Filter(
+            self.client.delete(collection, wait=True, points_selector=models.FilterSelector(filter=models.Filter(
                 must=[_match("name", name), models.FieldCondition(key="idx", range=models.Range(gte=len(samples)))])))
         elif previous > len(samples):
-            self._delete_ids([_point_id(name, "sample", i) for i in range(len(samples), previous)])
-        if self._matrix is not None:
-            self._matrix.put(name, samples, version, tenant, base_model)
+            self._delete_ids([_point_id(name, "sample", i) for i in range(len(samples), previous)], collection)
+        if matrix is not None:
+            matrix.put(name, samples, version, tenant, base_model)
 
     def remove(self, name: str) -> None:
         """Drop adapter `name`. Removing an absent name is a no-op: replicas sharing one Qdrant
@@ -108,14 +145,78 @@ class AdapterIndex:
         if self._matrix is not None:
             self._matrix.drop(name)
 
-    def _sample_count(self, name: str) -> int | None:
+    def _sample_count(self, name: str, collection: str | None = None) -> int | None:
         """The indexed card's sample count read from its centroid point by id (no filtered scan): 0 when
         the adapter is absent, None when its points predate the count (then a filter finds them)."""
-        found = self.client.retrieve(self.collection, ids=[_point_id(name, "centroid", 0)], with_payload=["samples"])
+        found = self.client.retrieve(collection or self.collection, ids=[_point_id(name, "centroid", 0)],
+                                     with_payload=["samples"])
         return found[0].payload.get("samples") if found else 0
 
-    def _delete_ids(self, ids: list[str]) -> None:
-        self.client.delete(self.collection, wait=True, points_selector=models.PointIdsList(points=ids))
+    def _delete_ids(self, ids: list[str], collection: str | None = None) -> None:
+        self.client.delete(collection or self.collection, wait=True, points_selector=models.PointIdsList(points=ids))
+
+    # ---- rebuild: a new collection, then one alias switch ----------------------------------------
+    def rebuild(self, entries: Iterable[IndexEntry]) -> int:
+        """Replace the whole index by `entries`: they fill a new collection while searches still read
+        the old one, then the alias moves to the new one in one Qdrant alias operation. Returns the
+        adapter count. A failure deletes the new collection and leaves the old one serving."""
+        new = self._create_collection()
+        matrix = MatrixIndex(self.dim) if self._matrix is not None else None
+        count = 0
+        try:
+            for entry in entries:
+                self._write(new, matrix, entry.name, entry.samples, **entry.fields)
+                count += 1
+            replaced = self.target()
+            self._point_alias(new)
+        except BaseException:
+            self.client.delete_collection(new)
+            raise
+        self._matrix = matrix
+        # A server's other replicas may have resolved the alias to the replaced collection for a search
+        # in flight: it stays until the next rebuild. An embedded collection has no other reader.
+        self._drop_collections(keep={new, replaced} if self.remote else {new})
+        return count
+
+    def target(self) -> str | None:
+        """The collection the alias names now (the collection itself if it predates aliases; None: neither exists)."""
+        for alias in self.client.get_aliases().aliases:
+            if alias.alias_name == self.collection:
+                return alias.collection_name
+        return self.collection if self._plain_collection_exists() else None
+
+    def _plain_collection_exists(self) -> bool:
+        """A collection named like the alias (indexes made before aliases were used)."""
+        return any(c.name == self.collection for c in self.client.get_collections().collections)
+
+    def _create_collection(self) -> str:
+        name = f"{self.collection}--ix-{time.time_ns():x}{uuid.uuid4().hex[:6]}"
+        self.client.create_collection(name, vectors_config=models.VectorParams(size=self.dim,
+                                                                               distance=models.Distance.COSINE))
+        if self.remote:  # embedded mode has no payload indexes; a server needs them for fast filters
+            for key in _KEYWORD_FIELDS:
+                self.client.create_payload_index(name, key, models.PayloadSchemaType.KEYWORD)
+            self.client.create_payload_index(name, "idx", models.PayloadSchemaType.INTEGER)
+        return name
+
+    def _point_alias(self, collection: str) -> None:
+        """Point the alias at `collection`: delete and create in ONE request, which Qdrant applies atomically."""
+        ops = []
+        if any(a.alias_name == self.collection for a in self.client.get_aliases().aliases):
+            ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=self.collection)))
+        elif self._plain_collection_exists():
+            # Once, upgrading an index made before aliases: the old collection must go before its name can
+            # become the alias; a search in the moment between the two calls fails and is retried.
+            self.client.delete_collection(self.collection)
+        ops.append(models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=collection,
+                                                                               alias_name=self.collection)))
+        self.client.update_collection_aliases(change_aliases_operations=ops)
+
+    def _drop_collections(self, keep: set) -> None:
+        pattern = collection_pattern(self.collection)
+        for c in self.client.get_collections().collections:
+            if pattern.fullmatch(c.name) and c.name not in keep:
+                self.client.delete_collection(c.name)
 
     # ---- reads -------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -130,6 +231,20 @@ class AdapterIndex:
             names += [p.payload["name"] for p in points]
             if offset is None:
                 return sorted(names)
+
+    def indexed_fields(self) -> dict[str, tuple]:
+        """name -> (version, tenant, base_model, domain) as the collection holds them (read from Qdrant,
+        not from this process's memory: another writer may have written since)."""
+        fields, offset = {}, None
+        while True:
+            points, offset = self.client.scroll(
+                self.collection, scroll_filter=models.Filter(must=[_match("kind", "centroid")]), limit=256,
+                offset=offset, with_payload=["name", "version", "tenant", "base_model", "domain"], with_vectors=False)
+            for p in points:
+                fields[p.payload["name"]] = entry_fields(p.payload.get("version"), p.payload.get("tenant"),
+                                                         p.payload.get("base_model"), p.payload.get("domain"))
+            if offset is None:
+                return fields
 
     def search(self, queries: np.ndarray, *, top_k: int = 3, tenant: str | None = None,
                base_model: str | None = None, exclude: Sequence[str] = (), min_similarity: float | None = None,
@@ -249,16 +364,13 @@ class AdapterIndex:
         return matrix
 
     def ensure_collection(self) -> None:
-        """Create the collection if it does not exist (first start, or a Qdrant server restarted
-        without its storage); an existing one must hold vectors of the embedder's size."""
-        if self.client.collection_exists(self.collection):
-            size = self.client.get_collection(self.collection).config.params.vectors.size
-            if size != self.dim:
-                raise IndexInputError(f"collection {self.collection!r} holds {size}-d vectors, the embedder gives {self.dim}")
+        """Make the alias name a collection of the embedder's size: an existing one is checked; on
+        first start (or a Qdrant server restarted without its storage) a new empty collection is
+        created behind the alias."""
+        target = self.target()
+        if target is None:
+            self._point_alias(self._create_collection())
             return
-        self.client.create_collection(self.collection, vectors_config=models.VectorParams(
-            size=self.dim, distance=models.Distance.COSINE))
-        if self.remote:  # embedded mode has no payload indexes; a server needs them for fast filters
-            for key in _KEYWORD_FIELDS:
-                self.client.create_payload_index(self.collection, key, models.PayloadSchemaType.KEYWORD)
-            self.client.create_payload_index(self.collection, "idx", models.PayloadSchemaType.INTEGER)
+        size = self.client.get_collection(target).config.params.vectors.size
+        if size != self.dim:
+            raise IndexInputError(f"collection {self.collection!r} holds {size}-d vectors, the embedder gives {self.dim}")

@@ -196,7 +196,7 @@ def test_index_sync_recreates_a_lost_collection_from_the_registry(tiny_zoo, redi
     sync = IndexSync(admin.registry, index, min_interval_s=0.0)
     assert sorted(sync.refresh(force=True).names()) == names
     before = ranking()
-    index.client.delete_collection(index.collection)
+    index.client.delete_collection(index.target())
     with pytest.raises(Exception):
         index.names()
     assert sorted(sync.refresh().names()) == names
