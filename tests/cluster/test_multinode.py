@@ -201,7 +201,7 @@ def test_an_adapter_added_on_the_head_is_answered_by_composers_on_both_workers(t
     for home in c.homes:  # each worker fetched it into its own data folder
         assert (home / "node-cache" / "adapters" / "shouty" / "v1" / ".checksum").is_file()
     per_fetch = [s.pool["fetch_seconds"] / s.pool["fetches"] for s in states.values() if s.pool.get("fetches")]
-    FIGURES["fetch_seconds_per_adapter"] = sorted(per_fetch)
+    FIGURES["fetch_seconds_per_adapter"] = sorted(round(x, 4) for x in per_fetch)
     FIGURES["fetch_bytes_per_adapter"] = sorted(s.pool["fetch_bytes"] / s.pool["fetches"] for s in states.values())
     print(f"fetch time per adapter on the workers: {[round(x, 3) for x in per_fetch]} s")
 
@@ -297,8 +297,10 @@ def test_a_worker_killed_while_it_fetches_loses_no_request(three_nodes, tmp_path
     fetching = next(i for i, link in enumerate(c.links) if link.waiting)
     other = 1 - fetching
     c.links[other].release()
+    killed = time.monotonic()
     c.cluster.remove_node(c.workers[fetching], allow_graceful=False)  # its link stays held: it never fetched
     sender.join(180)
+    FIGURES["killed_worker_answer_after_kill_s"] = round(time.monotonic() - killed, 3)
     response = result["response"]
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["lora"]["adapters"][0]["name"] == "late"
