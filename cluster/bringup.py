@@ -22,6 +22,7 @@ from services.config import AppConfig, data_home
 from cluster.errors import UserError
 from cluster.local_ray import RAY_HOME, init_local_ray
 from cluster.redis_server import RedisServer
+from cluster.serve_start import PATIENCE_ENV, not_ready, retried, startup_patience_s
 
 log = logging.getLogger("loraretriever.up")
 APP_NAME = "loraretriever"
@@ -55,16 +56,22 @@ class LocalCluster:
         self._ensure_admin_key()
         if self.demo:
             self._start_demo_build()
-        init_local_ray(num_cpus=max(2, os.cpu_count() or 2))
+        patience = startup_patience_s()
+        log.info("starting Ray and Serve; they get %.0f s to start on this machine (%s)", patience, PATIENCE_ENV)
+        init_local_ray(num_cpus=max(2, os.cpu_count() or 2), patience_s=patience)
         from ray import serve
 
         from deployments.app import build_app
 
         host, port = self.cfg.server.host, self.cfg.server.port
-        serve.start(http_options={"host": host, "port": port})
+        deadline = time.monotonic() + patience
+        fix = (f"free some CPU or memory and run `loraretriever up` again, or give it longer with "
+               f"{PATIENCE_ENV} (Ray's logs: {RAY_HOME})")
+        retried("Serve's HTTP proxy", lambda: serve.start(http_options={"host": host, "port": port}), deadline, fix)
         log.info("deploying the Serve app (loads the base model and the embedder)")
-        serve.run(build_app(self.cfg), name=APP_NAME, route_prefix="/", blocking=False)
-        self._wait_ready()
+        retried("the Serve app", lambda: serve.run(build_app(self.cfg), name=APP_NAME, route_prefix="/",
+                                                   blocking=False), deadline, fix)
+        self._wait_ready(deadline, fix)
         STATE_FILE.write_text(json.dumps({"pid": os.getpid(), "url": self.url, "redis": self.cfg.redis.url}))
         log.info("serving on %s", self.url)
 
@@ -146,16 +153,16 @@ class LocalCluster:
                 raise UserError(f"the demo build failed; see {logfile.name}")
             time.sleep(1)
 
-    def _wait_ready(self, timeout_s: float = 600) -> None:
-        deadline = time.monotonic() + timeout_s
+    def _wait_ready(self, deadline: float, fix: str) -> None:
+        """Until /readyz answers 200 (every deployment has a replica that answers), or the deadline."""
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                if httpx.get(f"{self.url}/readyz", timeout=10).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        raise UserError(f"the cluster did not become ready within {timeout_s:.0f} s")
+        raise UserError(f"the cluster did not become ready in time: {not_ready(APP_NAME)}; {fix}")
 
     # ---- demo adapters -----------------------------------------------------
     def register_demo_adapters(self) -> list[str]:

@@ -42,11 +42,15 @@ def loopback_ray_env() -> dict[str, str]:
     }
 
 
-def init_local_ray(num_cpus: int = 2, **kwargs):
-    """ray.init on 127.0.0.1 with no dashboard; idempotent."""
+def init_local_ray(num_cpus: int = 2, patience_s: float | None = None, **kwargs):
+    """ray.init on 127.0.0.1 with no dashboard; idempotent. patience_s: how long Serve's proxy may
+    take to start (cluster/serve_start.py; default: what suits this machine now)."""
     import ray
 
-    env = loopback_ray_env()
+    from cluster.serve_start import serve_timeouts_env, startup_patience_s
+
+    serve_env = serve_timeouts_env(patience_s or startup_patience_s())
+    env = loopback_ray_env() | {k: os.environ.get(k, v) for k, v in serve_env.items()}
     if "ray._private.ray_constants" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
         raise RuntimeError("Ray was imported before LOOPBACK_IMPORT_ENV was set; it would bind the outward address")
     os.environ.update(env)  # the raylet ray.init starts inherits this, and its workers from it
