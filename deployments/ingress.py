@@ -33,6 +33,8 @@ from services.tenancy.gate import TenantGate
 from services.tenancy.limits import TenantLimiter
 from services.tenancy.tenants import TenantStore
 from services.wiring import base_model_name, make_registry, redis_client
+from deployments.retriever_tuning import TuningLauncher
+from services.retrieval.model_versions import RetrieverModels
 
 log = logging.getLogger("ray.serve")
 
@@ -54,7 +56,7 @@ def request_id(request: Request) -> str:
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, config: dict, retriever: DeploymentHandle, composer: DeploymentHandle):
+    async def __init__(self, config: dict, retriever: DeploymentHandle, composer: DeploymentHandle):
         self.cfg = cfg = AppConfig.model_validate(config)
         self.retriever, self.composer = retriever, composer
         self.registry = make_registry(cfg)
@@ -99,6 +101,10 @@ class Ingress:
                                   temperature=c.temperature, min_similarity=r.min_similarity),
             base_model_id=base_model_name(cfg), max_tokens_limit=c.max_tokens_limit,
             request_timeout_s=cfg.server.request_timeout_s, compat=CompatibilityCache(compatibility))
+        self.tuning = TuningLauncher(cfg, self.registry, RetrieverModels(redis, cfg.retriever_tuning.root()))
+        if cfg.retriever_tuning.auto:
+            task = asyncio.get_running_loop().create_task(self.tuning.watch())
+            self._background.add(task)
 
     # ---- health ----------------------------------------------------------
     @app.get("/healthz")
@@ -145,14 +151,31 @@ class Ingress:
         """Serve's view of the app (deployments, replica states) and one composer's pool."""
         self.admin.require_admin(request.headers.get("authorization"))
         app_status = serve.status().applications[serve.get_replica_context().app_name]
-        composer = await self.composer.status.remote()
+        composer, retriever = await asyncio.gather(self.composer.status.remote(), self.retriever.status.remote())
         return {
             "status": app_status.status.value,
             "deployments": {name: {"status": d.status.value,
                                    "replicas": dict(d.replica_states)}
                             for name, d in app_status.deployments.items()},
             "composers": [composer],
+            "retrievers": [retriever],
         }
+
+    @app.post("/admin/retriever/tune")
+    async def admin_retriever_tune(self, request: Request) -> dict:
+        """Start a tuning run of the retriever on the registry's cards (docs/retrieval.md)."""
+        self.admin.require_admin(request.headers.get("authorization"))
+        return self.tuning.start("operator")
+
+    @app.get("/admin/retriever/models")
+    async def admin_retriever_models(self, request: Request) -> dict:
+        self.admin.require_admin(request.headers.get("authorization"))
+        return self.tuning.report()
+
+    @app.post("/admin/retriever/rollback")
+    async def admin_retriever_rollback(self, request: Request) -> dict:
+        self.admin.require_admin(request.headers.get("authorization"))
+        return self.tuning.rollback()
 
     @app.get("/admin/adapters")
     async def admin_list_adapters(self, request: Request) -> dict:

@@ -10,7 +10,9 @@ from deployments import metrics
 from services.config import AppConfig
 from services.wiring import make_index, make_registry, redis_client
 from services.retrieval.embedder import embedder_from_config
+from services.retrieval.model_versions import RetrieverModels
 from services.serving.index_sync import IndexSync, process_id
+from services.serving.model_follower import ModelFollower, ServingModel, prepare_model
 
 log = logging.getLogger("ray.serve")
 
@@ -23,45 +25,55 @@ class Retriever:
 
     async def __init__(self, config: dict):
         cfg = AppConfig.model_validate(config)
-        self.embedder = embedder_from_config(cfg.embedder)
-        self.sync = IndexSync(make_registry(cfg), make_index(cfg, self.embedder.dim), redis=redis_client(cfg),
-                              writer_id=f"retriever:{process_id()}")
-        self.sync.refresh(force=True)
+        self.embedder = embedder_from_config(cfg.embedder)  # the configured one: card embeddings in the registry
+        registry, redis = make_registry(cfg), redis_client(cfg)
+        writer_id = f"retriever:{process_id()}"
+        sync = IndexSync(registry, make_index(cfg, self.embedder.dim), redis=redis, writer_id=writer_id)
+        sync.refresh(force=True)
+        models = RetrieverModels(redis, cfg.retriever_tuning.root())
+        # answers come from the active retriever model's (embedder, index), prepared off the event loop
+        self.models = ModelFollower(ServingModel(None, self.embedder, sync), models.active_version,
+                                    lambda version: prepare_model(cfg, registry, redis, models, version, writer_id))
+        self.models.poll()
         self._follower = asyncio.get_running_loop().create_task(self._follow())
 
     async def _follow(self) -> None:
         while True:
             await asyncio.sleep(self.FOLLOW_EVERY_S)
-            self.sync.refresh()
+            self.models.poll()
+            self.models.serving().sync.refresh()
 
     def __del__(self):
-        self.sync.release()  # a replica shut down hands the writer lock over at once
+        self.models.current.sync.release()  # a replica shut down hands the writer lock over at once
 
     async def retrieve(self, text: str, **search: object) -> dict:
         """RetrievalResult as a dict; `search` holds AdapterIndex.search keywords."""
-        self.sync.index.check_options(search)  # a bad option fails its own request, not its whole batch
+        self.models.current.sync.index.check_options(search)  # a bad option fails its own request, not its batch
         return await self._retrieve((text, search))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _retrieve(self, requests: list[tuple[str, dict]]) -> list[dict]:
-        """One embedding call and one index search call for the whole batch."""
-        index = self.sync.refresh()
-        before = self.embedder.cache.stats()
-        vectors = self.embedder.encode([text for text, _ in requests])  # (batch, dim)
-        after = self.embedder.cache.stats()
+        """One embedding call and one index search call for the whole batch, both of one model."""
+        model = self.models.serving()
+        index = model.sync.refresh()
+        before = model.embedder.cache.stats()
+        vectors = model.embedder.encode([text for text, _ in requests])  # (batch, dim)
+        after = model.embedder.cache.stats()
         metrics.observe_embedding_cache(after["hits"] - before["hits"], after["misses"] - before["misses"])
         options = [search for _, search in requests]
         try:
             results = index.search_batch(vectors, options)
         except Exception as err:  # the index lost its collection since the last refresh: rebuild, search again
             log.warning("index search failed (%s); rebuilding from the registry", err)
-            results = self.sync.refresh(force=True).search_batch(vectors, options)
+            results = model.sync.refresh(force=True).search_batch(vectors, options)
         return [r.model_dump() for r in results]
 
     async def embed(self, texts: list[str]):
-        """Card embeddings for the admin API: (n, dim) float32."""
+        """Card embeddings for the admin API, by the configured embedder whatever model serves: (n, dim) float32."""
         return self.embedder.encode(texts)
 
     def status(self) -> dict:
-        return {"adapters": len(self.sync.index.names()), "generation": self.sync.generation,
-                "index_writer": self.sync.writes, "embedding_cache": self.embedder.cache.stats()}
+        model = self.models.current
+        return {"adapters": len(model.sync.index.names()), "generation": model.sync.generation,
+                "index_writer": model.sync.writes, "retriever_model": model.version,
+                "embedding_cache": model.embedder.cache.stats()}

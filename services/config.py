@@ -229,6 +229,24 @@ class RolloutConfig(Section):
                                       "per process besides canaries; the rest are counted as '_other'")
 
 
+class RetrieverTuningConfig(Section):
+    """The retriever that learns from the registry (docs/retrieval.md, "A retriever that learns")."""
+
+    auto: bool = Field(True, description="fine-tune the embedder on the registered cards after registry changes "
+                       "(debounced), keeping the new model only if it beats the current one on held-out samples")
+    debounce_s: float = Field(300.0, ge=0, description="quiet time after the last registry change before a run")
+    min_adapters: int = Field(4, ge=2, description="served adapters needed before automatic runs start")
+    heldout_fraction: float = Field(0.25, gt=0, lt=1, description="share of each card's samples held out for scoring")
+    epochs: int = Field(2, ge=1, le=50, description="training epochs over the cards")
+    min_gain: float = Field(0.5, description="top-1 points the candidate must gain over the current model")
+    models_path: str | None = Field(None, description="folder of the model versions (on every retriever node); "
+                                    "None = <data home>/retriever-models")
+    num_cpus: float = Field(0.0, ge=0, description="CPUs the training task reserves (it runs at the lowest priority)")
+
+    def root(self) -> Path:
+        return Path(self.models_path) if self.models_path else data_home() / "retriever-models"
+
+
 class AppConfig(Section):
     """Everything `build_app` needs. Every field has a default for a local run."""
 
@@ -242,6 +260,7 @@ class AppConfig(Section):
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    retriever_tuning: RetrieverTuningConfig = Field(default_factory=RetrieverTuningConfig)
 
 
 def load_config(path: str | Path | None) -> AppConfig:

@@ -99,9 +99,11 @@ def make_adapter_cache(cfg: AppConfig, registry):
                             make_object_folders(cfg))
 
 
-def make_index(cfg: AppConfig, dim: int):
+def make_index(cfg: AppConfig, dim: int, *, collection: str | None = None, in_memory: bool = False):
+    """The configured index; collection: another alias on the same Qdrant (a tuned retriever model's);
+    in_memory: an embedded index of this process only (never the configured folder, which one client holds)."""
     from services.retrieval.index import AdapterIndex
 
     api_key = os.environ.get(cfg.qdrant.api_key_env) if cfg.qdrant.api_key_env else None
-    return AdapterIndex(dim, url=cfg.qdrant.url, path=cfg.qdrant.path, collection=cfg.qdrant.collection,
-                        scoring=cfg.retrieval.scoring, api_key=api_key)
+    return AdapterIndex(dim, url=cfg.qdrant.url, path=":memory:" if in_memory else cfg.qdrant.path,
+                        collection=collection or cfg.qdrant.collection, scoring=cfg.retrieval.scoring, api_key=api_key)

@@ -103,6 +103,8 @@ def cluster_config(zoo, redis_url: str, store, port: int, **overrides):
         "server": {"port": port, "request_timeout_s": 60},
         "composition": {"max_batch_size": 16, "device_slots": 8, "cpu_slots": 16},
         "deployments": {name: {"num_cpus": 0.1} for name in ("ingress", "retriever", "composer")},
+        # no background fine-tuning in the shared test clusters (tests of it turn it on)
+        "retriever_tuning": {"auto": False},
     }
     return AppConfig.model_validate(deep_merge(cfg, overrides))
 

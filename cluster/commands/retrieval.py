@@ -38,6 +38,20 @@ def register(sub) -> None:
     tr.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="prefix used in training, as at retrieval time")
     tr.set_defaults(func=cmd_retriever_train)
 
+    # the running cluster's retriever model versions (admin API; docs/retrieval.md)
+    from cluster.commands.admin import DEFAULT_URL, _call, _print
+
+    for name, help, method, path in (
+            ("tune", "fine-tune the cluster's retriever on the registered cards now (kept only if better)",
+             "POST", "/admin/retriever/tune"),
+            ("models", "the cluster's retriever model versions, the active one and the last tuning run",
+             "GET", "/admin/retriever/models"),
+            ("rollback", "serve the retriever model active before the current one again",
+             "POST", "/admin/retriever/rollback")):
+        p = retriever.add_parser(name, help=help)
+        p.add_argument("--url", default=os.environ.get("LORARETRIEVER_URL", DEFAULT_URL), help="cluster URL")
+        p.set_defaults(func=lambda a, method=method, path=path: _print(_call(a, method, path)))
+
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from services.retrieval.embedder import Embedder, EmbedderLoadError

@@ -1,0 +1,168 @@
+"""Retriever model versions: tuned on the registry's cards, kept only if better, rolled back on demand.
+
+Redis, beside the registry:
+| key | type | content |
+| `lr:retriever:models` | hash | version (`r1`, `r2`, ...) -> ModelVersion JSON |
+| `lr:retriever:active` | string | the version replicas serve; absent = the configured embedder |
+| `lr:retriever:previous` | list | versions active before (rollback pops it; "" = the configured embedder) |
+| `lr:retriever:last-tuning` | string | the last run's outcome JSON (kept / refused / failed, both scores) |
+| `lr:retriever:tuning-lock` | string | held by the one tuning run in progress |
+Model folders live under `<root>/<version>/` (root: the data home's `retriever-models/` by default).
+A run that fails or is refused deletes its candidate folder and writes only `last-tuning`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel
+
+from services.retrieval import DEFAULT_INSTRUCTION
+from services.retrieval.tuning import split_cards, train_candidate
+
+MODELS_KEY = "lr:retriever:models"
+ACTIVE_KEY = "lr:retriever:active"
+PREVIOUS_KEY = "lr:retriever:previous"
+SEQ_KEY = "lr:retriever:model-seq"
+LAST_KEY = "lr:retriever:last-tuning"
+LOCK_KEY = "lr:retriever:tuning-lock"
+LOCK_TTL_S = 6 * 3600  # a run that died holding it frees it after this long
+
+log = logging.getLogger(__name__)
+
+
+class ModelVersion(BaseModel):
+    version: str
+    path: str
+    created_at: float
+    candidate_top1: float
+    current_top1: float
+    compared_with: str | None  # the version that was active (None: the configured embedder)
+    adapters: list[str]
+    fingerprint: str
+
+
+def _text(value) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RetrieverModels:
+    def __init__(self, redis, root: str | Path):
+        self.r = redis
+        self.root = Path(root)
+
+    def active(self) -> ModelVersion | None:
+        version = _text(self.r.get(ACTIVE_KEY))
+        return self.get(version) if version else None
+
+    def active_version(self) -> str | None:
+        return _text(self.r.get(ACTIVE_KEY)) or None
+
+    def get(self, version: str) -> ModelVersion | None:
+        raw = self.r.hget(MODELS_KEY, version)
+        return ModelVersion.model_validate_json(raw) if raw else None
+
+    def list(self) -> list[ModelVersion]:
+        return sorted((ModelVersion.model_validate_json(v) for v in self.r.hgetall(MODELS_KEY).values()),
+                      key=lambda m: m.created_at)
+
+    def last_tuning(self) -> dict | None:
+        raw = self.r.get(LAST_KEY)
+        return json.loads(raw) if raw else None
+
+    def add_and_activate(self, candidate_dir: Path, **fields) -> ModelVersion:
+        """Move a kept candidate into the store as the next version and make it active (one MULTI)."""
+        version = f"r{self.r.incr(SEQ_KEY)}"
+        path = self.root / version
+        self.root.mkdir(parents=True, exist_ok=True)
+        candidate_dir.rename(path)
+        model = ModelVersion(version=version, path=str(path), created_at=time.time(), **fields)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(MODELS_KEY, version, model.model_dump_json())
+        pipe.lpush(PREVIOUS_KEY, self.active_version() or "")
+        pipe.set(ACTIVE_KEY, version)
+        pipe.execute()
+        return model
+
+    def rollback(self) -> str | None:
+        """Serve the version active before the current one again; returns it (None: the configured
+        embedder). Nothing to roll back to raises LookupError."""
+        previous = self.r.lpop(PREVIOUS_KEY)
+        if previous is None:
+            raise LookupError("no earlier retriever model to roll back to")
+        previous = _text(previous)
+        if previous:
+            self.r.set(ACTIVE_KEY, previous)
+        else:
+            self.r.delete(ACTIVE_KEY)
+        return previous or None
+
+
+def registry_cards(registry) -> tuple[list, str]:
+    """The cards of every active adapter version, and a fingerprint of that set (name@version)."""
+    cards, keys = [], []
+    for record in registry.snapshot():
+        if record.active_version is None:
+            continue
+        cards.append(record.versions[record.active_version].card)
+        keys.append(f"{record.name}@{record.active_version}")
+    return cards, hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+
+
+def tune(registry, models: RetrieverModels, *, instruction: str = DEFAULT_INSTRUCTION, heldout_fraction: float = 0.25,
+         epochs: int = 2, min_gain: float = 0.5, seed: int = 0, trigger: str = "operator",
+         progress: Callable[[str], None] = log.info) -> dict:
+    """One tuning run: train a candidate on the registry's cards, keep it (new active version) only
+    if its held-out top-1 beats the current model's by min_gain points. Returns the outcome
+    (also stored as last-tuning); a failure or refusal leaves models, files and pointers as they were."""
+    token = uuid.uuid4().hex
+    if not models.r.set(LOCK_KEY, token, nx=True, ex=LOCK_TTL_S):
+        return {"status": "busy", "detail": "a tuning run is in progress"}
+    started = time.time()
+    candidate_dir = models.root / f".candidate-{token[:8]}"
+    outcome: dict = {"trigger": trigger, "started_at": started}
+    try:
+        cards, fingerprint = registry_cards(registry)
+        outcome["fingerprint"] = fingerprint
+        current = models.active()
+        outcome["current_version"] = current.version if current else None
+        if len(cards) < 2:
+            outcome.update(status="refused", detail=f"tuning needs at least 2 adapters, the registry serves {len(cards)}")
+            return outcome
+        train, heldout = split_cards(cards, heldout_fraction, seed)
+        if not heldout:
+            outcome.update(status="refused", detail="no adapter card has 3 or more samples to hold out")
+            return outcome
+        models.root.mkdir(parents=True, exist_ok=True)
+        progress(f"retriever tuning ({trigger}): {len(train)} adapters, current model "
+                 f"{current.version if current else 'configured embedder'}")
+        result = train_candidate(train, heldout, candidate_dir, current_model=current.path if current else None,
+                                 instruction=instruction, seed=seed, epochs=epochs, progress=progress)
+        outcome.update(candidate_top1=result.candidate_top1, current_top1=result.current_top1, **result.details)
+        if result.candidate_top1 < result.current_top1 + min_gain:
+            outcome.update(status="refused", detail=f"the candidate's held-out top-1 {result.candidate_top1:.1f}% does "
+                           f"not beat the current {result.current_top1:.1f}% by {min_gain} points")
+            return outcome
+        model = models.add_and_activate(candidate_dir, candidate_top1=result.candidate_top1,
+                                        current_top1=result.current_top1, compared_with=outcome["current_version"],
+                                        adapters=sorted(c.model_name for c in cards), fingerprint=fingerprint)
+        outcome.update(status="kept", version=model.version)
+        return outcome
+    except Exception as err:
+        log.exception("retriever tuning failed")
+        outcome.update(status="failed", detail=f"{type(err).__name__}: {str(err)[:300]}")
+        return outcome
+    finally:
+        shutil.rmtree(candidate_dir, ignore_errors=True)
+        outcome["seconds"] = round(time.time() - started, 1)
+        progress(f"retriever tuning {outcome.get('status')}: {outcome.get('detail') or outcome.get('version')}"
+                 f" (candidate {outcome.get('candidate_top1')}, current {outcome.get('current_top1')}, "
+                 f"{outcome['seconds']} s)")
+        models.r.set(LAST_KEY, json.dumps(outcome))
+        models.r.eval("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0",
+                      1, LOCK_KEY, token)

@@ -1,0 +1,77 @@
+"""Registry-driven retriever tuning: a real fine-tune of the packaged embedder on the tiny zoo's
+registered cards, model versions in a real redis-server, kept only when better, rolled back."""
+from __future__ import annotations
+
+import pytest
+import redis
+
+from services.retrieval.model_versions import LOCK_KEY, RetrieverModels, registry_cards, tune
+from services.retrieval.tuning import split_cards
+
+
+@pytest.fixture
+def registered(tiny_zoo, redis_server, tmp_path):
+    from cluster.adapter_admin import AdapterAdmin
+    from services.config import AppConfig
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/7"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    cfg = AppConfig.model_validate({"base_model": {"path": str(tiny_zoo.base), "name": "tiny-random-llama"},
+                                    "adapter_store": {"path": str(tmp_path / "store")},
+                                    "redis": {"url": url, "start_local": False}})
+    admin = AdapterAdmin.from_config(cfg)
+    for card in tiny_zoo.cards:
+        admin.add(card.model_name, tiny_zoo.adapters[card.model_name], card)
+    yield admin.registry, RetrieverModels(client, tmp_path / "models")
+    client.flushdb()
+
+
+def snapshot(models: RetrieverModels, root) -> tuple:
+    return (models.r.hgetall("lr:retriever:models"), models.r.get("lr:retriever:active"),
+            models.r.lrange("lr:retriever:previous", 0, -1), sorted(p.name for p in root.iterdir()) if root.exists() else [])
+
+
+def test_split_holds_out_samples_and_keeps_two_for_training(tiny_zoo):
+    train, heldout = split_cards(tiny_zoo.cards, 0.25, seed=1)
+    for t, h, card in zip(train, heldout, tiny_zoo.cards):
+        assert t.model_name == h.model_name == card.model_name
+        assert len(h.sample) == round(len(card.sample) * 0.25) and len(t.sample) + len(h.sample) == len(card.sample)
+        assert not {s.inputs for s in t.sample} & {s.inputs for s in h.sample} or len(card.sample) < 3
+
+
+def test_a_better_candidate_is_kept_a_worse_one_refused_and_rollback_restores(registered, tmp_path):
+    registry, models = registered
+    root = tmp_path / "models"
+    kept = tune(registry, models, epochs=1, min_gain=-100.0)  # any candidate is "better": the keeping path
+    assert kept["status"] == "kept", kept
+    assert 0 <= kept["candidate_top1"] <= 100 and 0 <= kept["current_top1"] <= 100
+    active = models.active()
+    assert active.version == kept["version"] == "r1" and (root / "r1" / "config.json").is_file()
+    assert active.fingerprint == registry_cards(registry)[1] and models.last_tuning()["status"] == "kept"
+
+    before = snapshot(models, root)
+    refused = tune(registry, models, epochs=1, min_gain=100.0)  # nothing beats the current by 100 points
+    assert refused["status"] == "refused" and "does not beat" in refused["detail"]
+    assert refused["current_version"] == "r1"
+    assert snapshot(models, root) == before  # nothing changed but the last run's record
+    assert models.last_tuning()["status"] == "refused"
+
+    models.r.set(LOCK_KEY, "another run")
+    assert tune(registry, models, epochs=1)["status"] == "busy"
+    models.r.delete(LOCK_KEY)
+
+    assert models.rollback() is None and models.active() is None  # back to the configured embedder
+    with pytest.raises(LookupError):
+        models.rollback()
+    assert [m.version for m in models.list()] == ["r1"]  # the version stays for a later promotion
+
+
+def test_a_failed_run_leaves_everything_as_it_was(registered, tmp_path):
+    registry, models = registered
+    models.root = tmp_path / "a-file"
+    models.root.write_text("not a folder")
+    before = snapshot(models, tmp_path / "none")
+    failed = tune(registry, models, epochs=1, min_gain=-100.0)
+    assert failed["status"] == "failed" and failed["detail"]
+    assert snapshot(models, tmp_path / "none") == before and models.r.get(LOCK_KEY) is None
