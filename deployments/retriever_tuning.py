@@ -74,19 +74,23 @@ class TuningLauncher:
             raise NotFound(str(err)) from err
         return {"active": version}
 
-    async def watch(self) -> None:
-        """Start a run when the served card set changed and then stayed still for debounce_s."""
+    def due(self, served: int, fingerprint: str, now: float) -> bool:
+        """Whether an automatic run should start: the served card set changed since the last run saw
+        it, has stayed as it is for debounce_s, and holds at least min_adapters adapters."""
         t = self.cfg.retriever_tuning
+        if fingerprint != self._seen[0]:
+            self._seen = (fingerprint, now)  # a change: the quiet time starts again
+            return False
+        last = self.models.last_tuning() or {}
+        return served >= t.min_adapters and last.get("fingerprint") != fingerprint and now - self._seen[1] >= t.debounce_s
+
+    async def watch(self) -> None:
+        """Start a run whenever one is due (checked every WATCH_EVERY_S)."""
         while True:
             await asyncio.sleep(self.WATCH_EVERY_S)
             try:
                 cards, fingerprint = registry_cards(self.registry)
-                if fingerprint != self._seen[0]:
-                    self._seen = (fingerprint, time.monotonic())
-                    continue
-                last = self.models.last_tuning() or {}
-                if (len(cards) >= t.min_adapters and last.get("fingerprint") != fingerprint
-                        and time.monotonic() - self._seen[1] >= t.debounce_s):
+                if self.due(len(cards), fingerprint, time.monotonic()):
                     self.start("registry change")
             except Exception as err:  # Redis away: try again at the next tick
                 log.warning("retriever tuning watch: %s", err)

@@ -75,3 +75,26 @@ def test_a_failed_run_leaves_everything_as_it_was(registered, tmp_path):
     failed = tune(registry, models, epochs=1, min_gain=-100.0)
     assert failed["status"] == "failed" and failed["detail"]
     assert snapshot(models, tmp_path / "none") == before and models.r.get(LOCK_KEY) is None
+
+
+def test_automatic_runs_wait_for_a_quiet_registry_and_never_repeat_a_card_set(registered):
+    """The debounce of the Ingress's watch (deployments/retriever_tuning.py), on the real registry."""
+    import json
+
+    from deployments.retriever_tuning import TuningLauncher
+    from services.config import AppConfig
+    from services.retrieval.model_versions import LAST_KEY
+
+    registry, models = registered
+    cfg = AppConfig.model_validate({"retriever_tuning": {"debounce_s": 60, "min_adapters": 3}})
+    launcher = TuningLauncher(cfg, registry, models)
+    cards, fingerprint = registry_cards(registry)
+    assert not launcher.due(len(cards), fingerprint, now=0.0)  # first sight: the quiet time starts
+    assert not launcher.due(len(cards), fingerprint, now=59.0)
+    assert launcher.due(len(cards), fingerprint, now=60.0)
+    assert not launcher.due(len(cards), "another set", now=61.0)  # a change restarts the wait
+    assert not launcher.due(len(cards), "another set", now=120.0)
+    assert launcher.due(len(cards), "another set", now=121.0)
+    assert not launcher.due(2, "another set", now=500.0)  # too few adapters
+    models.r.set(LAST_KEY, json.dumps({"fingerprint": "another set", "status": "refused"}))
+    assert not launcher.due(len(cards), "another set", now=500.0)  # the last run saw this set
