@@ -44,7 +44,8 @@ class Retriever:
             self.models.serving().sync.refresh()
 
     def __del__(self):
-        self.models.current.sync.release()  # a replica shut down hands the writer lock over at once
+        if hasattr(self, "models"):  # a replica shut down hands the writer lock over at once
+            self.models.current.sync.release()
 
     async def retrieve(self, text: str, **search: object) -> dict:
         """RetrievalResult as a dict; `search` holds AdapterIndex.search keywords."""
