@@ -23,6 +23,16 @@ def register(subparsers) -> None:
     build.add_argument("--root", type=Path, default=None, help="zoo folder (default: $LORARETRIEVER_HOME/demo)")
     build.add_argument("--tiny", action="store_true", help="a tiny random model and 3 adapters, for tests")
     build.add_argument("--adapters", type=int, default=None, metavar="N", help="build only the first N adapters")
+    real = build.add_argument_group(
+        "real-task zoo", "with --cards: one adapter per task of a cards file, trained on its training samples, "
+        "its held-out samples written as queries.json (a benchmark; `up` keeps the demo zoo)")
+    real.add_argument("--cards", type=Path, metavar="FILE",
+                      help="cards file, e.g. cluster/data/flan_cards.json (default root: $LORARETRIEVER_HOME/flan)")
+    real.add_argument("--families", type=_names, metavar="A,B", help="only the tasks of these domains")
+    real.add_argument("--tasks", type=_names, metavar="A,B", help="only these tasks (with --families: both)")
+    real.add_argument("--held-out", type=int, default=5, metavar="N", help="samples per task held out (default 5)")
+    real.add_argument("--fold", type=int, default=0,
+                      help="which block of N samples is held out (default 0; other folds default to flan-foldF)")
     build.set_defaults(func=run_build)
 
     show = group.add_parser("show", help="the finished adapters: base model vs adapter on held-out queries")
@@ -44,16 +54,29 @@ def register(subparsers) -> None:
     report.set_defaults(func=run_report)
 
 
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def run_build(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from cluster.demo.base_model import BaseModelUnavailable
+    from cluster.demo.card_zoo import build_card_zoo
     from cluster.demo.zoo import ZooError, build_zoo
 
+    if args.cards is None and (args.families or args.tasks):
+        raise UserError("--families and --tasks choose tasks of a cards file: add --cards FILE")
+    if args.cards is not None and args.adapters is not None:
+        raise UserError("--adapters N is for the demo zoo; with --cards choose tasks with --families or --tasks")
     try:
-        zoo = build_zoo(args.root, tiny=args.tiny, adapters=args.adapters)
+        if args.cards is not None:
+            zoo = build_card_zoo(args.cards, args.root, families=args.families, names=args.tasks,
+                                 held_out=args.held_out, fold=args.fold, tiny=args.tiny)
+        else:
+            zoo = build_zoo(args.root, tiny=args.tiny, adapters=args.adapters)
     except (ZooError, BaseModelUnavailable) as err:
         raise UserError(str(err)) from err
-    log.info("demo zoo ready at %s: %d adapters, %d queries", zoo.root, len(zoo.adapters), len(zoo.queries))
+    log.info("zoo ready at %s: %d adapters, %d queries", zoo.root, len(zoo.adapters), len(zoo.queries))
     return 0
 
 

@@ -57,6 +57,7 @@ class Recipe:
     train_examples: int
     queries_per_task: int
     train: TrainSettings
+    max_answer_tokens: int | None = None  # cap on the build's scoring answers (None: the longest target + 4)
 
     @property
     def base_name(self) -> str:
@@ -237,14 +238,31 @@ def build_zoo(
     on_adapter(name, folder) is called as each adapter lands, including ones a previous
     build finished."""
     recipe = make_recipe(tiny=tiny, adapters=adapters)
-    zoo = _paths(Path(root) if root is not None else default_root())
+    data = {name: _task_data(next(t for t in TASKS if t.name == name), recipe) for name in recipe.tasks}
+    return build_from_data(Path(root) if root is not None else default_root(), recipe, data,
+                           on_adapter=on_adapter, progress=progress)
+
+
+TaskData = dict[str, tuple[list, AdapterCard, list[Query]]]  # name -> (training examples, card, held-out queries)
+
+
+def build_from_data(root: Path, recipe: Recipe, data: TaskData, *,
+                    on_adapter: Callable[[str, Path], None] | None = None, progress: bool = True) -> ZooPaths:
+    """Build (or finish, or verify) a zoo of one adapter per entry of data, in recipe.tasks order;
+    the demo zoo and the card zoos (cluster/demo/card_zoo.py) share it. Returns the zoo loaded."""
+    zoo = _paths(root)
     zoo.adapters_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     with _build_lock(zoo.root):
-        _build(zoo, recipe, on_adapter, progress)
+        trained = _build(zoo, recipe, data, on_adapter, progress)
+    if trained:
+        log.info("trained %d adapters in %.0f s (%d of %d were already built)", trained,
+                 time.perf_counter() - started, len(recipe.tasks) - trained, len(recipe.tasks))
     return load_zoo(zoo.root)
 
 
-def _build(zoo: ZooPaths, recipe: Recipe, on_adapter, progress: bool) -> None:
+def _build(zoo: ZooPaths, recipe: Recipe, data: TaskData, on_adapter, progress: bool) -> int:
+    """Returns how many adapters it trained."""
     from peft import PeftModel
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -253,7 +271,6 @@ def _build(zoo: ZooPaths, recipe: Recipe, on_adapter, progress: bool) -> None:
         manifest = {"version": MANIFEST_VERSION, "base_name": recipe.base_name, "adapters": {}}
 
     # Cards and queries first: they cost nothing, and a watcher can read them at once.
-    data = {name: _task_data(next(t for t in TASKS if t.name == name), recipe) for name in recipe.tasks}
     _write_json(zoo.cards_file, [d[1].model_dump(exclude_none=True) for d in data.values()])
     _write_json(zoo.queries_file, [q.model_dump() for d in data.values() for q in d[2]])
     manifest.update(cards=sha256_file(zoo.cards_file), queries=sha256_file(zoo.queries_file))
@@ -298,6 +315,7 @@ def _build(zoo: ZooPaths, recipe: Recipe, on_adapter, progress: bool) -> None:
 
             # Scored before it lands: a zoo records how much each adapter beats the base model.
             inputs, budget = [q.inputs for q in queries], _answer_budget(tokenizer, queries)
+            budget = min(budget, recipe.max_answer_tokens or budget)
             base_answers = greedy_answers(model, tokenizer, inputs, budget)
             peft_model = PeftModel.from_pretrained(model, tmp)
             adapter_answers = greedy_answers(peft_model, tokenizer, inputs, budget)
@@ -319,3 +337,4 @@ def _build(zoo: ZooPaths, recipe: Recipe, on_adapter, progress: bool) -> None:
                      manifest["adapters"][name]["base_score"], manifest["adapters"][name]["adapter_score"])
             if on_adapter is not None:
                 on_adapter(name, zoo.adapters_dir / name)
+    return len(todo)
