@@ -9,7 +9,7 @@ from ray import serve
 from services.config import AppConfig
 from deployments import metrics
 from services.wiring import base_model_path, make_adapter_cache, make_placement, make_registry
-from services.lora.compatibility import PairScore
+from services.lora.compatibility import GainTable
 from services.serving.catalog import CatalogCache
 from services.serving.composer_service import ComposeJob, ComposerService
 
@@ -56,10 +56,10 @@ class Composer:
                                  "completion_tokens": item.completion_tokens, "finish_reason": item.finish_reason}))
             yield dict(vars(item))  # not dataclasses.asdict: its deep copy of every logprob entry cost seconds
 
-    async def score_compatibility(self, pairs: list[tuple[str, str]],
-                                  cards: dict[str, list[tuple[str, str]]]) -> list[PairScore]:
-        """Compatibility scores of adapter-version pairs on their cards (called by the admin service)."""
-        return await self.service.score_pairs(pairs, cards)
+    async def measure_gains(self, jobs: list[tuple[str, list[str]]],
+                            cards: dict[str, list[tuple[str, str]]]) -> list[GainTable]:
+        """Gain tables of adapter versions with their neighbours, on their cards (services/rollout/compatibility.py)."""
+        return await self.service.measure_gains(jobs, cards)
 
     async def record_routing_stats(self) -> dict:
         """Called by Serve every few seconds: feeds the affinity router and the placement heartbeat,

@@ -66,11 +66,11 @@ class Ingress:
         calls = ReplicaCalls(retriever, composer)
         compatibility = CompatibilityStore(redis)
 
-        async def score_pairs(pairs, cards):
-            return await composer.score_compatibility.remote(pairs, cards)
+        async def measure(jobs, cards):
+            return await composer.measure_gains.remote(jobs, cards)
 
         async def on_active_change(name):
-            return await refresh_compatibility(self.registry, compatibility, score_pairs, name=name,
+            return await refresh_compatibility(self.registry, compatibility, measure, name=name,
                                                neighbours=c.compatibility_neighbours,
                                                max_samples=c.compatibility_samples)
 

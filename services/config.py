@@ -120,9 +120,10 @@ class CompositionConfig(Section):
         "auto", description="default composition; auto = per request from retrieval scores and compatibility "
         "(services/serving/policy.py)")
     compatibility_neighbours: int = Field(
-        3, ge=0, le=32, description="auto: each active version's compatibility is measured against this many "
-        "nearest adapters when it is added, promoted or rolled back (0: auto never mixes)")
-    compatibility_samples: int = Field(8, ge=1, le=64, description="card samples per adapter in a compatibility score")
+        2, ge=0, le=8, description="auto: each active version's gain table measures its compositions with this "
+        "many nearest adapters, when it is added, promoted or rolled back (0: none measured; auto then "
+        "selects in domain and mixes out of domain, the paper's default)")
+    compatibility_samples: int = Field(4, ge=1, le=64, description="card samples per adapter in a gain table")
     weighting: Weighting = Field(Weighting.uniform, description="default adapter weights")
     temperature: float = Field(1.0, gt=0, description="softmax temperature for weighting=softmax")
     max_adapters_per_request: int = Field(4, ge=1, le=16, description="K: adapter slots per batch row")

@@ -35,8 +35,13 @@ def register(sub) -> None:
     ev.add_argument("--held-out", action="store_true",
                     help="the queries are of tasks no adapter was trained for (`demo held-out`): "
                     "no perfect selection")
-    ev.add_argument("--compat-samples", type=int, default=8,
-                    help="card samples per adapter for the auto policy's compatibility scores (default 8)")
+    ev.add_argument("--compat-samples", type=int, default=4,
+                    help="card samples per adapter in the auto policy's gain tables (default 4)")
+    ev.add_argument("--neighbours", type=int, default=2,
+                    help="nearest adapters in each gain table (default 2, the cluster's default)")
+    ev.add_argument("--gain-tables", metavar="RESULT.json",
+                    help="reuse the gain tables of an earlier `eval generate --json` result on the same cards and "
+                    "adapters instead of measuring them again")
     ev.add_argument("--max-tokens", type=int, default=24, help="answer length limit (default 24)")
     ev.add_argument("--batch-size", type=int, default=32, help="rows per engine step (default 32)")
     ev.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
@@ -57,7 +62,8 @@ def _inputs(args) -> tuple[str, str, Path, Path]:
     if not adapters.is_dir():
         raise UserError(f"--adapters {adapters}: not a folder")
     for flag, value, low in (("--top-k", args.top_k, 1), ("--max-tokens", args.max_tokens, 1),
-                             ("--batch-size", args.batch_size, 1), ("--compat-samples", args.compat_samples, 1)):
+                             ("--batch-size", args.batch_size, 1), ("--compat-samples", args.compat_samples, 1),
+                             ("--neighbours", args.neighbours, 1)):
         if value < low:
             raise UserError(f"{flag} must be at least {low}, not {value}")
     return cards, queries, adapters, base
@@ -77,15 +83,33 @@ def retrieve_for_queries(retriever, queries, *, top_k: int, exclude_own: bool) -
     return out
 
 
+def reused_tables(path: str, cards) -> dict:
+    """The gain tables of an earlier result, which must cover these cards."""
+    from services.lora.compatibility import GainTable
+
+    try:
+        tables = json.loads(Path(path).read_text())["policy"]["gain_tables"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"--gain-tables {path}: no gain tables there ({err})") from err
+    missing = [c.model_name for c in cards if c.model_name not in tables]
+    if missing:
+        raise UserError(f"--gain-tables {path}: no table for {', '.join(missing)}")
+    return {name: GainTable.from_dict(t) for name, t in tables.items()}
+
+
 def auto_decisions(engine, tokenizer, embedder, cards, hits: list[list[tuple[str, float]]], *,
-                   compat_samples: int) -> tuple[list, dict]:
-    """The auto policy's decision per query: thresholds calibrated from the cards' embeddings,
-    compatibility scored on the cards for each pair a decision asks about (once per pair)."""
+                   compat_samples: int, neighbours: int, reuse: dict | None = None) -> tuple[list, dict]:
+    """The auto policy's decision per query, as the cluster makes it: thresholds calibrated from the
+    cards' embeddings, each adapter's gain table measured on its card with its nearest neighbours
+    by card centroid (what registration does), never on the queries."""
     import time
 
+    from tqdm.auto import tqdm
+
     from services.evaluation.generation import chat_prompt_ids
-    from services.lora.compatibility import CardTokens, pair_score
-    from services.serving.policy import calibrate, decide
+    from services.lora.compatibility import CardTokens, measure_gains
+    from services.rollout.compatibility import nearest
+    from services.serving.policy import calibrate, decide, unit
 
     vectors = embedder.encode([s.inputs for c in cards for s in c.sample])  # (all samples, dim)
     by_card, start = {}, 0
@@ -93,22 +117,23 @@ def auto_decisions(engine, tokenizer, embedder, cards, hits: list[list[tuple[str
         by_card[card.model_name] = vectors[start:start + len(card.sample)]
         start += len(card.sample)
     thresholds = calibrate(by_card)
-    tokens = {c.model_name: CardTokens([chat_prompt_ids(tokenizer, s.inputs) for s in c.sample[:compat_samples]],
-                                       [tokenizer(s.targets, add_special_tokens=False).input_ids
-                                        for s in c.sample[:compat_samples]]) for c in cards}
-    scores: dict[frozenset, float] = {}
-    started = time.perf_counter()
-
-    def compat(a: str, b: str) -> float:
-        pair = frozenset((a, b))
-        if pair not in scores:
-            scores[pair] = pair_score(engine, a, tokens[a], b, tokens[b]).score
-        return scores[pair]
-
-    decisions = [decide(h, compat, thresholds, min_similarity=0.0) for h in hits]  # the served default
-    info = {"thresholds": thresholds.to_dict(), "compat_pairs": len(scores),
-            "compat_seconds": round(time.perf_counter() - started, 1),
-            "compatibility": {" + ".join(sorted(p)): round(v, 3) for p, v in sorted(scores.items(), key=str)}}
+    centroids = {name: unit(e.mean(axis=0)) for name, e in by_card.items()}
+    started, tables = time.perf_counter(), dict(reuse or {})
+    for card in tqdm([c for c in cards if c.model_name not in tables], desc="gain tables", unit="adapter"):
+        samples = [s for s in card.sample if s.targets][:compat_samples]
+        if not samples:
+            continue
+        tokens = CardTokens([chat_prompt_ids(tokenizer, s.inputs) for s in samples],
+                            [tokenizer(s.targets, add_special_tokens=False).input_ids for s in samples])
+        tables[card.model_name] = measure_gains(engine, card.model_name,
+                                                nearest(card.model_name, centroids, neighbours), tokens)
+    seconds = time.perf_counter() - started
+    decisions = [decide(h, tables.get, thresholds, min_similarity=0.0) for h in hits]  # the served default
+    measured = len(tables) - len(reuse or {})
+    info = {"thresholds": thresholds.to_dict(), "tables": len(tables), "neighbours": neighbours,
+            "samples": compat_samples, "tables_reused": len(reuse or {}), "table_seconds": round(seconds, 1),
+            "seconds_per_adapter": round(seconds / measured, 2) if measured else None,
+            "gain_tables": {name: t.to_dict() for name, t in tables.items()}}
     return decisions, info
 
 
@@ -149,7 +174,7 @@ def cmd_eval_generate(args: argparse.Namespace) -> int:
     retrieved = [[name for name, _ in h] for h in hits]
 
     engine = CompositionEngine.from_pretrained(base, device=args.device, dtype="float32",
-                                               max_adapters_per_row=max(args.top_k, 1))
+                                               max_adapters_per_row=max(args.top_k, args.neighbours + 1))  # gain tables: top-1 + neighbours
     try:
         for card in cards:
             engine.load_adapter(card.model_name, adapters_dir / card.model_name)
@@ -161,7 +186,9 @@ def cmd_eval_generate(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(base)
     decisions, policy = None, None
     if "auto" in systems:
-        decisions, policy = auto_decisions(engine, tokenizer, embedder, cards, hits, compat_samples=args.compat_samples)
+        reuse = reused_tables(args.gain_tables, cards) if args.gain_tables else None
+        decisions, policy = auto_decisions(engine, tokenizer, embedder, cards, hits, compat_samples=args.compat_samples,
+                                           neighbours=min(args.neighbours, len(cards) - 1), reuse=reuse)
     report = evaluate_generation(engine, tokenizer, queries, retrieved, systems=systems, decisions=decisions,
                                  batch_size=args.batch_size, max_tokens=args.max_tokens, progress=True)
     own_in_top_k = sum(q.task in r for q, r in zip(queries, retrieved)) / len(queries)

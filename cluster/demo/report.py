@@ -38,17 +38,18 @@ def markdown_table(*results: dict) -> str:
 
 
 def decision_table(*results: dict) -> str:
-    """What the auto policy decided in each setting, with its calibrated thresholds."""
-    lines = ["| setting | selected | mixed (mean adapters) | base model | queries with an adapter dropped "
-             "| margin | temperature | compatibility pairs scored (s) |", "|---" * 8 + "|"]
+    """What the auto policy decided in each setting, with its calibrated threshold and the cost of
+    its gain tables."""
+    lines = ["| setting | selected | mixed | fused (mean adapters composed) | base model | in-domain threshold "
+             "| gain tables (s per adapter) |", "|---" * 7 + "|"]
     for result in results:
         auto, policy = result["systems"].get("auto"), result.get("policy")
         if auto is None or policy is None:
             continue
         d, th = auto["decisions"], policy["thresholds"]
-        lines.append(f"| {setting_name(result)} | {d['selection']} | {d['mixture']} ({d['mixed_adapters_mean']}) "
-                     f"| {d['none']} | {d['queries_with_dropped']} | {th['margin']} | {th['temperature']} "
-                     f"| {policy['compat_pairs']} ({policy['compat_seconds']}) |")
+        lines.append(f"| {setting_name(result)} | {d['selection']} | {d['mixture']} | {d['fusion']} "
+                     f"({d['mixed_adapters_mean']}) | {d['none']} | {th['in_domain']} "
+                     f"| {policy['tables']} ({policy['seconds_per_adapter']}) |")
     return "\n".join(lines)
 
 

@@ -1,23 +1,35 @@
-"""Do two adapters work together? Measured on their own cards, before any request mixes them.
+"""What composing an adapter with its neighbours does, measured on card samples before any request
+asks (services/serving/policy.py decides with it).
 
-For adapter i and its card samples (input, target): gain_i is how much more likely the target is
-under i than under the base model (mean log-probability per target token), and mixed_gain_ij the
-same under the equal-weight mixture of i and j. retained_ij = mixed_gain_ij / gain_i is the share
-of i's own gain that survives j being mixed in: 1 = no interference, 0.5 = half lost, below 0 =
-worse than the base model. The pair's score is min(retained_ij, retained_ji): mixing must not
-break either adapter. All rows of a pair (base, i alone, the mixture, on both cards) run as one
-batched forward pass.
+For adapter A and its nearest active neighbours N1..Nk (card-centroid cosine), one batched forward
+pass over A's card samples (input, target) scores every candidate composition by how well it
+predicts the targets: the mean per-token log-probability and the share of target tokens that are
+the greedy choice (accuracy: what a greedy answer gets right, token by token, given the right
+prefix). The candidates, all with uniform weights (the paper's 1/k):
+
+- own: the base model, A alone, and the mixture and the fusion of A with N1, with N1 and N2, ...
+  These say how much of A's skill survives composing it with the neighbours ("retained"). A was
+  trained on its card, so on these samples A alone is flattered: they guard against harmful
+  mixes, they cannot show that a mix beats A on new inputs.
+- leave-own-out: N1 alone, and the mixture and the fusion of N1..Nj (j >= 2), without A. None of
+  them saw A's samples, so these are honest measurements of what selecting one neighbour, or
+  mixing or fusing the family, does for a task of the family that no retrieved adapter trained
+  on: the family evidence the policy leans on.
+
+Cost: one forward of (2 + 2k + 2(k - 1) + 1) x samples rows per adapter (k = 2, 4 samples: 36 rows),
+with targets cut to `max_target_tokens` and logits computed only at target positions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from services.composition import Composition, CompositionMode
 
-# A pair counts as compatible when each adapter keeps at least this share of its own gain.
+# A composition counts as keeping the top-1's skill when it keeps at least this share of its gain.
 DEFAULT_MIN_RETAINED = 0.8
+MAX_TARGET_TOKENS = 16  # the first tokens of a target decide a greedy answer; longer ones cost rows
 
 
 @dataclass(frozen=True)
@@ -29,48 +41,111 @@ class CardTokens:
 
 
 @dataclass(frozen=True)
-class PairScore:
-    retained_ab: float  # share of a's gain on a's card kept when b is mixed in
-    retained_ba: float  # share of b's gain on b's card kept when a is mixed in
+class Measure:
+    accuracy: float  # share of target tokens that are the greedy choice, mean over samples
+    logprob: float  # mean per-token log-probability of the targets, mean over samples
 
-    @property
-    def score(self) -> float:
-        return min(self.retained_ab, self.retained_ba)
+    def to_list(self) -> list[float]:
+        return [round(self.accuracy, 4), round(self.logprob, 4)]
 
 
-def target_logprobs(engine, prompts: list[list[int]], targets: list[list[int]],
-                    rows: list[Composition]) -> torch.Tensor:
-    """(n,) mean log-probability per token of each target after its prompt, row i composed as rows[i]."""
+def signature(composition: Composition) -> str:
+    """Uniform weights make the order of the adapters irrelevant: 'mixture:a@1+b@2'."""
+    if composition.is_base:
+        return "base"
+    return f"{composition.mode.value}:{'+'.join(sorted(composition.adapters))}"
+
+
+def candidates(adapter: str, neighbours: list[str]) -> dict[str, list[Composition]]:
+    """{"own": [...], "loo": [...]}: the compositions measured on `adapter`'s card."""
+    own = [Composition(), Composition.single(adapter)]
+    loo = [Composition.single(neighbours[0])] if neighbours else []
+    for j in range(1, len(neighbours) + 1):
+        for mode in (CompositionMode.mixture, CompositionMode.fusion):
+            own.append(Composition.of(mode, [adapter, *neighbours[:j]]))
+            if j >= 2:
+                loo.append(Composition.of(mode, neighbours[:j]))
+    return {"own": own, "loo": loo}
+
+
+@dataclass
+class GainTable:
+    """The measurements on one adapter version's card: signature -> Measure."""
+
+    adapter: str  # name@version
+    neighbours: list[str]  # name@version, nearest first
+    samples: int
+    measures: dict[str, Measure] = field(default_factory=dict)
+
+    def get(self, composition: Composition) -> Measure | None:
+        return self.measures.get(signature(composition))
+
+    def retained(self, composition: Composition) -> float | None:
+        """The share of the adapter's own accuracy gain over the base model kept in `composition`."""
+        base, own, mixed = self.get(Composition()), self.get(Composition.single(self.adapter)), self.get(composition)
+        if base is None or own is None or mixed is None:
+            return None
+        return retained(base.accuracy, own.accuracy, mixed.accuracy)
+
+    def transfer(self, mode: CompositionMode) -> float | None:
+        """The share of the adapter's accuracy gain that its neighbours, composed in `mode` without
+        it (the best such leave-own-out row), achieve on its card; None if unmeasured."""
+        base, own = self.get(Composition()), self.get(Composition.single(self.adapter))
+        rows = [m for sig, m in self.measures.items()
+                if sig.startswith(f"{mode.value}:") and self.adapter not in sig.split(":", 1)[1].split("+")]
+        if base is None or own is None or not rows:
+            return None
+        return retained(base.accuracy, own.accuracy, max(m.accuracy for m in rows))
+
+    def to_dict(self) -> dict:
+        return {"adapter": self.adapter, "neighbours": self.neighbours, "samples": self.samples,
+                "measures": {k: m.to_list() for k, m in self.measures.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GainTable":
+        return cls(data["adapter"], list(data["neighbours"]), int(data["samples"]),
+                   {k: Measure(*v) for k, v in data["measures"].items()})
+
+
+def target_measures(engine, prompts: list[list[int]], targets: list[list[int]],
+                    rows: list[Composition]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(accuracy, logprob), each (n,): per row, the share of target tokens that are the argmax and
+    their mean log-probability after the prompt, row i composed as rows[i]. One forward."""
     seqs = [p + t for p, t in zip(prompts, targets)]
-    length = max(len(s) for s in seqs)
+    length, longest = max(len(s) for s in seqs), max(len(t) for t in targets)
     ids = torch.full((len(seqs), length), engine.pad_id, dtype=torch.long)  # (n, length), left padded
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
     for i, seq in enumerate(seqs):
         ids[i, length - len(seq):] = torch.tensor(seq)
         mask[i, length - len(seq):] = 1
-    logprobs = torch.log_softmax(engine.forward_logits(ids, mask, rows).float(), dim=-1)  # (n, length, vocab)
-    out = []
+    # Targets end every row: the logits before them are the last longest + 1 positions, less the last.
+    logits = engine.forward_logits(ids, mask, rows, keep=longest + 1)[:, :-1].float()  # (n, longest, vocab)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    accuracy, mean_lp = [], []
     for i, target in enumerate(targets):
-        positions = torch.arange(length - len(target), length)  # where the target tokens sit
-        predicted = logprobs[i, positions - 1]  # (len(target), vocab): the logits before each token
-        out.append(predicted.gather(1, torch.tensor(target)[:, None]).mean())
-    return torch.stack(out)
+        predicted = logprobs[i, longest - len(target):]  # (len(target), vocab)
+        wanted = torch.tensor(target)
+        accuracy.append((predicted.argmax(dim=-1).cpu() == wanted).float().mean())
+        mean_lp.append(predicted.gather(1, wanted.to(predicted.device)[:, None]).mean().cpu())
+    return torch.stack(accuracy), torch.stack(mean_lp)
 
 
-def pair_score(engine, key_a: str, card_a: CardTokens, key_b: str, card_b: CardTokens) -> PairScore:
-    """Both directions of one pair in one forward pass (keys are loaded pool keys)."""
-    mix = Composition.of(CompositionMode.mixture, [key_a, key_b], [0.5, 0.5])
-    prompts, targets, rows = [], [], []
-    for own, card in ((key_a, card_a), (key_b, card_b)):
-        for composition in (Composition(), Composition.single(own), mix):
-            prompts += card.prompts
-            targets += card.targets
-            rows += [composition] * len(card.prompts)
-    lp = target_logprobs(engine, prompts, targets, rows)
-    n_a, n_b = len(card_a.prompts), len(card_b.prompts)
-    base_a, own_a, mix_a = lp[:3 * n_a].view(3, n_a).mean(dim=1).tolist()
-    base_b, own_b, mix_b = lp[3 * n_a:].view(3, n_b).mean(dim=1).tolist()
-    return PairScore(retained(base_a, own_a, mix_a), retained(base_b, own_b, mix_b))
+def measure_gains(engine, adapter: str, neighbours: list[str], card: CardTokens,
+                  max_target_tokens: int = MAX_TARGET_TOKENS) -> GainTable:
+    """Every candidate composition of `adapter` and its neighbours (loaded pool keys, nearest
+    first) on `adapter`'s card samples, in one batched forward."""
+    kept = [(p, t[:max_target_tokens]) for p, t in zip(card.prompts, card.targets) if t]
+    if not kept:
+        raise ValueError(f"{adapter}: no card sample has a target to measure")
+    comps = [c for group in candidates(adapter, neighbours).values() for c in group]
+    prompts = [p for _ in comps for p, _ in kept]
+    targets = [t for _ in comps for _, t in kept]
+    rows = [c for c in comps for _ in kept]
+    accuracy, logprob = target_measures(engine, prompts, targets, rows)
+    n = len(kept)
+    acc, lp = accuracy.view(len(comps), n).mean(dim=1).tolist(), logprob.view(len(comps), n).mean(dim=1).tolist()
+    return GainTable(adapter, list(neighbours), n,
+                     {signature(c): Measure(a, l) for c, a, l in zip(comps, acc, lp)})
 
 
 def retained(base: float, own: float, mixed: float) -> float:

@@ -153,13 +153,15 @@ class CompositionEngine:
                 self.pool.release(keys)
 
     @torch.inference_mode()
-    def forward_logits(self, input_ids, attention_mask, rows: list[Composition]) -> torch.Tensor:
-        """Logits (batch, seq, vocab) of one forward with each row composed as given (no cache)."""
+    def forward_logits(self, input_ids, attention_mask, rows: list[Composition], keep: int = 0) -> torch.Tensor:
+        """Logits (batch, seq, vocab) of one forward with each row composed as given (no cache);
+        keep > 0: only the last `keep` positions' (batch, keep, vocab), sparing the output projection
+        of the others."""
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         with self.composed(rows):
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).logits
+                              use_cache=False, logits_to_keep=keep).logits
 
     def take_cache(self):
         """A KV SlotCache: the parked one (already grown, already zeroed: its stale keys are finite

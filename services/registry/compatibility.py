@@ -1,9 +1,10 @@
-"""Compatibility scores of adapter-version pairs and the auto policy's calibrated thresholds, in Redis.
+"""Gain tables of adapter versions and the auto policy's calibrated thresholds, in Redis.
 
-A score belongs to the two versions it was measured on (`name@version` keys), so a promote or a
-rollback never reuses a stale one: the new active version's pairs are measured again
-(services/rollout/compatibility.py). Serving reads a snapshot, refreshed when the generation
-counter moves, so the hot path never waits on Redis.
+A table belongs to the version it was measured on and to the neighbour versions in it
+(`name@version` keys), so a promote or a rollback never reuses a stale one: the new active
+version is measured again (services/rollout/compatibility.py), and a rollback finds its old table.
+Serving reads a snapshot, refreshed when the generation counter moves, so the hot path never
+waits on Redis.
 """
 from __future__ import annotations
 
@@ -13,54 +14,47 @@ from dataclasses import dataclass, field
 
 import redis
 
-from services.lora.compatibility import PairScore
+from services.lora.compatibility import GainTable
 from services.registry.redis_access import guarded
 from services.serving.policy import PolicyThresholds
 
-PAIRS_KEY = "lr:compat:pairs"  # hash: "a@1|b@2" (sorted keys) -> {"score", "retained": {key: share}, "at"}
+TABLES_KEY = "lr:compat:tables"  # hash: "name@version" -> GainTable as JSON, plus "at"
 POLICY_KEY = "lr:compat:policy"  # the calibrated PolicyThresholds as JSON
 GENERATION_KEY = "lr:compat:generation"
 
 
-def pair_field(key_a: str, key_b: str) -> str:
-    return "|".join(sorted((key_a, key_b)))
-
-
 @dataclass
 class CompatibilitySnapshot:
-    scores: dict[frozenset, float] = field(default_factory=dict)
+    tables: dict[str, GainTable] = field(default_factory=dict)  # name@version -> its gain table
     thresholds: PolicyThresholds = field(default_factory=PolicyThresholds)
     generation: int = -1
 
-    def score(self, key_a: str, key_b: str) -> float | None:
-        return self.scores.get(frozenset((key_a, key_b)))
+    def table(self, key: str) -> GainTable | None:
+        return self.tables.get(key)
 
 
 class CompatibilityStore:
     def __init__(self, client: redis.Redis):
         self.r = client
 
-    def put(self, key_a: str, key_b: str, score: PairScore) -> None:
-        entry = {"score": score.score, "retained": {key_a: score.retained_ab, key_b: score.retained_ba},
-                 "at": time.time()}
-        with guarded(self.r, f"store the compatibility of {key_a} and {key_b}"):
+    def put(self, table: GainTable) -> None:
+        entry = {**table.to_dict(), "at": time.time()}
+        with guarded(self.r, f"store the gain table of {table.adapter}"):
             pipe = self.r.pipeline(transaction=True)
-            pipe.hset(PAIRS_KEY, pair_field(key_a, key_b), json.dumps(entry))
+            pipe.hset(TABLES_KEY, table.adapter, json.dumps(entry))
             pipe.incr(GENERATION_KEY)
             pipe.execute()
 
-    def has(self, key_a: str, key_b: str) -> bool:
-        with guarded(self.r, "read compatibility scores"):
-            return bool(self.r.hexists(PAIRS_KEY, pair_field(key_a, key_b)))
+    def table(self, key: str) -> GainTable | None:
+        with guarded(self.r, "read gain tables"):
+            raw = self.r.hget(TABLES_KEY, key)
+        return _table(raw) if raw else None
 
-    def of(self, key: str) -> dict[str, dict]:
-        """Every stored pair of one version: other key -> {"score", "retained", "at"}."""
-        out = {}
-        for fld, entry in self._entries().items():
-            a, b = fld.split("|")
-            if key in (a, b):
-                out[b if a == key else a] = entry
-        return out
+    def of(self, key: str) -> dict | None:
+        """One version's stored table as JSON (for `adapters show`), None if unmeasured."""
+        with guarded(self.r, "read gain tables"):
+            raw = self.r.hget(TABLES_KEY, key)
+        return json.loads(raw) if raw else None
 
     def set_thresholds(self, thresholds: PolicyThresholds) -> None:
         with guarded(self.r, "store the auto policy's thresholds"):
@@ -74,16 +68,21 @@ class CompatibilityStore:
             return int(self.r.get(GENERATION_KEY) or 0)
 
     def snapshot(self) -> CompatibilitySnapshot:
-        with guarded(self.r, "read the auto policy's thresholds"):
-            generation, raw = int(self.r.get(GENERATION_KEY) or 0), self.r.get(POLICY_KEY)
-        scores = {frozenset(fld.split("|")): entry["score"] for fld, entry in self._entries().items()}
+        with guarded(self.r, "read the auto policy's thresholds and gain tables"):
+            pipe = self.r.pipeline(transaction=True)
+            pipe.get(GENERATION_KEY)
+            pipe.get(POLICY_KEY)
+            pipe.hgetall(TABLES_KEY)
+            generation, raw, tables = pipe.execute()
         thresholds = PolicyThresholds(**json.loads(raw)) if raw else PolicyThresholds()
-        return CompatibilitySnapshot(scores, thresholds, generation)
+        return CompatibilitySnapshot({(k.decode() if isinstance(k, bytes) else k): _table(v) for k, v in tables.items()},
+                                     thresholds, int(generation or 0))
 
-    def _entries(self) -> dict[str, dict]:
-        with guarded(self.r, "read compatibility scores"):
-            raw = self.r.hgetall(PAIRS_KEY)
-        return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+
+def _table(raw) -> GainTable:
+    data = json.loads(raw)
+    data.pop("at", None)
+    return GainTable.from_dict(data)
 
 
 class CompatibilityCache:

@@ -131,7 +131,7 @@ class AdminService:
         self.require_admin(authorization)
         record = self.registry.get(name)
         out = record.model_dump(mode="json")
-        if self.compatibility is not None:  # per version: the other versions it was measured with
+        if self.compatibility is not None:  # per version: its gain table (None: not measured)
             out["compatibility"] = {v: self.compatibility.of(str(AdapterKey(name, v))) for v in record.versions}
         return out
 

@@ -18,7 +18,7 @@ from pydantic import Field
 from services.composition import AdapterKey
 from services.evaluation.generation import chat_prompt_ids
 from services.lora.adapter_files import AdapterValidationError
-from services.lora.compatibility import CardTokens, PairScore, pair_score
+from services.lora.compatibility import CardTokens, GainTable, measure_gains
 from services.lora.generation import GenerationRequest, GenerationResult, check_request
 from services.lora.structured import JsonGrammars
 from services.schemas import ChatMessage, CompositionPlan, Strict
@@ -162,20 +162,23 @@ class ComposerService:
         except (AdapterValidationError, OSError) as err:
             raise store_fault(key, err) from err
 
-    async def score_pairs(self, pairs: list[tuple[str, str]],
-                          cards: dict[str, list[tuple[str, str]]]) -> list[PairScore]:
-        """Compatibility of each pair of name@version keys on their card samples (inputs, targets),
-        on the batch thread between batches (services/lora/compatibility.py)."""
-        await self.fetch(sorted({key for pair in pairs for key in pair}))
-        return await self.batcher.run_exclusive(self._score_pairs, pairs, cards)
+    async def measure_gains(self, jobs: list[tuple[str, list[str]]],
+                            cards: dict[str, list[tuple[str, str]]]) -> list[GainTable]:
+        """The gain table of each (adapter, neighbours) job of name@version keys on the adapter's card
+        samples (inputs, targets), on the batch thread between batches (services/lora/compatibility.py)."""
+        await self.fetch(sorted({key for adapter, neighbours in jobs for key in (adapter, *neighbours)}))
+        return await self.batcher.run_exclusive(self._measure_gains, jobs, cards)
 
-    def _score_pairs(self, pairs, cards) -> list[PairScore]:
-        self.ensure_loaded(sorted({key for pair in pairs for key in pair}))
+    def _measure_gains(self, jobs, cards) -> list[GainTable]:
+        self.ensure_loaded(sorted({key for adapter, neighbours in jobs for key in (adapter, *neighbours)}))
         tok = self.engine.tokenizer
-        tokens = {key: CardTokens([chat_prompt_ids(tok, inputs) for inputs, _ in samples],
-                                  [tok(targets, add_special_tokens=False)["input_ids"] for _, targets in samples])
-                  for key, samples in cards.items()}
-        return [pair_score(self.engine, a, tokens[a], b, tokens[b]) for a, b in pairs]
+        out = []
+        for adapter, neighbours in jobs:
+            samples = cards[adapter]
+            card = CardTokens([chat_prompt_ids(tok, inputs) for inputs, _ in samples],
+                              [tok(targets, add_special_tokens=False)["input_ids"] for _, targets in samples])
+            out.append(measure_gains(self.engine, adapter, neighbours, card))
+        return out
 
     def tokenize(self, job: ComposeJob) -> list[int]:
         tok = self.engine.tokenizer

@@ -79,14 +79,14 @@ def plan_composition(
 def plan_auto(retrieved: RetrievalResult, opts: LoraOptions, defaults: PlanDefaults, catalog: Catalog,
               tenant: str | None, request_id: str, compat) -> CompositionPlan:
     """The auto policy over the retrieved adapters the caller may use, each resolved to the version
-    this request gets (canary or active), so compatibility is read for those versions."""
+    this request gets (canary or active), so gain tables are read for those versions."""
     hits = [a for a in retrieved.adapters if catalog.is_visible(a.name, tenant)]
     versions = {a.name: catalog.resolve(a.name, tenant=tenant, request_id=request_id)[1] for a in hits}
     keys = {a.name: str(AdapterKey(a.name, versions[a.name])) for a in hits}
     thresholds = compat.thresholds if compat is not None else PolicyThresholds()
     min_similarity = opts.min_similarity if opts.min_similarity is not None else defaults.min_similarity
     decision = decide([(a.name, a.score) for a in hits],
-                      lambda a, b: compat.score(keys[a], keys[b]) if compat is not None else None,
+                      lambda name: compat.table(keys[name]) if compat is not None else None,
                       thresholds, min_similarity)
     scores = {a.name: a.score for a in hits}
     return CompositionPlan(

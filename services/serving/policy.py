@@ -1,44 +1,59 @@
-"""`composition: auto`: per request, decide how much to compose from what retrieval and the
-adapters' compatibility scores say.
+"""`composition: auto`: per request, choose the composition of the retrieved adapters that the
+measurements on their cards (services/lora/compatibility.py: gain tables) say works best.
 
 1. Nothing retrieved, or the best score below `min_similarity`: no adapter fits, the base model.
-2. The top-1 clearly fits (its margin over the runner-up at least `margin`): the top-1 alone.
-3. Otherwise the top-1 plus each retrieved adapter compatible with it (compatibility score at
-   least `min_retained`, services/lora/compatibility.py), weighted by a softmax of the retrieval
-   scores at `temperature`. An adapter with no score yet counts as incompatible: mixing is opt-in.
+2. The family evidence: on each retrieved adapter's card, the leave-own-out rows of its gain table
+   say whether selecting one neighbour, mixing the neighbours or fusing them predicts that card's
+   targets best, for a task none of them trained on. Averaged over the retrieved adapters' tables,
+   the mode with the highest accuracy (log-probability breaks ties) is the family's mode; a mode
+   must beat selection by more than `tie` to count.
+3. Out of domain (the top score below `in_domain`, the similarity most card samples have to their
+   own adapter): no retrieved adapter is the prompt's own, so lean on the family as the paper
+   does: the family's mode over all the retrieved adapters, uniform weights (no evidence: the
+   paper's mixture).
+4. In domain: the top-1 is likely the prompt's own adapter. If the family's mode is selection, or
+   there is no evidence, the top-1 alone; also when the top-1's neighbours composed that way
+   without it (leave-own-out, on its card) do less than `min_transfer` of its job: they do another
+   job on the same inputs. Otherwise the widest composition of that mode measured on the top-1's
+   card whose adapters were all retrieved and that keeps at least `min_retained` of the top-1's
+   gain on its own card (this refuses mixes that break the top-1's skill).
 
-`margin` and `temperature` are calibrated from the adapter cards (`calibrate`), never from
-evaluation queries: each card sample is scored as a query against every adapter's centroid (its
-own adapter's centroid without that sample), and `margin` is the MARGIN_QUANTILE of the margins
-by which card samples pick their own adapter, so that inputs like the cards' own are answered by
-their adapter alone; `temperature` makes a runner-up exactly `margin` behind get half the top-1's
-weight.
+`in_domain` is calibrated from the adapter cards (`calibrate`), never from evaluation queries:
+each card sample is scored against its own adapter's centroid without that sample, and
+`in_domain` is the IN_DOMAIN_QUANTILE of those similarities.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from services.composition import CompositionMode, softmax
-from services.lora.compatibility import DEFAULT_MIN_RETAINED
+from services.composition import Composition, CompositionMode
+from services.lora.compatibility import DEFAULT_MIN_RETAINED, GainTable, Measure
 
 AUTO = "auto"
-MARGIN_QUANTILE = 0.1  # one card sample in ten that picks its own adapter may still be mixed
+IN_DOMAIN_QUANTILE = 0.05  # one card sample in twenty is further from its own adapter than this
+TIE = 0.02  # accuracy a composition must gain over selection in the family evidence to be chosen
+# In domain, the top-1's neighbours composed without it must do at least this share of its job on
+# its card: siblings that share the job (same labels, same format) can be mixed in; siblings that
+# do another job on the same inputs (the demo zoo's uppercase and acronym) cannot.
+MIN_TRANSFER = 0.5
+MODES = (CompositionMode.selection, CompositionMode.mixture, CompositionMode.fusion)
 
 
 @dataclass(frozen=True)
 class PolicyThresholds:
-    margin: float = 0.05
-    temperature: float = 0.05 / math.log(2)
+    in_domain: float = 0.0  # 0: every prompt counts as in domain (no calibration yet)
     min_retained: float = DEFAULT_MIN_RETAINED
+    min_transfer: float = MIN_TRANSFER
+    tie: float = TIE
     samples: int = 0  # card samples the calibration used; 0 = the defaults above
 
     def to_dict(self) -> dict:
-        return {"margin": round(self.margin, 4), "temperature": round(self.temperature, 4),
-                "min_retained": self.min_retained, "samples": self.samples}
+        return {"in_domain": round(self.in_domain, 4), "min_retained": self.min_retained,
+                "min_transfer": self.min_transfer, "tie": self.tie,
+                "samples": self.samples}
 
 
 @dataclass
@@ -49,66 +64,136 @@ class Decision:
     adapters: list[str]  # best first
     weights: list[float]
     reason: str
-    dropped: list[dict] = field(default_factory=list)  # {"name", "compatibility", "why"}
+    dropped: list[dict] = field(default_factory=list)  # {"name", "why"}
+    evidence: dict = field(default_factory=dict)  # family mode -> mean accuracy
 
     def explain(self) -> dict:
-        return {"policy": AUTO, "reason": self.reason, "dropped": self.dropped}
+        out = {"policy": AUTO, "reason": self.reason, "dropped": self.dropped}
+        if self.evidence:
+            out["family"] = self.evidence
+        return out
 
 
-Compat = Callable[[str, str], float | None]  # (top-1, other) -> compatibility score, None if unknown
+Tables = Callable[[str], GainTable | None]  # adapter name -> its active gain table, None if unmeasured
 
 
-def decide(hits: list[tuple[str, float]], compat: Compat, thresholds: PolicyThresholds,
+def family_evidence(tables: list[GainTable]) -> dict[CompositionMode, Measure]:
+    """Per mode, the best leave-own-out measurement of that mode on each table's card, averaged
+    over the tables that measured every mode."""
+    per_mode: dict[CompositionMode, list[Measure]] = {m: [] for m in MODES}
+    for table in tables:
+        best = {}
+        for sig, measure in table.measures.items():
+            mode, _, members = sig.partition(":")
+            if not members or table.adapter in members.split("+"):
+                continue  # the base row and the own rows
+            key = CompositionMode(mode)
+            if key not in best or (measure.accuracy, measure.logprob) > (best[key].accuracy, best[key].logprob):
+                best[key] = measure
+        if len(best) == len(MODES):
+            for mode, measure in best.items():
+                per_mode[mode].append(measure)
+    return {mode: Measure(float(np.mean([m.accuracy for m in ms])), float(np.mean([m.logprob for m in ms])))
+            for mode, ms in per_mode.items() if ms}
+
+
+def family_mode(evidence: dict[CompositionMode, Measure], tie: float) -> CompositionMode | None:
+    """The mode the family evidence favours; None without evidence."""
+    if not evidence:
+        return None
+    sel = evidence[CompositionMode.selection]
+    best = max((CompositionMode.mixture, CompositionMode.fusion),
+               key=lambda m: (evidence[m].accuracy, evidence[m].logprob))
+    ahead = evidence[best].accuracy - sel.accuracy
+    if ahead > tie or (abs(ahead) <= tie and evidence[best].logprob > sel.logprob and ahead >= 0):
+        return best
+    return CompositionMode.selection
+
+
+def decide(hits: list[tuple[str, float]], tables: Tables, thresholds: PolicyThresholds,
            min_similarity: float) -> Decision:
     """hits: (adapter, retrieval score) best first, already limited to what the caller may use."""
     if not hits or hits[0][1] < min_similarity:
         top = f"{hits[0][1]:.3f}" if hits else "none"
         return Decision(CompositionMode.none, [], [], f"no adapter fits: top score {top} < {min_similarity:g}")
+    names = [n for n, _ in hits]
     top, top_score = hits[0]
-    margin = top_score - hits[1][1] if len(hits) > 1 else math.inf
-    if margin >= thresholds.margin:
+    measured = [t for t in (tables(n) for n in names) if t is not None]
+    evidence = family_evidence(measured)
+    mode = family_mode(evidence, thresholds.tie)
+    shown = {m.value: round(e.accuracy, 3) for m, e in evidence.items()}
+    if top_score < thresholds.in_domain and len(names) > 1:
+        mode = mode or CompositionMode.mixture
+        why = (f"family evidence over {len(measured)} cards favours {mode.value} ({_show(shown)})" if evidence
+               else "no family evidence: the paper's mixture")
+        chosen = Composition.of(mode, names)
+        return Decision(chosen.mode, list(chosen.adapters), list(chosen.weights),
+                        f"out of domain (top score {top_score:.3f} < {thresholds.in_domain:.3f}): {why}",
+                        evidence=shown)
+    if mode in (None, CompositionMode.selection):
+        why = "no family evidence" if mode is None else f"the family gains nothing from composing ({_show(shown)})"
+        return Decision(CompositionMode.selection, [top], [1.0], f"in domain: top-1 alone; {why}", evidence=shown)
+    own = tables(top)
+    if own is None:
         return Decision(CompositionMode.selection, [top], [1.0],
-                        f"clear top-1: margin {margin:.3f} >= {thresholds.margin:.3f}")
-    kept, dropped = [(top, top_score)], []
-    for name, score in hits[1:]:
-        value = compat(top, name)
-        if value is None:
-            dropped.append({"name": name, "compatibility": None, "why": "no compatibility score with the top-1"})
-        elif value < thresholds.min_retained:
-            dropped.append({"name": name, "compatibility": round(value, 3),
-                            "why": f"incompatible with the top-1: {value:.3f} < {thresholds.min_retained:g}"})
-        else:
-            kept.append((name, score))
-    if len(kept) == 1:
+                        "in domain: top-1 alone; its own card is not measured yet", evidence=shown)
+    transfer = own.transfer(mode)
+    if transfer is not None and transfer < thresholds.min_transfer:
         return Decision(CompositionMode.selection, [top], [1.0],
-                        f"close runner-up (margin {margin:.3f}) but none compatible: top-1 alone", dropped)
-    weights = softmax([s for _, s in kept], thresholds.temperature)
-    return Decision(CompositionMode.mixture, [n for n, _ in kept], weights,
-                    f"close scores (margin {margin:.3f} < {thresholds.margin:.3f}): mix the compatible", dropped)
+                        f"in domain: top-1 alone; its neighbours' {mode.value} does {transfer:.2f} "
+                        f"< {thresholds.min_transfer:g} of its job on its card", evidence=shown)
+    chosen, share, dropped = _widest_kept(own, top, names, mode, thresholds.min_retained)
+    if chosen is None:
+        return Decision(CompositionMode.selection, [top], [1.0],
+                        f"in domain: top-1 alone; no {mode.value} keeps {thresholds.min_retained:g} of its gain",
+                        dropped, shown)
+    return Decision(chosen.mode, list(chosen.adapters), list(chosen.weights),
+                    f"in domain: the family gains from {mode.value} ({_show(shown)}); "
+                    f"{len(chosen.adapters)} adapters keep {share:.2f} of the top-1's gain",
+                    dropped, shown)
+
+
+def _widest_kept(own: GainTable, top: str, names: list[str], mode: CompositionMode,
+                 min_retained: float) -> tuple[Composition | None, float, list[dict]]:
+    """The widest composition of `mode` on the top-1's card, of retrieved adapters only, that keeps
+    min_retained of the top-1's gain, with that share. Table keys are name@version; the served
+    composition names adapters (the planner resolves the same versions)."""
+    by_name = {key.rsplit("@", 1)[0]: key for key in own.neighbours}
+    order = [by_name[n] for n in names[1:] if n in by_name]  # retrieved neighbours, retrieval order
+    dropped = [{"name": n, "why": "not a measured neighbour of the top-1"} for n in names[1:] if n not in by_name]
+    nearest = [k for k in own.neighbours if k in order]
+    for j in range(len(nearest), 0, -1):
+        # the own rows measure the top-1 with its nearest neighbours: only prefixes were measured
+        if nearest[:j] != own.neighbours[:j]:
+            continue
+        candidate = Composition.of(mode, [own.adapter, *nearest[:j]])
+        share = own.retained(candidate)
+        if share is not None and share >= min_retained:
+            served = Composition.of(mode, [top, *[k.rsplit("@", 1)[0] for k in nearest[:j]]])
+            return served, share, dropped
+        dropped.append({"name": "+".join(k.rsplit("@", 1)[0] for k in nearest[:j]),
+                        "why": f"{mode.value} keeps {share if share is None else round(share, 3)} "
+                               f"< {min_retained:g} of the top-1's gain"})
+    return None, 0.0, dropped
+
+
+def _show(shown: dict) -> str:
+    return ", ".join(f"{m} {v:.2f}" for m, v in shown.items())
 
 
 def calibrate(card_embeddings: dict[str, np.ndarray], min_retained: float = DEFAULT_MIN_RETAINED) -> PolicyThresholds:
     """Thresholds from the cards alone. card_embeddings: adapter -> (samples, dim) unit-norm rows."""
-    names = sorted(card_embeddings)
-    if len(names) < 2:
+    own = []
+    for emb in card_embeddings.values():  # (samples, dim)
+        if len(emb) < 2:
+            continue
+        total = emb.sum(axis=0)  # (dim,)
+        loo = np.stack([unit(total - e) for e in emb])  # (samples, dim): the centroid without the sample
+        own += [float(s) for s in (emb * loo).sum(axis=1)]
+    if not own:
         return PolicyThresholds(min_retained=min_retained)
-    sums = {n: card_embeddings[n].sum(axis=0) for n in names}  # (dim,)
-    counts = {n: len(card_embeddings[n]) for n in names}
-    centroids = np.stack([unit(sums[n] / counts[n]) for n in names])  # (adapters, dim)
-    margins = []
-    for i, name in enumerate(names):
-        emb = card_embeddings[name]  # (samples, dim)
-        scores = emb @ centroids.T  # (samples, adapters)
-        if counts[name] > 1:  # the own centroid without the sample itself
-            loo = np.stack([unit((sums[name] - e) / (counts[name] - 1)) for e in emb])  # (samples, dim)
-            scores[:, i] = (emb * loo).sum(axis=1)
-        others = np.delete(scores, i, axis=1).max(axis=1)
-        margins += [float(m) for m in scores[:, i] - others if m > 0]  # samples that pick their own adapter
-    if not margins:
-        return PolicyThresholds(min_retained=min_retained)
-    margin = max(float(np.quantile(margins, MARGIN_QUANTILE)), 1e-3)
-    return PolicyThresholds(margin=margin, temperature=margin / math.log(2), min_retained=min_retained,
-                            samples=sum(counts.values()))
+    return PolicyThresholds(in_domain=float(np.quantile(own, IN_DOMAIN_QUANTILE)), min_retained=min_retained,
+                            samples=sum(len(e) for e in card_embeddings.values()))
 
 
 def unit(v: np.ndarray) -> np.ndarray:

@@ -61,8 +61,12 @@ def test_command_on_the_tiny_zoo_matches_peft_generation(tiny_zoo, tmp_path, cap
     assert list(systems) == ["base", "perfect", "selection", "mixture", "fusion", "auto"]
     assert result["settings"]["own_adapter_in_top_k"] > 0
     decisions = systems["auto"]["decisions"]
-    assert decisions["selection"] + decisions["mixture"] + decisions["none"] == len(tiny_zoo.queries)
-    assert result["policy"]["thresholds"]["margin"] > 0 and len(result["scores"]) == len(tiny_zoo.queries)
+    assert decisions["selection"] + decisions["mixture"] + decisions["fusion"] + decisions["none"] == len(tiny_zoo.queries)
+    assert len(decisions["per_query"]) == len(tiny_zoo.queries)
+    policy = result["policy"]
+    assert policy["thresholds"]["in_domain"] > 0 and len(result["scores"]) == len(tiny_zoo.queries)
+    assert policy["tables"] == len(tiny_zoo.cards) and policy["neighbours"] == 2  # measured on every card
+    assert all(t["neighbours"] and "base" in t["measures"] for t in policy["gain_tables"].values())
     assert all(len(r) == 2 for r in result["retrieved"])
 
     queries = tiny_zoo.queries

@@ -164,9 +164,9 @@ def test_auto_is_the_default_and_says_what_it_decided(client, task_prompts):
     assert lora["composition"] in ("selection", "mixture", "none")
 
 
-def test_a_new_active_version_gets_compatibility_scores(serve_cluster, tmp_path):
-    """Last in the module: it adds a version. The composer measures the new version against its
-    nearest neighbours; `adapters show` (the admin API) lists the scores per version."""
+def test_a_new_active_version_gets_a_gain_table(serve_cluster, tmp_path):
+    """Last in the module: it adds a version. The composer measures the new version's compositions
+    with its nearest neighbours on its card; `adapters show` (the admin API) lists the table per version."""
     import base64
 
     import httpx
@@ -182,9 +182,10 @@ def test_a_new_active_version_gets_compatibility_scores(serve_cluster, tmp_path)
                    json={"name": name, "card": card.model_dump(), "files": files})
     assert r.status_code == 200, r.text
     version = r.json()["version"]
-    scored = r.json()["compatibility"]["scored"]
-    assert scored and all(pair[0] == f"{name}@{version}" for pair in scored)
+    measured = r.json()["compatibility"]["measured"]
+    assert measured[0] == f"{name}@{version}"
     shown = httpx.get(f"{serve_cluster.url}/admin/adapters/{name}", headers=serve_cluster.admin, timeout=60).json()
-    measured = shown["compatibility"][version]
-    assert set(measured) == {other for _, other in scored}
-    assert all(isinstance(entry["score"], float) for entry in measured.values())
+    table = shown["compatibility"][version]
+    assert table["adapter"] == f"{name}@{version}" and len(table["neighbours"]) == 2
+    assert {"base", f"selection:{name}@{version}"} <= set(table["measures"])
+    assert all(0.0 <= acc <= 1.0 and lp <= 0.0 for acc, lp in table["measures"].values())

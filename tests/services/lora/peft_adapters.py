@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 BASE_MODEL = "tiny-llama-test"
@@ -38,3 +39,31 @@ def write_peft_adapter(folder: Path, base_config, *, rank: int, alpha: float, ta
     saved = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**saved, "base_model_name_or_path": BASE_MODEL}, indent=2))
     return Path(folder)
+
+
+def add_cat_adapter(peft_model, name, adapters, weights):
+    """PEFT's "cat" combination: A = [w_i s_i A_i], B = [B_i], so delta = sum_i w_i s_i B_i A_i."""
+    peft_model.add_weighted_adapter(adapters, weights, name, combination_type="cat")
+    # The scalings are already inside A; PEFT copies use_rslora from the first adapter's config,
+    # which would rescale the combination by sqrt(r), so pin its scaling to 1.
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and name in module.scaling:
+            module.scaling[name] = 1.0
+
+
+def add_fused_adapter(peft_model, name, adapters, weights):
+    """A PEFT adapter holding sum_i w_i A_i and sum_i w_i s_i B_i (ranks zero-padded), scaling 1."""
+    rank = max(peft_model.peft_config[a].r for a in adapters)
+    modules = sorted(set().union(*(peft_model.peft_config[a].target_modules for a in adapters)))
+    peft_model.add_adapter(name, LoraConfig(r=rank, lora_alpha=rank, target_modules=modules))
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and name in module.lora_A:
+            a_avg = torch.zeros_like(module.lora_A[name].weight)  # (rank, in)
+            b_avg = torch.zeros_like(module.lora_B[name].weight)  # (out, rank)
+            for adapter, w in zip(adapters, weights):
+                if adapter in module.lora_A:
+                    r = peft_model.peft_config[adapter].r
+                    a_avg[:r] += w * module.lora_A[adapter].weight
+                    b_avg[:, :r] += w * module.scaling[adapter] * module.lora_B[adapter].weight
+            module.lora_A[name].weight.data.copy_(a_avg)
+            module.lora_B[name].weight.data.copy_(b_avg)

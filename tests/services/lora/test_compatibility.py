@@ -1,14 +1,15 @@
-"""Compatibility scores against an independent computation: PEFT holding the equal-weight mixture
-as one "cat" adapter, each sample run alone (no padding, no batching), log-likelihood from
-cross-entropy."""
+"""Gain tables against an independent computation: PEFT holding each mixture as one "cat" adapter
+and each fusion as one adapter of averaged A and B, each sample run alone (no padding, no
+batching), log-likelihood from cross-entropy and accuracy from the argmax of full logits."""
 from __future__ import annotations
 
 import pytest
 import torch
+from peft_adapters import add_cat_adapter, add_fused_adapter
 
-from services.composition import Composition
+from services.composition import Composition, CompositionMode
 from services.evaluation.generation import chat_prompt_ids
-from services.lora.compatibility import CardTokens, pair_score, retained, target_logprobs
+from services.lora.compatibility import CardTokens, candidates, measure_gains, retained, signature
 
 
 def card_tokens(tokenizer, card, n: int = 4) -> CardTokens:
@@ -17,15 +18,16 @@ def card_tokens(tokenizer, card, n: int = 4) -> CardTokens:
                       [tokenizer(s.targets, add_special_tokens=False).input_ids for s in samples])
 
 
-def peft_mean_logprob(model, card: CardTokens) -> float:
-    """Mean over samples of the mean per-token target log-probability, one unpadded sample at a time."""
-    values = []
+def peft_measure(model, card: CardTokens) -> tuple[float, float]:
+    """(accuracy, mean log-probability) of the targets, one unpadded sample at a time."""
+    acc, lp = [], []
     for prompt, target in zip(card.prompts, card.targets):
         ids = torch.tensor([prompt + target])
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]  # (len(target), vocab)
-        values.append(-torch.nn.functional.cross_entropy(logits.float(), torch.tensor(target)).item())
-    return sum(values) / len(values)
+        acc.append((logits.argmax(dim=-1) == torch.tensor(target)).float().mean().item())
+        lp.append(-torch.nn.functional.cross_entropy(logits.float(), torch.tensor(target)).item())
+    return sum(acc) / len(acc), sum(lp) / len(lp)
 
 
 @pytest.fixture(scope="module")
@@ -35,43 +37,52 @@ def setup(tiny_zoo):
     from services.lora.engine import CompositionEngine
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_zoo.base)
-    engine = CompositionEngine.from_pretrained(tiny_zoo.base, device="cpu")
+    engine = CompositionEngine.from_pretrained(tiny_zoo.base, device="cpu", dtype="float32")
     for name, folder in tiny_zoo.adapters.items():
         engine.load_adapter(name, folder)
     cards = {c.model_name: card_tokens(tokenizer, c) for c in tiny_zoo.cards}
     return tiny_zoo, engine, cards
 
 
-def test_pair_score_equals_peft(setup):
+def test_candidates_are_own_compositions_and_leave_own_out_ones():
+    groups = candidates("a", ["b", "c"])
+    assert [signature(c) for c in groups["own"]] == [
+        "base", "selection:a", "mixture:a+b", "fusion:a+b", "mixture:a+b+c", "fusion:a+b+c"]
+    assert [signature(c) for c in groups["loo"]] == ["selection:b", "mixture:b+c", "fusion:b+c"]
+    assert all(c.weights == (pytest.approx(1 / len(c.adapters)),) * len(c.adapters) for c in groups["own"][1:])
+    assert candidates("a", []) == {"own": [Composition(), Composition.single("a")], "loo": []}
+
+
+def test_gain_table_equals_peft(setup):
     from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
     from transformers import LlamaForCausalLM
 
     zoo, engine, cards = setup
-    a, b = sorted(zoo.adapters)[:2]
-    ours = pair_score(engine, a, cards[a], b, cards[b])
+    a, *neighbours = sorted(zoo.adapters)  # add, review_sentiment, uppercase
+    table = measure_gains(engine, a, neighbours, cards[a])
 
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(zoo.base), zoo.adapters[a], adapter_name=a)
-    model.load_adapter(zoo.adapters[b], adapter_name=b)
-    model.add_weighted_adapter([a, b], [0.5, 0.5], "mix", combination_type="cat")
-    for module in model.modules():  # the scalings are inside the cat adapter's A already
-        if isinstance(module, LoraLayer) and "mix" in module.scaling:
-            module.scaling["mix"] = 1.0
+    for name in neighbours:
+        model.load_adapter(zoo.adapters[name], adapter_name=name)
     model.eval()
-
-    def mean_logprob(adapter: str | None, card: CardTokens) -> float:
-        if adapter is None:
+    comps = [c for group in candidates(a, neighbours).values() for c in group]
+    assert set(table.measures) == {signature(c) for c in comps}
+    for i, comp in enumerate(comps):
+        if comp.is_base:
             with model.disable_adapter():
-                return peft_mean_logprob(model, card)
-        model.set_adapter(adapter)
-        return peft_mean_logprob(model, card)
-
-    assert mean_logprob(a, cards[a]) > mean_logprob(None, cards[a]) + 0.1  # a real gain for the share to measure
-    expected_ab = retained(mean_logprob(None, cards[a]), mean_logprob(a, cards[a]), mean_logprob("mix", cards[a]))
-    expected_ba = retained(mean_logprob(None, cards[b]), mean_logprob(b, cards[b]), mean_logprob("mix", cards[b]))
-    assert ours.retained_ab == pytest.approx(expected_ab, abs=1e-3)
-    assert ours.retained_ba == pytest.approx(expected_ba, abs=1e-3)
-    assert ours.score == min(ours.retained_ab, ours.retained_ba)
+                expected = peft_measure(model, cards[a])
+        else:
+            name = comp.adapters[0]
+            if len(comp.adapters) > 1:
+                name = f"oracle{i}"
+                add = add_cat_adapter if comp.mode is CompositionMode.mixture else add_fused_adapter
+                add(model, name, list(comp.adapters), list(comp.weights))
+            model.set_adapter(name)
+            expected = peft_measure(model, cards[a])
+        measured = table.get(comp)
+        assert (measured.accuracy, measured.logprob) == pytest.approx(expected, abs=1e-3), signature(comp)
+    own, base = table.get(Composition.single(a)), table.get(Composition())
+    assert own.logprob > base.logprob + 0.1  # a real gain for the shares to measure
 
 
 def test_an_adapter_mixed_with_itself_keeps_its_gain(setup):
@@ -79,21 +90,27 @@ def test_an_adapter_mixed_with_itself_keeps_its_gain(setup):
     zoo, engine, cards = setup
     name = sorted(zoo.adapters)[0]
     engine.load_adapter(f"{name}-copy", zoo.adapters[name])
-    score = pair_score(engine, name, cards[name], f"{name}-copy", cards[name])
-    assert score.retained_ab == pytest.approx(1.0, abs=1e-3) and score.retained_ba == pytest.approx(1.0, abs=1e-3)
+    table = measure_gains(engine, name, [f"{name}-copy"], cards[name])
+    mix = table.get(Composition.of(CompositionMode.mixture, [name, f"{name}-copy"]))
+    assert (mix.accuracy, mix.logprob) == pytest.approx(
+        (table.get(Composition.single(name)).accuracy, table.get(Composition.single(name)).logprob), abs=1e-4)
 
 
-def test_batched_logprobs_equal_one_at_a_time(setup):
+def test_targets_are_cut_and_a_card_without_targets_is_refused(setup):
     zoo, engine, cards = setup
     name = sorted(zoo.adapters)[0]
-    card = cards[name]
-    batched = target_logprobs(engine, card.prompts, card.targets, [Composition.single(name)] * len(card.prompts))
-    alone = [target_logprobs(engine, [p], [t], [Composition.single(name)]).item()
-             for p, t in zip(card.prompts, card.targets)]
-    assert batched.tolist() == pytest.approx(alone, abs=1e-4)
+    long = CardTokens(cards[name].prompts, [t * 8 for t in cards[name].targets])
+    cut = CardTokens(cards[name].prompts, [(t * 8)[:3] for t in cards[name].targets])
+    of_long = measure_gains(engine, name, [], long, max_target_tokens=3).measures
+    of_cut = measure_gains(engine, name, [], cut, max_target_tokens=3).measures
+    assert of_long.keys() == of_cut.keys()
+    for key in of_long:
+        assert of_long[key].to_list() == pytest.approx(of_cut[key].to_list(), abs=1e-4)
+    with pytest.raises(ValueError, match="no card sample has a target"):
+        measure_gains(engine, name, [], CardTokens(cards[name].prompts, [[] for _ in cards[name].prompts]))
 
 
 def test_retained_share():
-    assert retained(base=-5.0, own=-1.0, mixed=-3.0) == pytest.approx(0.5)
-    assert retained(base=-5.0, own=-1.0, mixed=-6.0) == pytest.approx(-0.25)  # worse than the base model
-    assert retained(base=-1.0, own=-2.0, mixed=-9.0) == 1.0  # no gain to lose
+    assert retained(base=0.2, own=1.0, mixed=0.6) == pytest.approx(0.5)
+    assert retained(base=0.2, own=1.0, mixed=0.0) == pytest.approx(-0.25)  # worse than the base model
+    assert retained(base=0.5, own=0.4, mixed=0.0) == 1.0  # no gain to lose

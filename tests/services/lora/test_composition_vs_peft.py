@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
-from peft_adapters import tiny_model, write_peft_adapter
+from peft_adapters import add_cat_adapter, add_fused_adapter, tiny_model, write_peft_adapter
 
 from services.lora.engine import CompositionEngine
 from services.composition import Composition, CompositionMode as Mode
@@ -143,34 +143,6 @@ def test_mixture_layer_equals_explicit_sum_of_peft_deltas(engine, peft_model):
         with engine.composed([Composition.of(Mode.mixture, adapters, weights)] * 2):
             ours = engine.model.get_submodule(layer_key)(x)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
-
-
-def add_cat_adapter(peft_model, name, adapters, weights):
-    """PEFT's "cat" combination: A = [w_i s_i A_i], B = [B_i], so delta = sum_i w_i s_i B_i A_i."""
-    peft_model.add_weighted_adapter(adapters, weights, name, combination_type="cat")
-    # The scalings are already inside A; PEFT copies use_rslora from the first adapter's config,
-    # which would rescale the combination by sqrt(r), so pin its scaling to 1.
-    for module in peft_model.modules():
-        if isinstance(module, LoraLayer) and name in module.scaling:
-            module.scaling[name] = 1.0
-
-
-def add_fused_adapter(peft_model, name, adapters, weights):
-    """A PEFT adapter holding sum_i w_i A_i and sum_i w_i s_i B_i (ranks zero-padded), scaling 1."""
-    rank = max(peft_model.peft_config[a].r for a in adapters)
-    modules = sorted(set().union(*(peft_model.peft_config[a].target_modules for a in adapters)))
-    peft_model.add_adapter(name, LoraConfig(r=rank, lora_alpha=rank, target_modules=modules))
-    for module in peft_model.modules():
-        if isinstance(module, LoraLayer) and name in module.lora_A:
-            a_avg = torch.zeros_like(module.lora_A[name].weight)  # (rank, in)
-            b_avg = torch.zeros_like(module.lora_B[name].weight)  # (out, rank)
-            for adapter, w in zip(adapters, weights):
-                if adapter in module.lora_A:
-                    r = peft_model.peft_config[adapter].r
-                    a_avg[:r] += w * module.lora_A[adapter].weight
-                    b_avg[:, :r] += w * module.scaling[adapter] * module.lora_B[adapter].weight
-            module.lora_A[name].weight.data.copy_(a_avg)
-            module.lora_B[name].weight.data.copy_(b_avg)
 
 
 @pytest.mark.parametrize("batch, k, same_rank", [(1, 2, True), (3, 3, False), (5, 2, False)])

@@ -92,37 +92,49 @@ def test_canary_split_is_deterministic_per_request():
     assert all((chosen[r] == "upper@2") == (canary_bucket(r, "upper") < 30) for r in ids)
 
 
-def snapshot(scores: dict, margin=0.1):
+def gain_table(adapter: str, neighbours: list[str]):
+    """A table whose family evidence favours mixing, and whose mixes keep 0.9 of the adapter's gain."""
+    from services.lora.compatibility import GainTable, Measure
+
+    members = "+".join(sorted([adapter, *neighbours]))
+    return GainTable(adapter, neighbours, 4, {
+        "base": Measure(0.0, -5.0), f"selection:{adapter}": Measure(1.0, -0.1),
+        f"mixture:{members}": Measure(0.9, -1.0), f"fusion:{members}": Measure(0.5, -2.0),
+        f"selection:{neighbours[0]}": Measure(0.3, -3.0), f"mixture:{neighbours[0]}+x@1": Measure(0.6, -2.0),
+        f"fusion:{neighbours[0]}+x@1": Measure(0.4, -2.5)})
+
+
+def snapshot(tables: list, in_domain=0.5):
     from services.registry.compatibility import CompatibilitySnapshot
     from services.serving.policy import PolicyThresholds
 
-    return CompatibilitySnapshot({frozenset(k): v for k, v in scores.items()},
-                                 PolicyThresholds(margin=margin, temperature=0.1, min_retained=0.8), generation=1)
+    return CompatibilitySnapshot({t.adapter: t for t in tables}, PolicyThresholds(in_domain=in_domain), generation=1)
 
 
-def test_auto_mixes_compatible_versions_and_says_why():
-    compat = snapshot({("upper@1", "lower@1"): 0.95})
+def test_auto_mixes_measured_versions_and_says_why():
+    compat = snapshot([gain_table("upper@1", ["lower@1"])])
     plan = plan_composition(model="auto", base_model_id="base", opts=LoraOptions(composition="auto"),
                             defaults=DEFAULTS, catalog=CATALOG, tenant=None, request_id="r1",
                             retrieved=hits(("upper", 0.62), ("lower", 0.60), ("secret", 0.61)), compat=compat)
     assert plan.composition is CompositionMode.mixture
     assert [(a.name, a.version, a.score) for a in plan.adapters] == [("upper", "1", 0.62), ("lower", "1", 0.60)]
-    assert sum(a.weight for a in plan.adapters) == pytest.approx(1) and plan.adapters[0].weight > 0.5
-    assert plan.decision["policy"] == "auto" and "mix the compatible" in plan.decision["reason"]
+    assert [a.weight for a in plan.adapters] == pytest.approx([0.5, 0.5])
+    assert plan.decision["policy"] == "auto" and "the family gains from mixture" in plan.decision["reason"]
     assert plan.decision["dropped"] == []  # 'secret' is another tenant's: never considered
 
 
-def test_auto_drops_an_unscored_version_and_selects_a_clear_top1():
-    compat = snapshot({("upper@2", "lower@1"): 0.95})  # measured for a version not active
+def test_auto_selects_when_the_active_version_is_unmeasured_and_mixes_out_of_domain():
+    compat = snapshot([gain_table("upper@2", ["lower@1"])])  # measured for a version not active
     close = plan_composition(model="auto", base_model_id="base", opts=LoraOptions(composition="auto"),
                              defaults=DEFAULTS, catalog=CATALOG, tenant=None, request_id="r1",
                              retrieved=hits(("upper", 0.62), ("lower", 0.60)), compat=compat)
     assert close.composition is CompositionMode.selection and [a.name for a in close.adapters] == ["upper"]
-    assert close.decision["dropped"][0]["name"] == "lower"
-    clear = plan_composition(model="auto", base_model_id="base", opts=LoraOptions(composition="auto"),
-                             defaults=DEFAULTS, catalog=CATALOG, tenant=None, request_id="r1",
-                             retrieved=hits(("upper", 0.9), ("lower", 0.5)), compat=compat)
-    assert clear.composition is CompositionMode.selection and "clear top-1" in clear.decision["reason"]
+    assert "no family evidence" in close.decision["reason"]
+    far = plan_composition(model="auto", base_model_id="base", opts=LoraOptions(composition="auto"),
+                           defaults=DEFAULTS, catalog=CATALOG, tenant=None, request_id="r1",
+                           retrieved=hits(("upper", 0.3), ("lower", 0.2)), compat=compat)
+    assert far.composition is CompositionMode.mixture and "out of domain" in far.decision["reason"]
+    assert [a.weight for a in far.adapters] == pytest.approx([0.5, 0.5])
 
 
 def test_auto_below_min_similarity_answers_with_the_base_model():

@@ -1,55 +1,109 @@
-"""`composition: auto` decisions on constructed score vectors, and calibration from cards."""
+"""`composition: auto` decisions on constructed gain tables, and calibration from cards."""
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 
 from services.composition import CompositionMode
-from services.serving.policy import PolicyThresholds, calibrate, decide
+from services.lora.compatibility import GainTable, Measure
+from services.serving.policy import PolicyThresholds, calibrate, decide, family_evidence, family_mode
 
-TH = PolicyThresholds(margin=0.1, temperature=0.1 / math.log(2), min_retained=0.8)
-COMPAT = {("a", "b"): 0.95, ("a", "c"): 0.3}
-
-
-def compat(x, y):
-    return COMPAT.get((x, y))
+TH = PolicyThresholds(in_domain=0.5, min_retained=0.8, tie=0.02)
 
 
-def test_clear_top1_is_selected_alone():
-    d = decide([("a", 0.8), ("b", 0.6), ("c", 0.5)], compat, TH, min_similarity=0.0)
-    assert (d.mode, d.adapters, d.weights) == (CompositionMode.selection, ["a"], [1.0])
-    assert "clear top-1" in d.reason and d.dropped == []
+def table(adapter, neighbours, *, own, loo, base=0.2, alone=1.0):
+    """own: {members: accuracy} of compositions with the adapter (mixture and fusion alike);
+    loo: {"selection" | "mixture" | "fusion": accuracy} of the leave-own-out rows."""
+    measures = {"base": Measure(base, -3.0), f"selection:{adapter}": Measure(alone, -0.1)}
+    for members, acc in own.items():
+        for mode in ("mixture", "fusion"):
+            measures[f"{mode}:{'+'.join(sorted((adapter, *members)))}"] = Measure(acc, -1.0)
+    measures[f"selection:{neighbours[0]}"] = Measure(loo["selection"], -2.0)
+    for mode in ("mixture", "fusion"):
+        measures[f"{mode}:{'+'.join(sorted(neighbours))}"] = Measure(loo[mode], -2.0)
+    return GainTable(adapter, list(neighbours), 4, measures)
 
 
-def test_close_scores_mix_only_compatible_adapters_with_calibrated_weights():
-    d = decide([("a", 0.62), ("b", 0.60), ("c", 0.59)], compat, TH, min_similarity=0.0)
-    assert d.mode is CompositionMode.mixture and d.adapters == ["a", "b"]
-    expected = [1 / (1 + math.exp(-0.02 / TH.temperature)), 1 / (1 + math.exp(0.02 / TH.temperature))]
-    assert d.weights == pytest.approx(expected) and sum(d.weights) == pytest.approx(1)
-    assert d.dropped == [{"name": "c", "compatibility": 0.3, "why": "incompatible with the top-1: 0.300 < 0.8"}]
+MIXING_FAMILY = {  # the mixture of neighbours beats any one of them on each card
+    "a": table("a", ["b", "c"], own={("b",): 0.95, ("b", "c"): 0.9}, loo={"selection": 0.4, "mixture": 0.7, "fusion": 0.5}),
+    "b": table("b", ["a", "c"], own={("a",): 0.95, ("a", "c"): 0.9}, loo={"selection": 0.5, "mixture": 0.8, "fusion": 0.6}),
+    "c": table("c", ["a", "b"], own={("a",): 0.9, ("a", "b"): 0.85}, loo={"selection": 0.4, "mixture": 0.6, "fusion": 0.5}),
+}
+CONFLICTING_FAMILY = {  # toy siblings: one neighbour is right more often than a blend, and mixing breaks the top-1
+    "x": table("x", ["y", "z"], own={("y",): 0.3, ("y", "z"): 0.1}, loo={"selection": 0.3, "mixture": 0.1, "fusion": 0.1}),
+    "y": table("y", ["x", "z"], own={("x",): 0.4, ("x", "z"): 0.2}, loo={"selection": 0.2, "mixture": 0.2, "fusion": 0.1}),
+}
 
 
-def test_a_runner_up_exactly_margin_behind_gets_half_the_weight():
-    d = decide([("a", 0.70), ("b", 0.70 - 0.0999)], compat, TH, min_similarity=0.0)
-    assert d.weights[1] / d.weights[0] == pytest.approx(0.5, rel=1e-2)
+def test_in_domain_a_mixing_family_mixes_the_widest_composition_that_keeps_the_top1():
+    d = decide([("a", 0.8), ("b", 0.7), ("c", 0.6)], MIXING_FAMILY.get, TH, min_similarity=0.0)
+    assert (d.mode, d.adapters) == (CompositionMode.mixture, ["a", "b", "c"])
+    assert d.weights == pytest.approx([1 / 3] * 3)
+    assert "in domain" in d.reason and "keep 0.87 of the top-1's gain" in d.reason
+    assert d.evidence == {"selection": pytest.approx(0.433, abs=1e-3), "mixture": 0.7, "fusion": pytest.approx(0.533, abs=1e-3)}
 
 
-def test_ties_with_only_incompatible_or_unknown_neighbours_keep_the_top1():
-    d = decide([("a", 0.5), ("c", 0.5), ("z", 0.5)], compat, TH, min_similarity=0.0)
+def test_in_domain_a_composition_that_breaks_the_top1_is_cut_back():
+    strict = PolicyThresholds(in_domain=0.5, min_retained=0.92)  # a+b+c keeps 0.875, a+b 0.9375
+    d = decide([("a", 0.8), ("b", 0.7), ("c", 0.6)], MIXING_FAMILY.get, strict, min_similarity=0.0)
+    assert d.adapters == ["a", "b"] and d.dropped == [{"name": "b+c", "why": "mixture keeps 0.875 < 0.92 of the top-1's gain"}]
+    none = decide([("a", 0.8), ("b", 0.7)], MIXING_FAMILY.get, PolicyThresholds(in_domain=0.5, min_retained=0.99),
+                  min_similarity=0.0)
+    assert (none.mode, none.adapters) == (CompositionMode.selection, ["a"]) and "no mixture keeps 0.99" in none.reason
+
+
+def test_in_domain_only_retrieved_measured_neighbours_are_mixed():
+    d = decide([("a", 0.8), ("c", 0.7), ("q", 0.6)], MIXING_FAMILY.get, TH, min_similarity=0.0)
+    # a's own rows measured a+b and a+b+c: with b not retrieved nothing measured fits
     assert (d.mode, d.adapters) == (CompositionMode.selection, ["a"])
-    assert [x["name"] for x in d.dropped] == ["c", "z"] and d.dropped[1]["compatibility"] is None
+    assert {"name": "q", "why": "not a measured neighbour of the top-1"} in d.dropped
+
+
+def test_in_domain_a_conflicting_family_keeps_the_top1_alone():
+    d = decide([("x", 0.9), ("y", 0.85), ("z", 0.8)], CONFLICTING_FAMILY.get, TH, min_similarity=0.0)
+    assert (d.mode, d.adapters, d.weights) == (CompositionMode.selection, ["x"], [1.0])
+    assert "gains nothing from composing" in d.reason
+
+
+def test_out_of_domain_leans_on_the_family_over_all_retrieved():
+    d = decide([("a", 0.4), ("b", 0.35), ("c", 0.3)], MIXING_FAMILY.get, TH, min_similarity=0.0)
+    assert (d.mode, d.adapters) == (CompositionMode.mixture, ["a", "b", "c"]) and "out of domain" in d.reason
+    d = decide([("x", 0.4), ("y", 0.35), ("z", 0.3)], CONFLICTING_FAMILY.get, TH, min_similarity=0.0)
+    assert (d.mode, d.adapters) == (CompositionMode.selection, ["x"])
+
+
+def test_without_measurements_in_domain_selects_and_out_of_domain_mixes_as_the_paper():
+    nothing = lambda name: None  # noqa: E731
+    d = decide([("a", 0.8), ("b", 0.7)], nothing, TH, min_similarity=0.0)
+    assert (d.mode, d.adapters) == (CompositionMode.selection, ["a"]) and "no family evidence" in d.reason
+    d = decide([("a", 0.3), ("b", 0.2), ("c", 0.1)], nothing, TH, min_similarity=0.0)
+    assert (d.mode, d.adapters) == (CompositionMode.mixture, ["a", "b", "c"]) and "the paper's mixture" in d.reason
+
+
+def test_family_mode_needs_more_than_a_tie_to_leave_selection():
+    sel, mix = Measure(0.5, -2.0), Measure(0.51, -1.0)
+    assert family_mode({CompositionMode.selection: sel, CompositionMode.mixture: mix,
+                        CompositionMode.fusion: Measure(0.4, -3.0)}, tie=0.02) is CompositionMode.mixture  # log-prob breaks the tie
+    worse_lp = Measure(0.51, -2.5)
+    assert family_mode({CompositionMode.selection: sel, CompositionMode.mixture: worse_lp,
+                        CompositionMode.fusion: Measure(0.4, -3.0)}, tie=0.02) is CompositionMode.selection
+    assert family_mode({}, tie=0.02) is None
+
+
+def test_family_evidence_ignores_the_own_rows_and_incomplete_tables():
+    partial = GainTable("p", ["a"], 4, {"base": Measure(0, -5), "selection:p": Measure(1, 0), "selection:a": Measure(1, 0)})
+    evidence = family_evidence([MIXING_FAMILY["a"], partial])
+    assert evidence[CompositionMode.mixture].accuracy == 0.7 and evidence[CompositionMode.selection].accuracy == 0.4
 
 
 def test_below_min_similarity_or_nothing_retrieved_is_the_base_model():
-    assert decide([("a", 0.2), ("b", 0.19)], compat, TH, min_similarity=0.3).mode is CompositionMode.none
-    d = decide([], compat, TH, min_similarity=0.0)
+    assert decide([("a", 0.2), ("b", 0.19)], MIXING_FAMILY.get, TH, min_similarity=0.3).mode is CompositionMode.none
+    d = decide([], MIXING_FAMILY.get, TH, min_similarity=0.0)
     assert (d.mode, d.adapters, d.reason) == (CompositionMode.none, [], "no adapter fits: top score none < 0")
 
 
 def test_a_single_hit_is_selected():
-    assert decide([("a", 0.4)], compat, TH, min_similarity=0.0).adapters == ["a"]
+    assert decide([("a", 0.4)], MIXING_FAMILY.get, TH, min_similarity=0.0).adapters == ["a"]
 
 
 def clusters(rng, centers, n, noise):
@@ -60,30 +114,36 @@ def clusters(rng, centers, n, noise):
     return out
 
 
-def test_calibration_follows_how_far_apart_the_cards_are():
+def test_in_domain_threshold_is_the_low_quantile_of_own_centroid_similarities():
+    """Against a direct brute-force computation of the leave-one-out similarities."""
+    rng = np.random.default_rng(1)
+    cards = clusters(rng, {n: rng.standard_normal(8) for n in "xyz"}, 6, 0.4)
+    own = []
+    for rows in cards.values():
+        for s in range(len(rows)):
+            rest = np.delete(rows, s, axis=0).sum(axis=0)
+            own.append(rows[s] @ rest / np.linalg.norm(rest))
+    calibrated = calibrate(cards)
+    assert calibrated.in_domain == pytest.approx(np.quantile(own, 0.05), rel=1e-6) and calibrated.samples == 18
+
+
+def test_calibration_follows_how_tight_the_cards_are():
     rng = np.random.default_rng(0)
     centers = {name: rng.standard_normal(32) for name in "abcd"}
     tight, loose = calibrate(clusters(rng, centers, 20, 0.05)), calibrate(clusters(rng, centers, 20, 0.6))
-    assert tight.samples == loose.samples == 80
-    assert tight.margin > loose.margin > 0
-    assert tight.temperature == pytest.approx(tight.margin / math.log(2))
+    assert tight.in_domain > loose.in_domain > 0
 
 
-def test_calibrated_margin_is_the_tenth_percentile_of_own_pick_margins():
-    """Against a direct brute-force computation of the leave-one-out margins."""
-    rng = np.random.default_rng(1)
-    cards = clusters(rng, {n: rng.standard_normal(8) for n in "xyz"}, 6, 0.4)
-    margins = []
-    for name, rows in cards.items():
-        for s in range(len(rows)):
-            own_rest = np.delete(rows, s, axis=0).mean(axis=0)
-            own = rows[s] @ own_rest / np.linalg.norm(own_rest)
-            best_other = max(rows[s] @ (c := other.mean(axis=0)) / np.linalg.norm(c)
-                             for o, other in cards.items() if o != name)
-            if own > best_other:
-                margins.append(own - best_other)
-    assert calibrate(cards).margin == pytest.approx(np.quantile(margins, 0.1), rel=1e-6)
+def test_cards_of_one_sample_keep_the_defaults():
+    assert calibrate({"a": np.eye(3)[:1]}) == PolicyThresholds()
 
 
-def test_one_adapter_keeps_the_defaults():
-    assert calibrate({"a": np.eye(3)}) == PolicyThresholds()
+def test_in_domain_neighbours_that_do_another_job_on_the_top1s_card_are_not_mixed_in():
+    """The family favours mixing, but on the top-1's own card its neighbours mixed without it do
+    (0.4 - 0.2) / (1.0 - 0.2) = 0.25 of its job: the toy zoo's siblings (uppercase vs acronym)."""
+    tables = {**MIXING_FAMILY, "a": table("a", ["b", "c"], own={("b",): 0.95, ("b", "c"): 0.9},
+                                          loo={"selection": 0.3, "mixture": 0.4, "fusion": 0.3})}
+    d = decide([("a", 0.8), ("b", 0.7), ("c", 0.6)], tables.get, TH, min_similarity=0.0)
+    assert (d.mode, d.adapters) == (CompositionMode.selection, ["a"])
+    assert "does 0.25 < 0.5 of its job" in d.reason
+    assert tables["a"].transfer(CompositionMode.mixture) == pytest.approx(0.25)
