@@ -9,8 +9,8 @@ measurements on their cards (services/lora/compatibility.py: gain tables) say wo
    must beat selection by more than `tie` to count.
 3. Out of domain (the top score below `in_domain`, the similarity most card samples have to their
    own adapter): no retrieved adapter is the prompt's own, so lean on the family as the paper
-   does: the family's mode over all the retrieved adapters, uniform weights (no evidence: the
-   paper's mixture).
+   does: compose all the retrieved adapters with uniform weights, by mixture or fusion, whichever
+   the family evidence measured better (no evidence: the paper's mixture).
 4. In domain: the top-1 is likely the prompt's own adapter. If the family's mode is selection, or
    there is no evidence, the top-1 alone; also when the top-1's neighbours composed that way
    without it (leave-own-out, on its card) do less than `min_transfer` of its job: they do another
@@ -110,6 +110,14 @@ def family_mode(evidence: dict[CompositionMode, Measure], tie: float) -> Composi
     return CompositionMode.selection
 
 
+def composing_mode(evidence: dict[CompositionMode, Measure]) -> CompositionMode:
+    """Mixture or fusion, whichever the family evidence measured better; no evidence: mixture."""
+    if not evidence:
+        return CompositionMode.mixture
+    return max((CompositionMode.mixture, CompositionMode.fusion),
+               key=lambda m: (evidence[m].accuracy, evidence[m].logprob))
+
+
 def decide(hits: list[tuple[str, float]], tables: Tables, thresholds: PolicyThresholds,
            min_similarity: float) -> Decision:
     """hits: (adapter, retrieval score) best first, already limited to what the caller may use."""
@@ -123,9 +131,9 @@ def decide(hits: list[tuple[str, float]], tables: Tables, thresholds: PolicyThre
     mode = family_mode(evidence, thresholds.tie)
     shown = {m.value: round(e.accuracy, 3) for m, e in evidence.items()}
     if top_score < thresholds.in_domain and len(names) > 1:
-        mode = mode or CompositionMode.mixture
-        why = (f"family evidence over {len(measured)} cards favours {mode.value} ({_show(shown)})" if evidence
-               else "no family evidence: the paper's mixture")
+        mode = composing_mode(evidence)
+        why = (f"compose the family: {mode.value} measured best of the compositions over {len(measured)} cards "
+               f"({_show(shown)})" if evidence else "no family evidence: the paper's mixture")
         chosen = Composition.of(mode, names)
         return Decision(chosen.mode, list(chosen.adapters), list(chosen.weights),
                         f"out of domain (top score {top_score:.3f} < {thresholds.in_domain:.3f}): {why}",

@@ -68,8 +68,10 @@ def test_in_domain_a_conflicting_family_keeps_the_top1_alone():
 def test_out_of_domain_leans_on_the_family_over_all_retrieved():
     d = decide([("a", 0.4), ("b", 0.35), ("c", 0.3)], MIXING_FAMILY.get, TH, min_similarity=0.0)
     assert (d.mode, d.adapters) == (CompositionMode.mixture, ["a", "b", "c"]) and "out of domain" in d.reason
+    # a family whose evidence favours selection still composes out of domain, by its better composition
     d = decide([("x", 0.4), ("y", 0.35), ("z", 0.3)], CONFLICTING_FAMILY.get, TH, min_similarity=0.0)
-    assert (d.mode, d.adapters) == (CompositionMode.selection, ["x"])
+    assert (d.mode, d.adapters) == (CompositionMode.mixture, ["x", "y", "z"])  # mixture 0.15 > fusion 0.1
+    assert "compose the family: mixture measured best" in d.reason
 
 
 def test_without_measurements_in_domain_selects_and_out_of_domain_mixes_as_the_paper():
