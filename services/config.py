@@ -90,6 +90,9 @@ class EmbedderConfig(Section):
                          "home), or PyTorch (the reference); docs/retrieval.md compares them")
     max_seq_length: int = Field(DEFAULT_MAX_SEQ_LENGTH, ge=8, le=8192,
                                 description="tokens kept per text (the rest is cut); capped by the model's own limit")
+    cut: str | None = Field(None, pattern="^(head|head_tail)$",
+                            description="how a text past max_seq_length is cut: its head, or its head and tail halves; "
+                            "None = the model folder's own (a tuned model records the cut it was trained with), else head")
     threads: int | None = Field(1, ge=1, description="CPU threads per encoding call; None = all cores")
     cache_entries: int = Field(4096, ge=0, le=10_000_000,
                                description="recent prompts whose embeddings a retriever replica keeps (about 1.6 KB "

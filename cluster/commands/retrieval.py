@@ -29,10 +29,12 @@ def register(sub) -> None:
     ev.set_defaults(func=cmd_eval_retrieval)
 
     retriever = command_group(sub, "retriever", "the prompt embedder used for retrieval")
-    tr = retriever.add_parser("train", help="fine-tune the embedder on the adapters in CARDS.json (in-batch negatives)")
+    tr = retriever.add_parser("train", help="fine-tune a student of the embedder on the adapters in CARDS.json "
+                              "(services/retrieval/finetune.py: prototype loss, hard negatives, early stopping)")
     tr.add_argument("--cards", required=True, help="CARDS.json of the training adapters")
     tr.add_argument("--out", required=True, help="new or empty folder for the trained model")
-    tr.add_argument("--epochs", type=int, default=4)
+    tr.add_argument("--epochs", type=int, help="at most this many epochs (default: the recipe's 10, stopped early "
+                    "when held-out card samples stop improving)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--base", help="model folder to start from (default: packaged all-MiniLM-L6-v2)")
     tr.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="prefix used in training, as at retrieval time")

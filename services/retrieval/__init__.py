@@ -8,3 +8,5 @@ DEFAULT_INSTRUCTION = "Represent the sentence for similar task retrieval: "
 EMBEDDER_BACKENDS = ("onnx-int8", "onnx", "torch")
 DEFAULT_EMBEDDER_BACKEND = "onnx"  # the PyTorch vectors at a third of the cost (docs/retrieval.md)
 DEFAULT_MAX_SEQ_LENGTH = 256
+# What `retriever train` writes beside a tuned model: its cards, recipe and the cut it was trained with.
+TRAINING_INFO_FILE = "loraretriever_training.json"

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from services.retrieval import DEFAULT_EMBEDDER_BACKEND as DEFAULT_BACKEND
-from services.retrieval import DEFAULT_INSTRUCTION, DEFAULT_MAX_SEQ_LENGTH
+from services.retrieval import DEFAULT_INSTRUCTION, DEFAULT_MAX_SEQ_LENGTH, TRAINING_INFO_FILE
 from services.retrieval import EMBEDDER_BACKENDS as BACKENDS
+from services.retrieval.cut import CUTS, cut_ids, folder_cut
 from services.retrieval.embedding_cache import EmbeddingCache
 
 
@@ -46,7 +47,11 @@ def load_sentence_model(model_path: str | None, device: str = "cpu"):
 
 
 def _model_seq_limit(path: str) -> int | None:
-    """The longest input the folder's model takes: sentence-transformers' setting, else its position embeddings."""
+    """The longest input the folder's model takes: the length a tuned model was trained to, sentence-transformers'
+    setting, else its position embeddings."""
+    info = Path(path) / TRAINING_INFO_FILE
+    if info.is_file() and json.loads(info.read_text()).get("max_seq_length"):
+        return int(json.loads(info.read_text())["max_seq_length"])
     st_config = Path(path) / "sentence_bert_config.json"
     if st_config.is_file() and json.loads(st_config.read_text()).get("max_seq_length"):
         return int(json.loads(st_config.read_text())["max_seq_length"])
@@ -56,7 +61,8 @@ def _model_seq_limit(path: str) -> int | None:
 def embedder_from_config(cfg) -> "Embedder":
     """The Embedder an EmbedderConfig section describes."""
     return Embedder(cfg.model_path, cfg.instruction, batch_size=cfg.batch_size, backend=cfg.backend,
-                    max_seq_length=cfg.max_seq_length, threads=cfg.threads, cache_entries=cfg.cache_entries)
+                    max_seq_length=cfg.max_seq_length, threads=cfg.threads, cache_entries=cfg.cache_entries,
+                    cut=cfg.cut)
 
 
 def onnx_cache_dir() -> Path:
@@ -68,7 +74,8 @@ def onnx_cache_dir() -> Path:
 class Embedder:
     """Encodes texts as L2-normalised float32 rows, each text prefixed with `instruction`.
 
-    Texts longer than max_seq_length tokens are cut to their first max_seq_length tokens.
+    Texts longer than max_seq_length tokens are cut (services/retrieval/cut.py): `cut` None takes the
+    model folder's own (a tuned model records the cut it was trained with), else the head.
     threads pins the CPU threads of one encoding call (None: the runtime's default, all cores).
     cache_entries > 0 keeps that many recent texts' embeddings (services/retrieval/embedding_cache.py).
     """
@@ -76,7 +83,7 @@ class Embedder:
     def __init__(self, model_path: str | None = None, instruction: str = DEFAULT_INSTRUCTION,
                  batch_size: int = 32, device: str = "cpu", *, backend: str = DEFAULT_BACKEND,
                  max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, threads: int | None = None,
-                 cache_entries: int = 0):
+                 cache_entries: int = 0, cut: str | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if backend not in BACKENDS:
@@ -85,13 +92,16 @@ class Embedder:
             raise EmbedderLoadError(f"max_seq_length must be at least 8 tokens, got {max_seq_length}")
         if threads is not None and threads < 1:
             raise EmbedderLoadError(f"threads must be at least 1, got {threads}")
+        if cut is not None and cut not in CUTS:
+            raise EmbedderLoadError(f"cut must be one of {CUTS}, got {cut!r}")
         self.instruction, self.batch_size, self.backend, self.threads = instruction, batch_size, backend, threads
         self.cache = EmbeddingCache(cache_entries)
         path = _checked_folder(model_path)
+        self.cut = cut or folder_cut(path)
         self.model, self._onnx = None, None
         if backend == "torch":
             self.model = load_sentence_model(path, device)
-            limit = self.model.max_seq_length
+            limit = min(self.model.max_seq_length, _model_seq_limit(path) or self.model.max_seq_length)
         else:
             limit = _model_seq_limit(path)
         # the model's own limit (its position embeddings, or the length it was trained to) bounds the setting
@@ -106,7 +116,7 @@ class Embedder:
                 model_file = cached_onnx_model(path, backend == "onnx-int8", onnx_cache_dir())
             except OnnxExportError as err:
                 raise EmbedderLoadError(str(err)) from err
-            self._onnx = OnnxEncoder(model_file, Path(path) / "tokenizer.json", self.max_seq_length, threads)
+            self._onnx = OnnxEncoder(model_file, Path(path) / "tokenizer.json", self.max_seq_length, threads, self.cut)
             self.dim = int(self._onnx.encode(["warm-up"]).shape[1])  # the first run also builds the session's kernels
 
     def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
@@ -140,6 +150,29 @@ class Embedder:
         return out
 
     def _encode_torch(self, texts: list[str], progress: bool) -> np.ndarray:
+        if self.cut == "head":
+            return self._encode_sentence_transformers(texts, progress)
+        import torch
+
+        from services.retrieval.onnx_encoder import padded_batch
+
+        tokenizer = self.model.tokenizer
+        previous = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)  # (n, dim)
+        try:
+            for start in range(0, len(texts), self.batch_size):
+                ids = [cut_ids(tokenizer(t)["input_ids"], self.max_seq_length, self.cut)
+                       for t in texts[start:start + self.batch_size]]
+                features = {k: torch.from_numpy(v) for k, v in padded_batch(ids).items()}  # (b, tokens) each
+                with torch.inference_mode():
+                    out[start:start + len(ids)] = self.model(features)["sentence_embedding"].float().numpy()
+        finally:
+            torch.set_num_threads(previous)
+        return out
+
+    def _encode_sentence_transformers(self, texts: list[str], progress: bool) -> np.ndarray:
         import torch
 
         previous = torch.get_num_threads()

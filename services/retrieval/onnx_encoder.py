@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from services.retrieval.cut import cut_ids
+
 # Bump when the exported graph or the quantization recipe changes: old cache entries are ignored.
 EXPORT_VERSION = "1"
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -124,13 +126,15 @@ def _write_atomically(path: Path, write) -> None:
 class OnnxEncoder:
     """Tokenize (truncated to max_seq_length) and run the exported graph; rows come out L2-normalised."""
 
-    def __init__(self, model_file: Path, tokenizer_file: Path, max_seq_length: int, threads: int | None):
+    def __init__(self, model_file: Path, tokenizer_file: Path, max_seq_length: int, threads: int | None,
+                 cut: str = "head"):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        self.tokenizer.enable_truncation(max_seq_length)
+        self.tokenizer.no_truncation()  # cut_ids cuts, so that the tail can be kept
         self.tokenizer.no_padding()
+        self.max_seq_length, self.cut = max_seq_length, cut
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
@@ -139,11 +143,18 @@ class OnnxEncoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """(n, dim) float32 for one batch, padded to its longest text."""
-        encodings = self.tokenizer.encode_batch(texts)
-        width = max(len(e.ids) for e in encodings)
-        feed = {name: np.zeros((len(texts), width), dtype=np.int64) for name in _INPUTS}  # (n, tokens) each
-        for row, e in enumerate(encodings):  # pad id 0, mask 0: padding adds nothing to the mean
-            feed["input_ids"][row, :len(e.ids)] = e.ids
-            feed["attention_mask"][row, :len(e.ids)] = 1
-            feed["token_type_ids"][row, :len(e.ids)] = e.type_ids
-        return self.session.run(None, feed)[0]
+        ids = [cut_ids(e.ids, self.max_seq_length, self.cut) for e in self.tokenizer.encode_batch(texts)]
+        return self.session.run(None, padded_batch(ids))[0]
+
+
+def padded_batch(ids: list[list[int]]) -> dict[str, np.ndarray]:
+    """Model inputs (n, tokens) int64 each, padded to the longest; pad id 0 and mask 0 add nothing to the mean.
+
+    Single-segment texts: token_type_ids are all 0.
+    """
+    width = max(len(row) for row in ids)
+    feed = {name: np.zeros((len(ids), width), dtype=np.int64) for name in _INPUTS}  # (n, tokens) each
+    for row, row_ids in enumerate(ids):
+        feed["input_ids"][row, :len(row_ids)] = row_ids
+        feed["attention_mask"][row, :len(row_ids)] = 1
+    return feed

@@ -128,3 +128,43 @@ def test_pooling_configs_of_both_sentence_transformers_formats(tmp_path, pooling
     else:
         with pytest.raises(OnnxExportError, match="mean Pooling"):
             check_mean_pooled(str(folder))
+
+
+def head_tail_pooled(texts: list[str], limit: int) -> np.ndarray:
+    """The oracle on explicitly cut token ids: the first limit//2 and the last limit - limit//2 tokens."""
+    tok = AutoTokenizer.from_pretrained(packaged_model_path())
+    model = AutoModel.from_pretrained(packaged_model_path()).eval()
+    rows = []
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        if len(ids) > limit:
+            ids = ids[:limit // 2] + ids[-(limit - limit // 2):]
+        with torch.no_grad():
+            states = model(input_ids=torch.tensor([ids])).last_hidden_state[0]  # (tokens, dim)
+        rows.append(torch.nn.functional.normalize(states.mean(0), dim=-1).numpy())
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_tail_cut_keeps_both_ends_like_the_oracle(embedder_of, backend):
+    out = embedder_of(backend, max_seq_length=32, cut="head_tail").encode(TEXTS)
+    cosine = (out * head_tail_pooled([DEFAULT_INSTRUCTION + t for t in TEXTS], 32)).sum(1)
+    assert cosine.min() > (0.9999 if backend != "onnx-int8" else 0.99), cosine
+    head = embedder_of(backend, max_seq_length=32).encode(TEXTS)
+    assert (head[-1] * out[-1]).sum() < 0.99  # the long text's closing question changes its vector
+
+
+def test_a_tuned_folder_brings_its_cut_and_length(tmp_path):
+    import json
+    import shutil
+
+    from services.retrieval import TRAINING_INFO_FILE
+
+    folder = tmp_path / "tuned"
+    shutil.copytree(packaged_model_path(), folder)
+    (folder / TRAINING_INFO_FILE).write_text(json.dumps({"cut": "head_tail", "max_seq_length": 64}))
+    embedder = Embedder(str(folder), backend="torch")
+    assert (embedder.cut, embedder.max_seq_length) == ("head_tail", 64)
+    assert Embedder(str(folder), backend="torch", cut="head").cut == "head"
+    with pytest.raises(EmbedderLoadError, match="cut must be one of"):
+        Embedder(str(folder), backend="torch", cut="middle")

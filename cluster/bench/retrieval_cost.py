@@ -1,0 +1,122 @@
+"""Embedding cost of real long prompts: the float32 reference against the tuned default's student, side by side.
+
+Prompts: every card sample of the 66 Flan tasks (cluster/data/flan_cards.json) of 50-300 words.
+Models: the packaged all-MiniLM-L6-v2 (6 layers, head cut at 256 tokens) on the float32 runtime,
+the reference; and the fast student of `retriever train`'s recipe (its first 2 layers, head and
+tail cut at 128 tokens), float32 and int8, on 1 and 2 threads. The student's cost does not depend
+on its weights, so an untrained student of the same shape is timed unless --student names a
+tuned folder. Each cell is wall / CPU (this process) milliseconds, warmed up: one prompt alone
+(median over 24 prompts, the cache off) and batches of 32 (per prompt, median of 4 batches).
+The compute floor is the model's multiply-adds per prompt (tokens actually kept) against the
+time measured.
+
+    nice -n 10 python -m cluster.bench.retrieval_cost [--student DIR] [--out var/bench/retrieval_cost]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+from cluster.bench.retrieval_scale import clocked  # first: it pins BLAS to one thread
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cluster.bench.run_record import command_line  # noqa: E402
+from services.retrieval import TRAINING_INFO_FILE  # noqa: E402
+from services.retrieval.cut import cut_ids  # noqa: E402
+from services.retrieval.embedder import Embedder  # noqa: E402
+from services.retrieval.finetune import Recipe, student_model  # noqa: E402
+
+CARDS = Path("cluster/data/flan_cards.json")
+PLOT = Path("docs/retrieval_cost.png")
+HIDDEN, FFN = 384, 1536
+STUDENT = Recipe(layers=2, max_seq_length=128)  # the fast student of `retriever train`'s recipe
+
+
+def long_prompts() -> list[str]:
+    tasks = json.loads(CARDS.read_text())["tasks"]
+    return [s["inputs"] for t in tasks for s in t["samples"] if 50 <= len(s["inputs"].split()) <= 300]
+
+
+def untrained_student(folder: Path) -> str:
+    recipe = STUDENT
+    model = student_model(None, recipe.layers, recipe.max_seq_length)
+    model.save(str(folder))
+    (folder / TRAINING_INFO_FILE).write_text(json.dumps({"cut": recipe.cut, "max_seq_length": recipe.max_seq_length}))
+    return str(folder)
+
+
+def multiply_adds(embedder: Embedder, prompts: list[str], layers: int) -> float:
+    """Mean multiply-adds per prompt of the tokens kept: the weight matrices and attention's two products."""
+    tok = embedder._onnx.tokenizer
+    lengths = [len(cut_ids(e.ids, embedder.max_seq_length, embedder.cut))
+               for e in tok.encode_batch([embedder.instruction + p for p in prompts])]
+    per_token = 4 * HIDDEN * HIDDEN + 2 * HIDDEN * FFN  # q, k, v, o projections and the MLP
+    return float(np.mean([layers * (n * per_token + 2 * n * n * HIDDEN) for n in lengths])), float(np.mean(lengths))
+
+
+def measure(label: str, model: str | None, backend: str, threads: int, prompts: list[str], layers: int) -> dict:
+    embedder = Embedder(model, backend=backend, threads=threads)
+    alone = [clocked(lambda p=p: embedder.encode([p]), 1) for p in prompts[:24]]
+    batches = [prompts[i:i + 32] for i in range(0, 128, 32)]
+    batch = [clocked(lambda b=b: embedder.encode(b), 1) for b in batches]
+    macs, tokens = multiply_adds(embedder, prompts, layers)
+    row = {"label": label, "backend": backend, "threads": threads, "max_seq_length": embedder.max_seq_length,
+           "cut": embedder.cut, "layers": layers, "mean_tokens_kept": round(tokens, 1),
+           "gmac_per_prompt": round(macs / 1e9, 3),
+           "alone_wall_ms": round(float(np.median([w for w, _ in alone])), 2),
+           "alone_cpu_ms": round(float(np.median([c for _, c in alone])), 2),
+           "batch32_wall_ms": round(float(np.median([w for w, _ in batch])) / 32, 2),
+           "batch32_cpu_ms": round(float(np.median([c for _, c in batch])) / 32, 2)}
+    row["gmac_per_cpu_s"] = round(macs / 1e9 / (row["batch32_cpu_ms"] / 1000), 1)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", help="a tuned model folder (default: an untrained student of the default shape)")
+    parser.add_argument("--out", default="var/bench/retrieval_cost")
+    args = parser.parse_args()
+    prompts = long_prompts()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    uptime = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
+    with tempfile.TemporaryDirectory() as tmp:
+        student = args.student or untrained_student(Path(tmp) / "student")
+        layers = STUDENT.layers
+        rows = [measure("reference: 6 layers, 256 head, float32", None, "onnx", 1, prompts, 6)]
+        for backend in ("onnx", "onnx-int8"):
+            for threads in (1, 2):
+                rows.append(measure(f"student: {layers} layers, 128 head+tail, {backend}, {threads} thread(s)",
+                                    student, backend, threads, prompts, layers))
+        rows.append(measure("reference: 6 layers, 256 head, float32 (again)", None, "onnx", 1, prompts, 6))
+    uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    words = [len(p.split()) for p in prompts]
+    results = {"command": command_line("cluster.bench.retrieval_cost"), "uptime": uptime, "prompts": len(prompts),
+               "words_mean": round(float(np.mean(words)), 1), "rows": rows}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    y = np.arange(len(rows))
+    ax.barh(y - 0.2, [r["batch32_cpu_ms"] for r in rows], 0.4, label="batch of 32, CPU ms a prompt")
+    ax.barh(y + 0.2, [r["alone_cpu_ms"] for r in rows], 0.4, label="one prompt alone, CPU ms")
+    ax.axvline(5, color="gray", ls="--", lw=0.8)
+    ax.axvline(15, color="gray", ls=":", lw=0.8)
+    ax.set_yticks(y, [r["label"] for r in rows], fontsize=7)
+    ax.set_xlabel("ms (process CPU time)")
+    ax.set_title(f"{len(prompts)} real prompts of 50-300 words (mean {results['words_mean']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Retrieval on real Flan tasks, k-fold over card samples: the packaged embedder against the tuned default path.
+
+For the 48 tasks of the paper's mixed-task benchmark (cluster/data/flan_cards.json), each card's
+20 samples are cut into k folds. Per fold, a model is tuned by `train_retriever` (the recipe the
+registry-driven tuning runs, with its defaults unless flags say otherwise) on the other folds'
+samples only, the index holds centroids of those samples, and the fold's samples are the queries.
+Each configuration is scored through the product's Embedder (the default ONNX runtime) and index.
+
+    nice -n 10 python -m cluster.bench.retrieval_kfold [--folds 4] [--run-folds 0,1,2,3] \
+        [--configs untuned,default] [--out var/bench/retrieval_kfold]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cluster.bench.run_record import command_line  # noqa: E402
+from services.retrieval.embedder import Embedder  # noqa: E402
+from services.retrieval.evaluation import evaluate  # noqa: E402
+from services.retrieval.finetune import Recipe, train_retriever  # noqa: E402
+from services.retrieval.index import AdapterIndex  # noqa: E402
+from services.retrieval.retriever import Retriever  # noqa: E402
+from services.schemas import AdapterCard, Query  # noqa: E402
+
+CARDS = Path("cluster/data/flan_cards.json")
+PLOT = Path("docs/retrieval_kfold.png")
+# name -> recipe changes from the defaults; "untuned" is the packaged model on the default runtime
+CONFIGS = {
+    "default": {},
+    "random negatives": {"hard_negatives": False, "adapters_per_step": 16},
+    "hard negatives, 16 a step": {"adapters_per_step": 16},
+    "student: 2 layers, 128 tokens": {"layers": 2, "max_seq_length": 128},
+    "student: 3 layers, 128 tokens": {"layers": 3, "max_seq_length": 128},
+    "head cut": {"cut": "head"},
+    "no early stopping, 4 epochs": {"heldout_fraction": 0.0, "max_epochs": 4},
+}
+SCORINGS = (("centroid", "centroid", 1), ("best sample", "samples", 1), ("best 3 samples", "samples", 3))
+
+
+def benchmark_tasks() -> list[dict]:
+    return [t for t in json.loads(CARDS.read_text())["tasks"] if t["in_mixed_task_benchmark"]]
+
+
+def fold_split(tasks: list[dict], folds: int, fold: int, seed: int = 0) -> tuple[list[AdapterCard], list[Query]]:
+    """Cards of the samples outside `fold`, queries of the samples in it (the same shuffle for every fold)."""
+    cards, queries = [], []
+    for i, task in enumerate(tasks):
+        order = list(range(len(task["samples"])))
+        random.Random(seed * 1000 + i).shuffle(order)
+        held = set(order[fold::folds])
+        cards.append(AdapterCard(model_name=task["task"], domain=task["domain"],
+                                 sample=[s for j, s in enumerate(task["samples"]) if j not in held]))
+        queries += [Query(inputs=task["samples"][j]["inputs"], targets=task["samples"][j]["targets"], task=task["task"],
+                          domain=task["domain"], metric="em") for j in sorted(held)]
+    return cards, queries
+
+
+def score(model: str | None, cards, queries) -> dict:
+    """Each scoring on the default runtime (float32 ONNX), and centroid scoring on the int8 runtime."""
+    embedder = Embedder(model, threads=2, cache_entries=100_000)  # each text encoded once for the scorings
+    out = {label: evaluate(Retriever(embedder, AdapterIndex(embedder.dim, scoring=s, sample_top_m=m)),
+                           cards, queries, scoring=s)
+           for label, s, m in SCORINGS}
+    int8 = Embedder(model, threads=2, backend="onnx-int8")
+    out["centroid, int8"] = evaluate(Retriever(int8, AdapterIndex(int8.dim)), cards, queries)
+    return out
+
+
+def run(args) -> dict:
+    tasks = benchmark_tasks()
+    results = {"command": command_line("cluster.bench.retrieval_kfold"), "folds": args.folds, "tasks": len(tasks), "configs": {}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.configs.split(","):
+        per_fold = []
+        for fold in (int(f) for f in args.run_folds.split(",")):
+            cards, queries = fold_split(tasks, args.folds, fold)
+            started = time.perf_counter(), time.process_time()
+            entry = {"fold": fold}
+            if name == "untuned":
+                entry["scores"] = score(None, cards, queries)
+            else:
+                recipe = dataclasses.replace(Recipe(), **CONFIGS[name])
+                with tempfile.TemporaryDirectory() as tmp:
+                    model = train_retriever(cards, Path(tmp) / "model", recipe=recipe, seed=fold)
+                    info = json.loads((model / "loraretriever_training.json").read_text())
+                    entry["training"] = {k: info[k] for k in ("epoch_kept", "heldout_top1_before", "heldout_top1_after",
+                                                              "heldout_top1_per_epoch", "seconds")}
+                    entry["scores"] = score(str(model), cards, queries)
+            entry["wall_s"] = round(time.perf_counter() - started[0], 1)
+            entry["cpu_s"] = round(time.process_time() - started[1], 1)
+            per_fold.append(entry)
+            c = entry["scores"]["centroid"]
+            print(f"{name}, fold {fold}: top-1 {c['top1']}, top-3 {c['top3']} ({entry['wall_s']} s)", flush=True)
+            results["configs"][name] = summarize(per_fold)
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def summarize(per_fold: list[dict]) -> dict:
+    mean = {label: {k: round(float(np.mean([f["scores"][label][k] for f in per_fold])), 2)
+                    for k in ("top1", "top3", "top5", "top8")} for label in per_fold[0]["scores"]}
+    return {"mean": mean, "folds": per_fold}
+
+
+def plot(results: dict, path: Path) -> None:
+    names = list(results["configs"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names)), 4))
+    x = np.arange(len(names))
+    for i, k in enumerate(("top1", "top3")):
+        vals = [results["configs"][n]["mean"]["centroid"][k] for n in names]
+        ax.bar(x + (i - 0.5) * 0.38, vals, 0.38, label=f"{k}, centroid")
+        for xi, v in zip(x, vals):
+            ax.text(xi + (i - 0.5) * 0.38, v + 0.5, f"{v:.1f}", ha="center", fontsize=7)
+    ax.axhline(85, color="gray", lw=0.8, ls="--")
+    ax.axhline(98, color="gray", lw=0.8, ls=":")
+    ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("% of held-out card samples")
+    ax.set_ylim(40, 102)
+    ax.set_title(f"48 Flan tasks, {results['folds']}-fold over card samples")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folds", type=int, default=4)
+    parser.add_argument("--run-folds", default="0,1,2,3", help="which folds to run (comma-separated)")
+    parser.add_argument("--configs", default="untuned,default", help=f"comma-separated: untuned, {', '.join(CONFIGS)}")
+    parser.add_argument("--out", default="var/bench/retrieval_kfold")
+    parser.add_argument("--from-json", help="redraw the plot from a saved results.json")
+    args = parser.parse_args()
+    results = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
+    plot(results, PLOT)
+    print(json.dumps({n: c["mean"] for n, c in results["configs"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
