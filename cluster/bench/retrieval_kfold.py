@@ -35,15 +35,16 @@ from services.schemas import AdapterCard, Query  # noqa: E402
 
 CARDS = Path("cluster/data/flan_cards.json")
 PLOT = Path("docs/retrieval_kfold.png")
-# name -> recipe changes from the defaults; "untuned" is the packaged model on the default runtime
+# name (no commas: --configs is comma-separated) -> recipe changes from the defaults; "untuned" is the packaged model
 CONFIGS = {
     "default": {},
     "random negatives": {"hard_negatives": False, "adapters_per_step": 16},
-    "hard negatives, 16 a step": {"adapters_per_step": 16},
-    "student: 2 layers, 128 tokens": {"layers": 2, "max_seq_length": 128},
-    "student: 3 layers, 128 tokens": {"layers": 3, "max_seq_length": 128},
+    "hard negatives 16 a step": {"adapters_per_step": 16},
+    "student 2 layers 128 tokens": {"layers": 2, "max_seq_length": 128},
+    "student 3 layers 128 tokens": {"layers": 3, "max_seq_length": 128},
+    "student 2 layers 128 tokens lr 3e-4": {"layers": 2, "max_seq_length": 128, "learning_rate": 3e-4},
     "head cut": {"cut": "head"},
-    "no early stopping, 4 epochs": {"heldout_fraction": 0.0, "max_epochs": 4},
+    "no early stopping 4 epochs": {"heldout_fraction": 0.0, "max_epochs": 4},
 }
 SCORINGS = (("centroid", "centroid", 1), ("best sample", "samples", 1), ("best 3 samples", "samples", 3))
 
