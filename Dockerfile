@@ -8,6 +8,9 @@ FROM python:3.11.7-slim-bookworm
 
 ARG VARIANT=cpu
 ARG TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu128
+# cuda only: vLLM's CUDA build in its own environment (it pins its own torch), for composers with
+# composition.engine: vllm (k8s/overlays/gpu); docs/engine.md, "The vLLM engine".
+ARG VLLM_VERSION=0.32.0
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -32,6 +35,9 @@ RUN case "$VARIANT" in \
       *) echo "VARIANT must be cpu or cuda, got '$VARIANT'" >&2; exit 2 ;; \
     esac \
     && bash cluster/setup.sh \
+    && if [ "$VARIANT" = cuda ]; then \
+         .venv/bin/python -m services.lora.vllm_env install --venv /opt/vllm-venv --package "vllm==$VLLM_VERSION" --torch ''; \
+       fi \
     && rm -rf /var/lib/apt/lists/* \
     && echo "export PATH=/app/.venv/bin:\$PATH" > /etc/profile.d/loraretriever-venv.sh \
     && useradd --create-home --uid 1000 --shell /bin/bash ray

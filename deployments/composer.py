@@ -8,7 +8,7 @@ from ray import serve
 
 from services.config import AppConfig
 from deployments import metrics
-from services.wiring import base_model_path, make_adapter_cache, make_placement, make_registry
+from services.wiring import make_adapter_cache, make_placement, make_registry
 from services.lora.compatibility import GainTable
 from services.serving.catalog import CatalogCache
 from services.serving.composer_service import ComposeJob, ComposerService
@@ -19,8 +19,9 @@ log = logging.getLogger("ray.serve")
 @serve.deployment(name="Composer")
 class Composer:
     def __init__(self, config: dict, engine=None):
-        """`engine` may be injected (tests); otherwise the configured base model is loaded."""
-        from services.lora.engine import CompositionEngine
+        """`engine` may be injected (tests); otherwise composition.engine's engine is built with the
+        configured base model (services/serving/engines.py)."""
+        from services.serving.engines import make_engine
 
         cfg = AppConfig.model_validate(config)
         comp = cfg.composition
@@ -29,13 +30,7 @@ class Composer:
 
             torch.set_num_threads(comp.torch_threads)
         if engine is None:
-            engine = CompositionEngine.from_pretrained(
-                base_model_path(cfg), device=cfg.base_model.device, dtype=cfg.base_model.dtype,
-                max_adapters_per_row=comp.max_adapters_per_request, device_slots=comp.device_slots,
-                cpu_slots=comp.cpu_slots, max_rank=comp.max_rank, max_batch_rows=comp.max_batch_size,
-                prefill_tokens=comp.prefill_tokens, prefix_cache_mb=comp.prefix_cache_mb,
-                allow_unsafe_pickle=cfg.adapter_store.allow_unsafe_pickle,
-            )
+            engine = make_engine(cfg)
         registry = make_registry(cfg)
         # Adapter files come through this node's cache (fetched from object storage and verified).
         self.service = ComposerService(engine, make_adapter_cache(cfg, registry),

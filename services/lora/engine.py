@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from services.lora.layers import LoraContext, linear_shapes, wrap_model
 from services.lora.pool import AdapterPool
 from services.lora.packed_linear import can_pack, pack_linears
 from services.lora.prefix_cache import PrefixCache
-from services.lora.scheduler import DecodeScheduler
+from services.lora.scheduler import DecodeScheduler, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +33,9 @@ def native_bfloat16(device: torch.device) -> torch.dtype:
 
 
 class CompositionEngine:
+    own_grammars = True  # response_format becomes a token constraint built by the composer (llguidance)
+    scores_compatibility = True  # forward_logits serves services/lora/compatibility.py
+
     def __init__(self, model, tokenizer, *, max_adapters_per_row: int = 4, device_slots: int = 32,
                  cpu_slots: int = 128, max_rank: int = 64, allow_unsafe_pickle: bool = False,
                  base_model: str | None = None, max_batch_rows: int = 64, prefill_tokens: int = 512,
@@ -181,26 +183,11 @@ class CompositionEngine:
         continuous batch: rows join as others leave, when a row slot and device slots for their
         adapters are free (a mix wider than the device slots runs in turns, never refused; a row
         that alone needs more adapters than the slots is refused with the pool's reason)."""
-        for request in requests:
-            check_request(request, self.vocab_size)
-        scheduler, waiting = self.scheduler(), deque(enumerate(requests))
-        index: dict[int, int] = {}  # id(row) -> request index
-        results: list[GenerationResult | None] = [None] * len(requests)
-        try:
-            while waiting or scheduler.rows:
-                with self.device_lock:
-                    while waiting and not scheduler.full:
-                        row = scheduler.try_add(waiting[0][1])
-                        if row is None:
-                            break
-                        index[id(row)] = waiting.popleft()[0]
-                    for row in scheduler.step():
-                        results[index[id(row)]] = row.result()
-        finally:
-            with self.device_lock:
-                scheduler.abort()  # a failed step: release the adapters of the rows still running
-                scheduler.close()
-        return results
+        return run_batch(self, requests)
+
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse a request this engine cannot run, before it joins a batch."""
+        check_request(request, self.vocab_size)
 
     @property
     def vocab_size(self) -> int:

@@ -43,6 +43,7 @@ class GenerationRequest:
     logprobs: int | None = None  # None: none; k: each sampled token's logprob and the k most likely
     prompt_logprobs: bool = False  # the prompt's tokens' logprobs too (with `logprobs` alternatives)
     constraint: TokenConstraint | None = None
+    response_format: dict | None = None  # the wire form; an engine without own grammars (vLLM) applies it
     ignore_eos: bool = False  # run to max_tokens (or a stop string): benchmarks compare equal lengths
     on_token: Callable[[str | dict], None] | None = None  # each new text piece (a dict when logprobs)
 
@@ -169,9 +170,12 @@ class TokenLogprobs:
         k = max(ks)
         values, ids = logprobs.topk(k) if k else (logprobs[:, :0], index[:, :0])  # (n, k)
         values, ids = values.tolist(), ids.tolist()
-        return [{**self.piece(token), "logprob": lp,
-                 "top": [{**self.piece(t), "logprob": v} for t, v in zip(ids[i][:ks[i]], values[i][:ks[i]])]}
+        return [self.entry(token, lp, list(zip(ids[i][:ks[i]], values[i][:ks[i]])))
                 for i, (token, lp) in enumerate(zip(tokens, chosen))]
+
+    def entry(self, token: int, logprob: float | None, top: list[tuple[int, float]]) -> dict:
+        """One token's entry from its logprob and its alternatives (token, logprob), most likely first."""
+        return {**self.piece(token), "logprob": logprob, "top": [{**self.piece(t), "logprob": v} for t, v in top]}
 
     def span(self, hidden: torch.Tensor, project: ProjectFn, tokens: list[int], k: int) -> list[dict]:
         """Entries of `tokens`, each predicted by the position whose hidden state is the matching row

@@ -19,6 +19,7 @@ around `add` and `step`, so adapter slots are never rewritten under a forward.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,7 @@ class Row:
     token_lps: list[dict] | None = None
     unsent: list[dict] = field(default_factory=list)  # logprobs not streamed yet
     prompt_lps: list[dict] | None = None
+    error: Exception | None = None  # set when this row alone failed (its caller hears it; the batch goes on)
 
     @property
     def reading_prompt(self) -> bool:
@@ -214,40 +216,13 @@ class DecodeScheduler:
         drawn = [j for j in range(len(rows)) if j not in picked]
         if drawn:
             picked.update(zip(drawn, RowSampler.draw_rows([rows[j].sampler for j in drawn], logits[drawn])))
-        asked = [j for j, row in enumerate(rows) if row.token_lps is not None and not self._ends(row, picked[j])]
+        asked = [j for j, row in enumerate(rows) if row.token_lps is not None and not ends_row(row, picked[j], self.engine.eos_ids)]
         entries = dict(zip(asked, self.logprobs.entries(
             torch.log_softmax(logits[asked].float(), dim=-1), [picked[j] for j in asked],
             [rows[j].request.logprobs for j in asked]))) if asked else {}
         for j, row in enumerate(rows):
-            self._take(row, picked[j], entries.get(j))
+            take_token(row, picked[j], entries.get(j), self.engine.eos_ids)
         self.step_tokens += len(rows)
-
-    def _ends(self, row: Row, token: int) -> bool:
-        """An end-of-sequence token that ends the row (it is no output token: no text, no logprobs)."""
-        return token in self.engine.eos_ids and not row.request.ignore_eos
-
-    def _take(self, row: Row, token: int, entry: dict | None) -> None:
-        """entry: the token's logprobs when the row asked for them (None for an ending EOS)."""
-        request, stream = row.request, row.stream
-        if self._ends(row, token):
-            row.finish, piece = "stop", stream.flush()
-        else:
-            if row.token_lps is not None:
-                row.token_lps.append(entry)
-                row.unsent.append(entry)
-            piece = stream.push(token)
-            if stream.stopped:
-                row.finish = "stop"
-            elif len(stream.token_ids) >= request.max_tokens:
-                row.finish, piece = "length", piece + stream.flush()
-            else:
-                row.pending = token
-        if request.on_token is not None and (piece or (row.finish and row.unsent)):
-            if row.token_lps is None:
-                request.on_token(piece)
-            else:
-                request.on_token({"text": piece, "logprobs": row.unsent})
-                row.unsent = []
 
     def _retire(self) -> list[Row]:
         left = [i for i, row in enumerate(self.rows) if row.finish is not None]
@@ -271,6 +246,69 @@ class DecodeScheduler:
     def close(self) -> None:
         """Done with this scheduler (no rows): its cache goes back to the engine for the next one."""
         self.engine.park_cache(self.cache)
+
+
+def run_batch(engine, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    """Every request to its end through `engine.scheduler()` (either engine), rows joining as others
+    leave; results in the requests' order. A row that fails alone raises its error."""
+    for request in requests:
+        engine.check(request)
+    scheduler, waiting = engine.scheduler(), deque(enumerate(requests))
+    index: dict[int, int] = {}  # id(row) -> request index
+    results: list[GenerationResult | None] = [None] * len(requests)
+    try:
+        while waiting or scheduler.rows:
+            with engine.device_lock:
+                while waiting and not scheduler.full:
+                    row = scheduler.try_add(waiting[0][1])
+                    if row is None:
+                        break
+                    index[id(row)] = waiting.popleft()[0]
+                for row in scheduler.step():
+                    if row.error is not None:
+                        raise row.error
+                    results[index[id(row)]] = row.result()
+    finally:
+        with engine.device_lock:
+            scheduler.abort()  # a failed step: release the adapters of the rows still running
+            scheduler.close()
+    return results
+
+
+def ends_row(row: Row, token: int, eos_ids: set[int]) -> bool:
+    """An end-of-sequence token that ends the row (it is no output token: no text, no logprobs)."""
+    return token in eos_ids and not row.request.ignore_eos
+
+
+def take_token(row: Row, token: int, entry: dict | None, eos_ids: set[int]) -> None:
+    """The row's next token, whichever engine produced it: text, stop strings, length, logprobs,
+    streaming. entry: the token's logprobs when the row asked for them (None for an ending EOS)."""
+    request, stream = row.request, row.stream
+    if ends_row(row, token, eos_ids):
+        row.finish, piece = "stop", stream.flush()
+    else:
+        if row.token_lps is not None:
+            row.token_lps.append(entry)
+            row.unsent.append(entry)
+        piece = stream.push(token)
+        if stream.stopped:
+            row.finish = "stop"
+        elif len(stream.token_ids) >= request.max_tokens:
+            row.finish, piece = "length", piece + stream.flush()
+        else:
+            row.pending = token
+    emit(row, piece)
+
+
+def emit(row: Row, piece: str) -> None:
+    """Stream a text piece (with the logprobs not sent yet, when the row asked for them)."""
+    request = row.request
+    if request.on_token is not None and (piece or (row.finish and row.unsent)):
+        if row.token_lps is None:
+            request.on_token(piece)
+        else:
+            request.on_token({"text": piece, "logprobs": row.unsent})
+            row.unsent = []
 
 
 def bridged_runs(slots: list[int], gap: int) -> list[list[int]]:

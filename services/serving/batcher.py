@@ -189,6 +189,9 @@ class ContinuousBatcher:
             self.on_batch(rows, scheduler.step_tokens, now - started)
         for row in finished:
             entry = self._running.pop(id(row))
+            if row.error is not None:
+                self._fail(entry, row.error)
+                continue
             if not row.cancelled:
                 entry.deliver(dataclasses.replace(row.result(), queue_seconds=row.admitted - entry.enqueued,
                                                   batch_seconds=now - row.admitted))

@@ -19,7 +19,7 @@ from services.composition import AdapterKey
 from services.evaluation.generation import chat_prompt_ids
 from services.lora.adapter_files import AdapterValidationError
 from services.lora.compatibility import CardTokens, GainTable, measure_gains
-from services.lora.generation import GenerationRequest, GenerationResult, check_request
+from services.lora.generation import GenerationRequest, GenerationResult
 from services.lora.structured import JsonGrammars
 from services.schemas import ChatMessage, CompositionPlan, Strict
 from services.registry.node_cache import NodeAdapterCache, folder_resolver
@@ -97,7 +97,7 @@ class AdapterLoads:
 
 class ComposerService:
     def __init__(self, engine, adapters: NodeAdapterCache | str | Path, *, max_prompt_tokens: int, on_batch=None):
-        """engine: a CompositionEngine; its max_batch_rows bounds the running batch. adapters: the
+        """engine: a CompositionEngine or a VllmEngine (services/lora/vllm_engine.py), the same calls; its max_batch_rows bounds the running batch. adapters: the
         node's NodeAdapterCache, or a folder in the store layout <root>/<name>/<version> read as it
         is (tools and tests without a registry)."""
         self.engine = engine
@@ -170,6 +170,9 @@ class ComposerService:
         return await self.batcher.run_exclusive(self._measure_gains, jobs, cards)
 
     def _measure_gains(self, jobs, cards) -> list[GainTable]:
+        if not self.engine.scores_compatibility:
+            raise Unavailable("compatibility gains need the native engine's logits; this composer runs "
+                              "composition.engine=vllm (measure on a native composer, or set the policy's mode)")
         self.ensure_loaded(sorted({key for adapter, neighbours in jobs for key in (adapter, *neighbours)}))
         tok = self.engine.tokenizer
         out = []
@@ -206,9 +209,11 @@ class ComposerService:
             logit_bias=dict(job.logit_bias),
             logprobs=job.logprobs,
             prompt_logprobs=job.prompt_logprobs,
-            constraint=self.grammars.constraint(job.response_format) if job.response_format else None,
+            constraint=self.grammars.constraint(job.response_format)
+            if job.response_format and self.engine.own_grammars else None,
+            response_format=job.response_format,
         )
-        check_request(request, self.engine.vocab_size)
+        self.engine.check(request)
         return request
 
     async def generate(self, job: ComposeJob) -> AsyncIterator[str | GenerationResult]:
