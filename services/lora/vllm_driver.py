@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -37,7 +38,7 @@ def exit_now(reason: str) -> None:
     log(f"{reason}; exiting")
     for engine in ENGINES:
         engine.shutdown()
-    os._exit(0)
+    os.killpg(os.getpgrp(), signal.SIGKILL)  # this process leads its group: vLLM's core processes go too
 
 
 def watch_parent() -> None:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import socket
 import subprocess
 import tempfile
@@ -102,7 +103,8 @@ class VllmProcess:
         self._log = settings.log_path.open("a")
         self.sock = None
         # -I: the driver sees neither the project nor its folder
-        self.proc = subprocess.Popen([str(settings.python), "-I", str(DRIVER), config_path], stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([str(settings.python), "-I", str(DRIVER), config_path],
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
                                      stdout=subprocess.PIPE, stderr=self._log, env=env, text=True)
         self.sock = self._connect(settings.startup_timeout_s)
         os.unlink(config_path)
@@ -150,14 +152,19 @@ class VllmProcess:
             raise VllmEngineError(f"the vLLM process is gone ({err}); its log is {self.settings.log_path}") from err
 
     def close(self) -> None:
-        if getattr(self, "sock", None) is not None:
-            self.sock.close()  # the driver exits when its connection closes
-        else:
-            self.proc.terminate()
+        """Stop the driver and every process vLLM started (they share the driver's process group:
+        vLLM's engine-core processes outlived a driver that exited on its own)."""
+        if self.sock is not None:
+            self.sock.close()  # the driver shuts vLLM down and exits when its connection closes
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
         self._log.close()
 
 

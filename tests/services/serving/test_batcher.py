@@ -15,6 +15,7 @@ from services.serving.batcher import ContinuousBatcher
 class FakeRow:
     def __init__(self, request):
         self.request, self.admitted, self.cancelled, self.emitted = request, time.perf_counter(), False, []
+        self.error = None  # a row that failed alone carries its error (none here)
 
     def result(self):
         return GenerationResult(text="".join(self.emitted), token_ids=list(self.request.prompt_ids),
