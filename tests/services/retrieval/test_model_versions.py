@@ -3,7 +3,7 @@ registered cards, model versions in a real redis-server, kept only when better, 
 from __future__ import annotations
 
 import pytest
-import redis
+from registered_zoo import register_tiny_zoo
 
 from services.retrieval.model_versions import LOCK_KEY, RetrieverModels, registry_cards, tune
 from services.retrieval.tuning import split_cards
@@ -11,18 +11,7 @@ from services.retrieval.tuning import split_cards
 
 @pytest.fixture
 def registered(tiny_zoo, redis_server, tmp_path):
-    from cluster.adapter_admin import AdapterAdmin
-    from services.config import AppConfig
-
-    url = redis_server.url.rsplit("/", 1)[0] + "/7"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    cfg = AppConfig.model_validate({"base_model": {"path": str(tiny_zoo.base), "name": "tiny-random-llama"},
-                                    "adapter_store": {"path": str(tmp_path / "store")},
-                                    "redis": {"url": url, "start_local": False}})
-    admin = AdapterAdmin.from_config(cfg)
-    for card in tiny_zoo.cards:
-        admin.add(card.model_name, tiny_zoo.adapters[card.model_name], card)
+    admin, client, _ = register_tiny_zoo(tiny_zoo, redis_server, tmp_path / "store", db=7)
     yield admin.registry, RetrieverModels(client, tmp_path / "models")
     client.flushdb()
 

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-import redis
+from registered_zoo import register_tiny_zoo
 from qdrant_client import QdrantClient
 
 from services.retrieval.index import AdapterIndex
@@ -41,18 +41,7 @@ class SerializedClient:
 
 @pytest.fixture
 def stack(tiny_zoo, redis_server, tmp_path):
-    from cluster.adapter_admin import AdapterAdmin
-    from services.config import AppConfig
-
-    redis_url = redis_server.url.rsplit("/", 1)[0] + "/6"
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    cfg = AppConfig.model_validate({"base_model": {"path": str(tiny_zoo.base), "name": "tiny-random-llama"},
-                                    "adapter_store": {"path": str(tmp_path / "store")},
-                                    "redis": {"url": redis_url, "start_local": False}})
-    admin = AdapterAdmin.from_config(cfg)
-    for card in tiny_zoo.cards:
-        admin.add(card.model_name, tiny_zoo.adapters[card.model_name], card)
+    admin, client, _ = register_tiny_zoo(tiny_zoo, redis_server, tmp_path / "store", db=6)
     yield admin, client
     client.flushdb()
 

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-import redis
+from registered_zoo import register_tiny_zoo
 
 from services.retrieval.embedder import Embedder, packaged_model_path
 from services.retrieval.model_versions import ACTIVE_KEY, MODELS_KEY, ModelVersion, RetrieverModels
@@ -21,21 +21,11 @@ from services.serving.model_follower import ModelFollower, ServingModel, prepare
 
 @pytest.fixture
 def replica(tiny_zoo, redis_server, tmp_path):
-    from cluster.adapter_admin import AdapterAdmin
-    from services.config import AppConfig
     from services.wiring import make_index
 
-    url = redis_server.url.rsplit("/", 1)[0] + "/8"
-    r = redis.Redis.from_url(url)
-    r.flushdb()
-    cfg = AppConfig.model_validate({"base_model": {"path": str(tiny_zoo.base), "name": "tiny-random-llama"},
-                                    "adapter_store": {"path": str(tmp_path / "store")},
-                                    "redis": {"url": url, "start_local": False},
-                                    "embedder": {"backend": "torch"},
-                                    "retriever_tuning": {"models_path": str(tmp_path / "models")}})
-    admin = AdapterAdmin.from_config(cfg)
-    for card in tiny_zoo.cards:
-        admin.add(card.model_name, tiny_zoo.adapters[card.model_name], card)
+    admin, r, cfg = register_tiny_zoo(tiny_zoo, redis_server, tmp_path / "store", db=8,
+                                      embedder={"backend": "torch"},
+                                      retriever_tuning={"models_path": str(tmp_path / "models")})
     models = RetrieverModels(r, cfg.retriever_tuning.root())
     shutil.copytree(packaged_model_path(), models.root / "r1")
     r.hset(MODELS_KEY, "r1", ModelVersion(version="r1", path=str(models.root / "r1"), created_at=time.time(),
