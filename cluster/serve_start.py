@@ -36,8 +36,18 @@ def startup_patience_s(cores: int | None = None, load: float | None = None) -> f
             raise UserError(f"{PATIENCE_ENV} must be positive, not {value}")
         return value
     cores = cores or os.cpu_count() or 1
-    load = os.getloadavg()[0] if load is None else load
+    load = current_load() if load is None else load
     return min(MAX_PATIENCE_S, IDLE_PATIENCE_S * max(1.0, 1.0 + load / cores))
+
+
+def current_load() -> float:
+    """The larger of the 1-minute load average and the processes runnable right now (less this
+    one): the average trails by a minute, so jobs that started just before `up` count too."""
+    try:
+        running = int(open("/proc/loadavg").read().split()[3].split("/")[0]) - 1
+    except (OSError, IndexError, ValueError):  # no /proc (macOS): the average alone
+        running = 0
+    return max(os.getloadavg()[0], float(running))
 
 
 def serve_timeouts_env(patience_s: float) -> dict[str, str]:

@@ -79,5 +79,9 @@ def write_tiny(dest: Path, seed: int = 0) -> None:
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    # The pad row is zeroed at init (padding_idx) and SmolLM2 pads with its end-of-turn token: tied
+    # to the output layer, a zero row keeps that token's logit at 0, so no adapter could learn to stop.
+    with torch.no_grad():
+        model.model.embed_tokens.weight[config.pad_token_id].normal_(0.0, config.initializer_range)
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)

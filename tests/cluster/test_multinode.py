@@ -19,13 +19,13 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from cluster_settings import ADMIN_KEY
 from held_link import HeldLink
 
 from cluster.demo.variants import variant_adapter
 
 pytestmark = pytest.mark.slow
 
-ADMIN_KEY = "test-admin-key-0123456789"
 COMPOSER_RESOURCE = "lr_composer"
 HEAD_RESOURCE = "lr_head"
 PROMOTION_DEADLINE_S = 60.0  # the stated bound: a promoted version is served by every composer within it

@@ -58,7 +58,7 @@ def trained(serve_cluster, tmp_path_factory):
     model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
     model.name_or_path = "tiny-random-llama"
     root = tmp_path_factory.mktemp("trained")
-    settings = TrainSettings(steps=40, batch_size=8, learning_rate=1e-2)
+    settings = TrainSettings(steps=80, batch_size=8, learning_rate=2e-2)
     folders = {}
     for tag, data in (("good", train), ("worse", [(x, flip[y]) for x, y in train])):
         folders[tag] = root / tag
@@ -94,17 +94,22 @@ def test_add_sends_only_the_adapter_files_and_the_gate_refuses_the_worse_version
     folders, held_out = trained
     assert (folders["good"] / "README.md").is_file()  # save_pretrained writes one
     added = {}
-    for tag in ("worse", "good"):
+    # 'good' is gated and promoted over the zoo's 3-step adapter; 'worse' is then gated against it.
+    for tag in ("good", "worse"):
         code, out, err = cli("adapters", "add", TASK, str(user_folder(folders[tag], tmp_path / tag, held_out, card)),
                              "--staged")
         assert code == 0, err
         assert "left out (not needed to serve): README.md, checkpoint-20/, tokenizer.json, training_args.bin" in err
         added[tag] = json.loads(out)
-    worse, good = added["worse"]["quality"], added["good"]["quality"]
+        if tag == "good":
+            assert cli("adapters", "promote", f"{TASK}@{added[tag]['version']}")[0] == 0
+    good, worse = added["good"]["quality"], added["worse"]["quality"]
     print("gate reports:", json.dumps({"worse": worse, "good": good}, indent=1))  # the figures docs/rollout.md quotes
     assert worse["samples"] == good["samples"] == GATE_SAMPLES and worse["source"] == "held_out"
-    assert worse["passed"] is False and good["passed"] is True, (worse, good)
-    assert good["score"] > worse["score"] and good["score"] > good["base_score"]
+    assert good["passed"] is True and good["score"] > good["base_score"], good
+    assert admin.get(f"/admin/adapters/{TASK}").json()["active_version"] == good["version"]
+    assert worse["passed"] is False and worse["active_version"] == good["version"], worse
+    assert worse["active_score"] == good["score"] > worse["score"]
 
     code, _, err = cli("adapters", "promote", f"{TASK}@{worse['version']}")
     assert code == 2 and "409" in err and "quality gate failed" in err and f"{worse['score']:.1f}" in err
@@ -115,6 +120,7 @@ def test_add_sends_only_the_adapter_files_and_the_gate_refuses_the_worse_version
     assert entry["detail"].startswith("forced over the quality gate")
     assert cli("adapters", "rollback", TASK)[0] == 0
     shown = admin.get(f"/admin/adapters/{TASK}").json()
+    assert shown["active_version"] == good["version"]
     assert shown["versions"][good["version"]]["quality"]["passed"] is True
 
 
@@ -197,10 +203,16 @@ def test_a_failing_canary_is_rolled_back_under_load_and_only_its_share_fails(ser
     assert history[-1]["action"] == "canary_rollback" and "errors" in history[-1]["detail"]
 
 
-def test_a_good_canary_is_promoted_under_load(serve_cluster, cli, admin):
-    record = admin.get(f"/admin/adapters/{TASK}").json()
-    good = max((v for v, rec in record["versions"].items() if (rec["quality"] or {}).get("passed")),
-               key=lambda v: int(v[1:]))
+def test_a_good_canary_is_promoted_under_load(serve_cluster, cli, admin, trained, card, tmp_path):
+    folders, held_out = trained
+    # A retrained 'good': lora_B scaled by 1.01, the same answers, new weights and checksum.
+    folder = user_folder(variant_adapter(folders["good"], tmp_path / "retrained", 1.01), tmp_path / "user",
+                         held_out, card)
+    code, out, err = cli("adapters", "add", TASK, str(folder), "--staged")
+    assert code == 0, err
+    quality = json.loads(out)["quality"]
+    assert quality["passed"] is True, quality
+    good = quality["version"]
     with Load(serve_cluster) as load:
         time.sleep(2)
         started = canary(cli, good, 30, min_requests=15)

@@ -87,7 +87,8 @@ ADMIN_ROUTES = [("GET", "/admin/status"), ("GET", "/admin/adapters"), ("GET", "/
                 ("POST", "/admin/tenants"), ("GET", "/admin/tenants"), ("DELETE", "/admin/tenants/acme"),
                 ("GET", "/admin/tenants/acme/usage"), ("DELETE", "/admin/adapters/add/canary"),
                 ("DELETE", "/admin/adapters/add/versions/v1"), ("POST", "/admin/adapters/add/visibility"),
-                ("POST", "/admin/gc")]
+                ("POST", "/admin/gc"), ("POST", "/admin/retriever/tune"), ("GET", "/admin/retriever/models"),
+                ("POST", "/admin/retriever/rollback")]
 BODIES = {"/admin/adapters": {"name": "x", "card": {"model_name": "x", "sample": [{"inputs": "hi"}]}, "path": "/x"},
           "/admin/adapters/add/promote": {"version": "v1"}, "/admin/adapters/add/canary": {"version": "v1", "percent": 5},
           "/admin/tenants": {"name": "intruder"}, "/admin/adapters/add/visibility": {"visibility": "private"}}
