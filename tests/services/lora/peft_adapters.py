@@ -41,6 +41,21 @@ def write_peft_adapter(folder: Path, base_config, *, rank: int, alpha: float, ta
     return Path(folder)
 
 
+def write_peft_adapters(root: Path, specs: dict, first_seed: int) -> dict[str, Path]:
+    """One adapter per name of specs {name: (rank, alpha, target modules, rslora)} on tiny_model()'s
+    config, seeds first_seed, first_seed + 1, ... in the order of specs."""
+    config = tiny_model().config
+    return {name: write_peft_adapter(root / name, config, rank=r, alpha=alpha, target_modules=tm,
+                                     seed=first_seed + i, use_rslora=rs)
+            for i, (name, (r, alpha, tm, rs)) in enumerate(specs.items())}
+
+
+class NoTokenizer:
+    """The engine reads only the special token ids; tests that feed token ids need no text."""
+
+    eos_token_id = pad_token_id = 0
+
+
 def add_cat_adapter(peft_model, name, adapters, weights):
     """PEFT's "cat" combination: A = [w_i s_i A_i], B = [B_i], so delta = sum_i w_i s_i B_i A_i."""
     peft_model.add_weighted_adapter(adapters, weights, name, combination_type="cat")

@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft_adapters import tiny_model, write_peft_adapter
+from peft_adapters import NoTokenizer, tiny_model, write_peft_adapter
 
+from services.composition import Composition, CompositionError
+from services.composition import CompositionMode as Mode
 from services.lora.adapter_files import AdapterValidationError
 from services.lora.engine import CompositionEngine
 from services.lora.pool import AdapterNotLoaded, AdapterPoolFull
-from services.composition import Composition, CompositionError, CompositionMode as Mode
 
 RANKS = {"a": 2, "b": 8, "c": 4, "d": 1, "e": 32}
 
-
-class NoTokenizer:
-    eos_token_id = pad_token_id = 0
 
 
 @pytest.fixture(scope="module")

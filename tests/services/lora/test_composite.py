@@ -9,9 +9,14 @@ import pytest
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from peft_adapters import tiny_model, write_peft_adapter
+from peft_adapters import (
+    NoTokenizer,
+    tiny_model,
+    write_peft_adapters,
+)
 
-from services.composition import Composition, CompositionMode as Mode
+from services.composition import Composition
+from services.composition import CompositionMode as Mode
 from services.lora.adapter_files import read_adapter
 from services.lora.composite import (
     CompositeCache,
@@ -33,17 +38,11 @@ ADAPTERS = {
 GRID = 1 / 256
 
 
-class NoTokenizer:
-    eos_token_id = pad_token_id = 0
-
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("composite_adapters")
-    config = tiny_model().config
-    return {name: write_peft_adapter(root / name, config, rank=r, alpha=alpha, target_modules=tm, seed=i + 40,
-                                     use_rslora=rs)
-            for i, (name, (r, alpha, tm, rs)) in enumerate(ADAPTERS.items())}
+    return write_peft_adapters(root, ADAPTERS, first_seed=40)
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,24 @@
 from __future__ import annotations
 
 import itertools
-from functools import partial
 import random
+from functools import partial
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from peft_adapters import add_cat_adapter, add_fused_adapter, tiny_model, write_peft_adapter
+from peft_adapters import (
+    NoTokenizer,
+    add_cat_adapter,
+    add_fused_adapter,
+    tiny_model,
+    write_peft_adapters,
+)
 
+from services.composition import Composition
+from services.composition import CompositionMode as Mode
 from services.lora.engine import CompositionEngine
-from services.composition import Composition, CompositionMode as Mode
 
 ATTN, MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 # name -> (rank, alpha, target modules, rslora): ranks 1..64, mixed modules and scalings
@@ -26,19 +33,11 @@ ADAPTERS = {
 NAMES = list(ADAPTERS)
 
 
-class NoTokenizer:
-    """forward_logits needs no text; the engine only reads the special token ids."""
-
-    eos_token_id = pad_token_id = 0
-
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    config = tiny_model().config
-    return {name: write_peft_adapter(root / name, config, rank=r, alpha=alpha, target_modules=tm, seed=i + 10,
-                                     use_rslora=rs)
-            for i, (name, (r, alpha, tm, rs)) in enumerate(ADAPTERS.items())}
+    return write_peft_adapters(root, ADAPTERS, first_seed=10)
 
 
 @pytest.fixture(scope="module")
