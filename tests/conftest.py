@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from cluster_settings import ADMIN_KEY, cluster_config
 
 # No model hub here: every load must come from local folders.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,6 +98,8 @@ def cluster_overrides() -> dict:
 @pytest.fixture(scope="module")
 def serve_cluster(redis_server, tiny_zoo, tmp_path_factory, cluster_overrides):
     """Yields url, api_key (a tenant 'acme'), admin headers, config and the zoo."""
+    # imported here, not at load: `-p tests.conftest` (tests/test_suite_exit.py) runs without tests/ on the path
+    from cluster_settings import ADMIN_KEY, cluster_config
     from ray import serve
 
     from cluster.adapter_admin import AdapterAdmin
