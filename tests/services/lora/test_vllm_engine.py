@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from peft_adapters import write_peft_adapter
 from transformers import AutoConfig
 from vllm_installed import vllm_or_skip
