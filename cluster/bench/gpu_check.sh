@@ -4,8 +4,10 @@
 # `pip install -e .[dev]` over the CUDA torch the machine has).
 #   1. the engine on CUDA (float32 and bfloat16) against its CPU float32 run, itself tested against
 #      PEFT: cluster/bench/gpu_oracle.py, with float32 and bfloat16 tolerances;
-#   2. the offline and open-loop peer benchmark with our engine on CUDA, against the CUDA vLLM when
-#      VLLM_PYTHON names the python of an environment where `import vllm` works (vLLM's GPU build).
+#   2. the offline and open-loop peer benchmark with our engine on CUDA; when VLLM_PYTHON names the
+#      python of an environment where `import vllm` works (vLLM's GPU build), also plain vLLM (selection)
+#      and our composer on that vLLM (`composition.engine: vllm`: ours-vllm-selection, -mixture and
+#      -fusion over the Zipf open-loop workload, with the composite cache's hit rate and build time).
 # Results go to $OUT (default docs/gpu). The demo zoo must be built (loraretriever demo build).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,7 +21,7 @@ peer=(--device cuda --out "$out" --max-batch 256)
 if [[ -n "${VLLM_PYTHON:-}" ]]; then
     peer+=(--vllm-python "$VLLM_PYTHON")
 else
-    echo "VLLM_PYTHON is not set: our systems only" >&2
+    echo "VLLM_PYTHON is not set: our engine only (no vLLM, no composer on vLLM)" >&2
     peer+=(--systems ours-base ours-selection ours-mixture ours-fusion)
 fi
 "$python" -m cluster.bench.peer "${peer[@]}" | tee "$out/peer.log"

@@ -13,8 +13,10 @@ adapter (selection), and ours also mixing or fusing that adapter with two fixed 
 other demo adapters of its domain). Open loop: Poisson arrivals at each of --rates for --seconds,
 each request's adapter drawn by Zipf popularity over the demo adapters plus generated variants
 (--adapters in all); vLLM's async engine serves selection only, ours serves selection, mixture
-and fusion through the serving batcher. Prints the tables, writes OUT/peer.json, OUT/peer.png
-and the "Against vLLM-CPU" section of OUT/engine.md.
+and fusion through the serving batcher, on our engine (ours-*) and on vLLM (ours-vllm-*: the
+composer's `composition.engine: vllm`, mixture and fusion as composite adapters; open loop only).
+Prints the tables, writes OUT/peer.json, OUT/peer.png and the "Against vLLM-CPU" section of
+OUT/engine.md.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,7 +52,9 @@ VLLM_SCRIPT = Path(__file__).with_name("peer_vllm.py")
 MODES = ("base", "selection", "mixture", "fusion")
 VLLM_MODES = ("base", "selection")  # vLLM applies one LoRA per request: it cannot mix
 OPEN_LOOP_MODES = ("selection", "mixture", "fusion")
-SYSTEMS = tuple(f"ours-{m}" for m in MODES) + tuple(f"vllm-{m}" for m in VLLM_MODES)
+# ours-vllm-*: the composer's batcher over its vLLM engine (services/lora/vllm_engine.py), open loop only
+SYSTEMS = (tuple(f"ours-{m}" for m in MODES) + tuple(f"ours-vllm-{m}" for m in OPEN_LOOP_MODES)
+           + tuple(f"vllm-{m}" for m in VLLM_MODES))
 MIX_SIZE = 3  # the query's own adapter and two siblings
 
 
@@ -196,6 +201,52 @@ def our_engine(args, inputs: Inputs, dtype: str, adapters: list[Adapter]):
     return engine
 
 
+def our_vllm_engine(args, inputs: Inputs, dtype: str, adapters: list[Adapter], python: Path):
+    """The composer's vLLM engine as `composition.engine: vllm` builds it, with the limits vLLM gets in
+    the plain vLLM runs; mixtures of MIX_SIZE adapters are composites of MIX_SIZE x --max-rank."""
+    from services.config import VLLM_LORA_RANKS, AppConfig, data_home
+    from services.serving.engines import make_vllm_engine
+
+    cfg = AppConfig.model_validate({
+        "base_model": {"path": str(inputs.base), "dtype": dtype, "device": args.device},
+        "composition": {
+            "engine": "vllm", "device_slots": args.lora_slots, "cpu_slots": max(len(adapters), args.lora_slots),
+            "max_batch_size": args.max_batch, "max_adapters_per_request": MIX_SIZE, "max_rank": args.max_rank,
+            "max_tokens_limit": args.max_tokens, "max_prompt_tokens": args.max_model_len - args.max_tokens,
+            "torch_threads": args.threads,
+            "vllm": {"python": str(python), "kv_cache_gib": args.vllm_kv_gib, "gpu_memory_utilization": 0.5,
+                     "max_lora_rank": min(r for r in VLLM_LORA_RANKS if r >= MIX_SIZE * args.max_rank),
+                     "composite_cache_path": str(data_home() / "peer" / "composites")}}})
+    engine = make_vllm_engine(cfg)
+    for adapter in adapters:  # recorded; vLLM reads each folder on its first use (in the warm-up)
+        engine.load_adapter(adapter.name, adapter.path)
+    return engine
+
+
+def empty_composite_cache(engine) -> None:
+    """A vLLM engine's composite cache, emptied between the warm-up and the timed run, so that the run
+    pays for building each composite it uses once, as a node seeing its traffic for the first time
+    (vLLM keeps the LoRAs the warm-up loaded: a composite's name is its content)."""
+    from services.lora.composite import CompositeCache
+
+    old = engine.composites
+    shutil.rmtree(old.root)
+    engine.composites = CompositeCache(old.root, old.max_bytes, old.grid, old.base_model)
+
+
+def composite_stats(engine) -> dict:
+    """The timed run's composite cache: hit rate over the rows that used a composite, and the time
+    spent building (materializing) composites on misses."""
+    c = engine.composites.stats()
+    used = c["composite_hits"] + c["composite_misses"]
+    return {"composite_hits": c["composite_hits"], "composite_misses": c["composite_misses"],
+            "composite_hit_rate": round(c["composite_hits"] / used, 3) if used else None,
+            "composite_build_s": round(c["composite_build_seconds"], 3),
+            "composite_build_mean_s": round(c["composite_build_seconds"] / c["composite_misses"], 3)
+            if c["composite_misses"] else None,
+            "composite_cache_mb": round(c["composite_cache_bytes"] / 2**20, 1)}
+
+
 def warmup_rows(rows: list[Row], count: int) -> list[Row]:
     """Untimed, before a run, on both sides: its first `count` requests, and a one-token request
     per adapter set it uses, so that every adapter was read and placed once (as slots allow)."""
@@ -238,9 +289,10 @@ def ours_offline(engine, rows, args) -> dict:
     return {"wall_s": statistics.median(walls), "walls_s": walls, "output_ids": [list(r.token_ids) for r in results]}
 
 
-async def ours_open_loop(engine, rows, at: list[float], args) -> list[dict]:
+async def ours_open_loop(engine, rows, at: list[float], args, after_warmup=None) -> list[dict]:
     """Each request submitted at its arrival time; when its first and last text pieces and its
-    end came, relative to the run's start (the vLLM side records the same)."""
+    end came, relative to the run's start (the vLLM side records the same). after_warmup(): called
+    between the warm-up and the timed run."""
     batcher = our_batcher(engine, args.max_batch)
     requests = generation_requests(rows, args)
 
@@ -263,6 +315,8 @@ async def ours_open_loop(engine, rows, at: list[float], args) -> list[dict]:
 
     warmup = warmup_rows(rows, args.warmup)
     await play(generation_requests(warmup, args), [0.0] * len(warmup))
+    if after_warmup is not None:
+        after_warmup()
     return await play(requests, at)
 
 
@@ -368,19 +422,35 @@ def run_open_loop(args, inputs: Inputs, vllm: VllmRunner | None) -> dict:
     workloads = {f"{rate:g}": open_loop_requests(adapters, queries_by_task, rate=rate, seconds=args.seconds,
                                                  zipf=args.zipf, seed=args.seed) for rate in args.rates}
     records: dict[str, dict[str, list[dict]]] = {rate: {} for rate in workloads}
+    composites: dict[str, dict[str, dict]] = {rate: {} for rate in workloads}  # vLLM engine's composite cache
     dtype = args.open_loop_dtype
+
+    def play_ours(engine, prefix: str, modes: list[str]) -> None:
+        for mode in modes:
+            for rate, requests in workloads.items():
+                log.info("%s open loop %s %s at %s/s: %d requests", prefix, dtype, mode, rate, len(requests))
+                rows = [Row(inputs.prompts[r.query], adapter_set(mode, by_name[r.adapter], inputs.originals), mode)
+                        for r in requests]
+                on_vllm = prefix == "ours-vllm"
+                records[rate][f"{prefix}-{mode}"] = asyncio.run(ours_open_loop(
+                    engine, rows, [r.at for r in requests], args,
+                    after_warmup=(lambda: empty_composite_cache(engine)) if on_vllm else None))
+                if on_vllm and mode != "selection":
+                    composites[rate][f"{prefix}-{mode}"] = composite_stats(engine)
+
     ours = [m for m in OPEN_LOOP_MODES if f"ours-{m}" in args.systems]
     if ours:
         engine = our_engine(args, inputs, dtype, adapters)
-        for mode in ours:
-            for rate, requests in workloads.items():
-                log.info("ours open loop %s %s at %s/s: %d requests", dtype, mode, rate, len(requests))
-                rows = [Row(inputs.prompts[r.query], adapter_set(mode, by_name[r.adapter], inputs.originals), mode)
-                        for r in requests]
-                records[rate][f"ours-{mode}"] = asyncio.run(ours_open_loop(engine, rows, [r.at for r in requests],
-                                                                           args))
+        play_ours(engine, "ours", ours)
         del engine
         free_memory()
+    vllm_backed = [m for m in OPEN_LOOP_MODES if f"ours-vllm-{m}" in args.systems]
+    if vllm_backed:
+        engine = our_vllm_engine(args, inputs, dtype, adapters, vllm_python(args))
+        try:
+            play_ours(engine, "ours-vllm", vllm_backed)
+        finally:
+            engine.close()
     startup = None
     if "vllm-selection" in args.systems:
         runs = []
@@ -394,20 +464,23 @@ def run_open_loop(args, inputs: Inputs, vllm: VllmRunner | None) -> dict:
             records[rate]["vllm-selection"] = result["runs"][rate]["requests"]
     report = {"dtype": dtype, "vllm_startup_s": startup, "rates": {}}
     for rate, by_system in records.items():
-        systems = {system: open_loop_stats(recs) for system, recs in by_system.items() if recs}
+        systems = {system: {**open_loop_stats(recs), **composites[rate].get(system, {})}
+                   for system, recs in by_system.items() if recs}
         report["rates"][rate] = {"systems": systems, "ratios": open_loop_ratios(systems)}
         log.info("open loop at %s/s: %s", rate, report["rates"][rate])
     return report
 
 
 def open_loop_ratios(systems: dict) -> dict:
-    peer = systems.get("vllm-selection")
+    """Each of our systems against vLLM's selection, and the vLLM-backed composer against our engine."""
+    pairs = [(f"{prefix}-{mode}", "vllm-selection") for prefix in ("ours", "ours-vllm") for mode in OPEN_LOOP_MODES]
+    pairs += [(f"ours-vllm-{mode}", f"ours-{mode}") for mode in OPEN_LOOP_MODES]
     ratios = {}
-    for mode in OPEN_LOOP_MODES:
-        ours = systems.get(f"ours-{mode}")
-        if ours and peer:
-            ratios[f"ours-{mode} / vllm-selection tokens/s"] = ratio(ours["tokens_per_s"], peer["tokens_per_s"])
-            ratios[f"ours-{mode} / vllm-selection ttft p99"] = ratio(ours["ttft_p99_s"], peer["ttft_p99_s"])
+    for ours, peer in pairs:
+        if ours in systems and peer in systems:
+            a, b = systems[ours], systems[peer]
+            ratios[f"{ours} / {peer} tokens/s"] = ratio(a["tokens_per_s"], b["tokens_per_s"])
+            ratios[f"{ours} / {peer} ttft p99"] = ratio(a["ttft_p99_s"], b["ttft_p99_s"])
     return ratios
 
 
@@ -436,7 +509,19 @@ def open_loop_table(open_loop: dict) -> str:
             lines.append(f"| {rate} | {system} | {s['requests']} | {fmt(s['requests_per_s'])} | "
                          f"{fmt(s['tokens_per_s'], 1)} | {fmt(s['ttft_p50_s'])} | {fmt(s['ttft_p99_s'])} | "
                          f"{fmt(itl[0], 0)} | {fmt(itl[1], 0)} | {fmt(s['e2e_p99_s'])} |")
-    return "\n".join(lines + ratio_lines("rate/s", {r: v["ratios"] for r, v in open_loop["rates"].items()}))
+    return "\n".join(lines + ratio_lines("rate/s", {r: v["ratios"] for r, v in open_loop["rates"].items()})
+                     + composite_lines(open_loop))
+
+
+def composite_lines(open_loop: dict) -> list[str]:
+    """The vLLM-backed composer's composite cache over each timed run (empty before it)."""
+    rows = [f"| {rate} | {system} | {s['composite_hits']} | {s['composite_misses']} | {fmt(s['composite_hit_rate'])} "
+            f"| {fmt(s['composite_build_s'])} | {fmt(s['composite_build_mean_s'], 3)} | {fmt(s['composite_cache_mb'], 1)} |"
+            for rate, by_rate in open_loop["rates"].items() for system, s in by_rate["systems"].items()
+            if "composite_hits" in s]
+    header = ["", ("| rate/s | system | composite hits | misses (built) | hit rate | build s (total) | build s (mean) "
+                   "| cache MB |"), "|---|---|---|---|---|---|---|---|"]
+    return header + rows if rows else []
 
 
 def ratio_lines(key: str, ratios: dict[str, dict]) -> list[str]:
@@ -458,11 +543,12 @@ def plot(report: dict, path: Path) -> None:
         ax = axes.pop(0)
         dtypes = list(offline)
         width = 0.8 / len(dtypes)
+        names = [s for s in SYSTEMS if any(s in offline[d]["systems"] for d in dtypes)]
         for j, dtype in enumerate(dtypes):
             systems = offline[dtype]["systems"]
-            ax.bar([SYSTEMS.index(s) + j * width for s in systems], [v["tokens_per_s"] for v in systems.values()],
+            ax.bar([names.index(s) + j * width for s in systems], [v["tokens_per_s"] for v in systems.values()],
                    width, label=dtype)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(SYSTEMS))], SYSTEMS, rotation=30, ha="right",
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=30, ha="right",
                       fontsize=8)
         ax.set(title=f"offline: {report['settings']['queries']} queries at once", ylabel="output tokens/s")
         ax.legend(fontsize=8)
@@ -513,7 +599,9 @@ def write_section(doc: Path, report: dict) -> None:
         parts += [(f"Open loop ({report['open_loop']['dtype']}): Poisson arrivals for {s['seconds']} s per rate, "
                   f"adapters by Zipf popularity (s = {s['zipf']}) over {s['adapters']} adapters (the demo "
                   f"adapters and variants with scaled lora_B), {s['lora_slots']} adapter slots on each side; "
-                  f"vLLM's async engine serves selection, ours the serving batcher. TTFT = first text piece; "
+                  f"vLLM's async engine serves selection, ours the serving batcher (ours-vllm-*: over the composer's "
+                  f"vLLM engine, mixture and fusion as composite adapters, its composite cache emptied after the "
+                  f"warm-up). TTFT = first text piece; "
                   f"ITL = a request's (last - first token time) / (tokens - 1)."), "",
                   open_loop_table(report["open_loop"]), ""]
     parts += ["![peer benchmark](peer.png)", ""]
@@ -584,7 +672,7 @@ def parse_args(argv):
     for flag, value in positive:
         if value <= 0:
             raise UserError(f"{flag} must be positive, not {value}")
-    if args.device == "cuda" and not args.vllm_python and any(s.startswith("vllm-") for s in args.systems):
+    if args.device == "cuda" and not args.vllm_python and any("vllm-" in s for s in args.systems):
         raise UserError("--device cuda needs --vllm-python: the python of an environment with vLLM's CUDA build")
     if args.zipf < 0 or args.warmup < 0:
         raise UserError("--zipf and --warmup must not be negative")

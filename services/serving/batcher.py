@@ -37,6 +37,7 @@ class BatchStats:
     row_steps: int = 0  # rows summed over steps: row_steps / steps is the mean running batch
     last_batch_size: int = 0  # rows in the last step
     busy_seconds: float = 0.0
+    cancelled: int = 0  # rows that left because their caller had gone (a client disconnect)
 
 
 @dataclasses.dataclass(eq=False)
@@ -192,7 +193,9 @@ class ContinuousBatcher:
             if row.error is not None:
                 self._fail(entry, row.error)
                 continue
-            if not row.cancelled:
+            if row.cancelled:
+                self.stats.cancelled += 1
+            else:
                 entry.deliver(dataclasses.replace(row.result(), queue_seconds=row.admitted - entry.enqueued,
                                                   batch_seconds=now - row.admitted))
             entry.deliver(_DONE)

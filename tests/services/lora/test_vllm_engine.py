@@ -6,30 +6,19 @@ skip when it is not installed."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
-import torch
 from peft_adapters import write_peft_adapter
 from transformers import AutoConfig
+from vllm_installed import vllm_or_skip
 
 from services.composition import Composition, CompositionMode as Mode
 from services.config import AppConfig
 from services.errors import InvalidRequest
 from services.evaluation.generation import chat_prompt_ids
 from services.lora.generation import GenerationRequest
-from services.lora.vllm_env import installed_python
 
 MAX_TOKENS = 12
-
-
-def vllm_or_skip() -> None:
-    if installed_python() is None:
-        message = "vLLM is not installed (python -m services.lora.vllm_env install)"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI installs it in .ci/run")
-        pytest.skip(message)
 
 
 @pytest.fixture(scope="module")

@@ -164,6 +164,7 @@ def test_a_caller_that_goes_away_frees_its_row():
 
     asyncio.run(main())
     assert batcher.queue_len == 0 and len(engine.step_sizes) < 10  # left long before its 100 tokens
+    assert batcher.stats.cancelled == 1
 
 
 def test_exclusive_work_runs_on_the_batch_thread_and_stop_iteration_is_an_error():
