@@ -30,6 +30,7 @@ from services.retrieval.embedder import Embedder  # noqa: E402
 from services.retrieval.evaluation import evaluate  # noqa: E402
 from services.retrieval.finetune import Recipe, train_retriever  # noqa: E402
 from services.retrieval.index import AdapterIndex  # noqa: E402
+from services.retrieval.lexical import LexicalIndex, choose_weight  # noqa: E402
 from services.retrieval.retriever import Retriever  # noqa: E402
 from services.schemas import AdapterCard, Query  # noqa: E402
 
@@ -45,6 +46,7 @@ CONFIGS = {
     "student 2 layers 128 tokens lr 3e-4": {"layers": 2, "max_seq_length": 128, "learning_rate": 3e-4},
     "head cut": {"cut": "head"},
     "no early stopping 4 epochs": {"heldout_fraction": 0.0, "max_epochs": 4},
+    "full 6 layers lr 2e-4 5 epochs": {"learning_rate": 2e-4, "max_epochs": 5},
 }
 SCORINGS = (("centroid", "centroid", 1), ("best sample", "samples", 1), ("best 3 samples", "samples", 3))
 
@@ -75,6 +77,12 @@ def score(model: str | None, cards, queries) -> dict:
            for label, s, m in SCORINGS}
     int8 = Embedder(model, threads=2, backend="onnx-int8")
     out["centroid, int8"] = evaluate(Retriever(int8, AdapterIndex(int8.dim)), cards, queries)
+    # the hybrid re-rank, its weight chosen on the cards alone (an inner split of the training samples)
+    texts = {c.model_name: [s.inputs for s in c.sample] for c in cards}
+    weight, inner = choose_weight(texts, {name: embedder.encode(t) for name, t in texts.items()})
+    for label, w in (("hybrid", weight), ("lexical only", 0.0)):
+        out[label] = evaluate(Retriever(embedder, AdapterIndex(embedder.dim), LexicalIndex(texts), w), cards, queries)
+        out[label].update(weight=w, inner_top1_per_weight=inner)
     return out
 
 
