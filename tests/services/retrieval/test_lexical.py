@@ -55,13 +55,13 @@ def oracle_scores(cards: dict[str, list[str]], prompts: list[str]) -> np.ndarray
 
 
 PROMPTS = ["Translate to German: the dog runs", "How would the sentiment of this tweet be perceived? meh",
-           "Answer the question: who painted it?", "zzz vvv"]
+           "Answer the question: who painted it?", ""]
 
 
 def test_lexical_scores_match_the_oracle():
     scores = LexicalIndex(CARDS).scores(PROMPTS)
     np.testing.assert_allclose(scores, oracle_scores(CARDS, PROMPTS), atol=1e-5)
-    assert scores.argmax(axis=1)[:3].tolist() == [1, 0, 2] and not scores[3].any()  # unknown n-grams: all 0
+    assert scores.argmax(axis=1)[:3].tolist() == [1, 0, 2] and not scores[3].any()  # no n-gram: all 0
 
 
 def test_hybrid_rerank_matches_a_full_numpy_ranking(embedder):
