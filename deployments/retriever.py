@@ -69,7 +69,7 @@ class Retriever:
         after = model.embedder.cache.stats()
         metrics.observe_embedding_cache(after["hits"] - before["hits"], after["misses"] - before["misses"])
         options = [search for _, search in requests]
-        lexical = self.lexical
+        lexical = self.lexical if model.version is None else None  # a tuned model serves by its embedding alone
         wide = lexical.widen(options) if lexical is not None else options
         try:
             results = index.search_batch(vectors, wide)

@@ -40,7 +40,7 @@ PLOT = Path("docs/retrieval_kfold.png")
 CONFIGS = {
     "default": {},
     "random negatives": {"hard_negatives": False, "adapters_per_step": 16},
-    "hard negatives 16 a step": {"adapters_per_step": 16},
+    "hard negatives 64 a step": {"adapters_per_step": 64},
     "student 2 layers 128 tokens": {"layers": 2, "max_seq_length": 128},
     "student 3 layers 128 tokens": {"layers": 3, "max_seq_length": 128},
     "student 2 layers 128 tokens lr 3e-4": {"layers": 2, "max_seq_length": 128, "learning_rate": 3e-4},

@@ -3,9 +3,11 @@
 The one entry point the registry-driven tuning (services/retrieval/model_versions.py) calls:
 `train_candidate`. The training recipe underneath (services/retrieval/finetune.py) may change;
 this signature does not. Scores are top-1 percentages of held-out card samples, searched among
-every adapter's centroid built from its training samples: the same split for both models. With
-`hybrid` (the serving default, retrieval.hybrid) both are scored as replicas serve them: the
-index's candidates re-ranked by the hybrid score, its weight chosen on the training samples."""
+every adapter's centroid built from its training samples: the same split for both models, each
+scored as replicas serve it: with `hybrid` (the serving default, retrieval.hybrid) the configured
+embedder's candidates are re-ranked by the hybrid score (weight chosen on the training samples); a
+tuned model serves by its embedding alone (docs/retrieval.md: tuned, it gains nothing from the
+lexical side)."""
 from __future__ import annotations
 
 import random
@@ -73,10 +75,10 @@ def train_candidate(train_cards: list[AdapterCard], heldout_cards: list[AdapterC
 
     say = progress or (lambda message: None)
     say(f"scoring the current model on {sum(len(c.sample) for c in heldout_cards)} held-out samples")
-    current = top1(current_model, train_cards, heldout_cards, instruction, hybrid)
+    current = top1(current_model, train_cards, heldout_cards, instruction, hybrid and current_model is None)
     say(f"current model: top-1 {current:.1f}%; training a candidate on {len(train_cards)} adapters, {epochs} epochs")
     train_retriever(train_cards, out_dir, epochs=epochs, seed=seed, instruction=instruction, progress=False)
-    candidate = top1(out_dir, train_cards, heldout_cards, instruction, hybrid)
+    candidate = top1(out_dir, train_cards, heldout_cards, instruction)
     say(f"candidate: top-1 {candidate:.1f}% (current {current:.1f}%)")
     return CandidateResult(Path(out_dir), candidate, current,
                            {"epochs": epochs, "seed": seed, "adapters": len(train_cards), "hybrid": hybrid,
