@@ -22,7 +22,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 from services.schemas import RetrievalResult, RetrievedAdapter
 
-NGRAMS = (1, 3)  # character n-grams inside word boundaries (1-3: best on the cards' own inner split, docs/retrieval.md)
+NGRAMS = (1, 3)  # character n-grams inside word boundaries (1-3: the best mean on the cards' own inner split, docs/retrieval.md)
 WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # the grid choose_weight searches
 
 
