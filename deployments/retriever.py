@@ -12,6 +12,7 @@ from services.wiring import make_index, make_registry, redis_client
 from services.retrieval.embedder import embedder_from_config
 from services.retrieval.model_versions import RetrieverModels
 from services.serving.index_sync import IndexSync, process_id
+from services.serving.lexical_follower import LexicalFollower
 from services.serving.model_follower import ModelFollower, ServingModel, prepare_model
 
 log = logging.getLogger("ray.serve")
@@ -35,6 +36,10 @@ class Retriever:
         self.models = ModelFollower(ServingModel(None, self.embedder, sync), models.active_version,
                                     lambda version: prepare_model(cfg, registry, redis, models, version, writer_id))
         self.models.poll()
+        # the hybrid score's lexical side, rebuilt from the registry's cards when it changes
+        self.lexical = LexicalFollower(registry, cfg.retrieval.hybrid_weight) if cfg.retrieval.hybrid else None
+        if self.lexical is not None:
+            self.lexical.refresh()
         self._follower = asyncio.get_running_loop().create_task(self._follow())
 
     async def _follow(self) -> None:
@@ -42,6 +47,8 @@ class Retriever:
             await asyncio.sleep(self.FOLLOW_EVERY_S)
             self.models.poll()
             self.models.serving().sync.refresh()
+            if self.lexical is not None:
+                await asyncio.to_thread(self.lexical.refresh)  # a rebuild fits TF-IDF on every card: off the loop
 
     def __del__(self):
         if hasattr(self, "models"):  # a replica shut down hands the writer lock over at once
@@ -62,11 +69,15 @@ class Retriever:
         after = model.embedder.cache.stats()
         metrics.observe_embedding_cache(after["hits"] - before["hits"], after["misses"] - before["misses"])
         options = [search for _, search in requests]
+        lexical = self.lexical if model.version is None else None  # a tuned model serves by its embedding alone
+        wide = lexical.widen(options) if lexical is not None else options
         try:
-            results = index.search_batch(vectors, options)
+            results = index.search_batch(vectors, wide)
         except Exception as err:  # the index lost its collection since the last refresh: rebuild, search again
             log.warning("index search failed (%s); rebuilding from the registry", err)
-            results = model.sync.refresh(force=True).search_batch(vectors, options)
+            results = model.sync.refresh(force=True).search_batch(vectors, wide)
+        if lexical is not None:
+            results = lexical.rerank(results, [text for text, _ in requests], options)
         return [r.model_dump() for r in results]
 
     async def embed(self, texts: list[str]):
@@ -77,4 +88,5 @@ class Retriever:
         model = self.models.current
         return {"adapters": len(model.sync.index.names()), "generation": model.sync.generation,
                 "index_writer": model.sync.writes, "retriever_model": model.version,
-                "embedding_cache": model.embedder.cache.stats()}
+                "embedding_cache": model.embedder.cache.stats(),
+                "hybrid": self.lexical.status() if self.lexical is not None else None}

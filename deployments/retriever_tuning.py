@@ -32,6 +32,7 @@ def tuning_task(config: dict, trigger: str) -> dict:
     t = cfg.retriever_tuning
     return tune(make_registry(cfg), RetrieverModels(redis_client(cfg), t.root()), instruction=cfg.embedder.instruction,
                 heldout_fraction=t.heldout_fraction, epochs=t.epochs, min_gain=t.min_gain, trigger=trigger,
+                hybrid=cfg.retrieval.hybrid,  # both models scored as replicas serve them
                 progress=logging.getLogger("loraretriever.tuning").info)
 
 

@@ -5,12 +5,13 @@ Models: the packaged all-MiniLM-L6-v2 (6 layers, head cut at 256 tokens) on the 
 the reference; and the fast student of `retriever train`'s recipe (its first 2 layers, head and
 tail cut at 128 tokens), float32 and int8, on 1 and 2 threads. The student's cost does not depend
 on its weights, so an untrained student of the same shape is timed unless --student names a
-tuned folder. Each cell is wall / CPU (this process) milliseconds, warmed up: one prompt alone
+tuned folder. The hybrid score's lexical side (character n-gram TF-IDF against the centroids of
+all 66 tasks' cards, and the re-rank of 32 candidates) is timed as one more row. Each cell is wall / CPU (this process) milliseconds, warmed up: one prompt alone
 (median over 24 prompts, the cache off) and batches of 32 (per prompt, median of 4 batches).
 The compute floor is the model's multiply-adds per prompt (tokens actually kept) against the
 time measured.
 
-    nice -n 10 python -m cluster.bench.retrieval_cost [--student DIR] [--out var/bench/retrieval_cost]
+    nice -n 10 python -m cluster.bench.retrieval_cost [--student DIR] [--lexical-only] [--out var/bench/retrieval_cost]
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ from services.retrieval import TRAINING_INFO_FILE  # noqa: E402
 from services.retrieval.cut import cut_ids  # noqa: E402
 from services.retrieval.embedder import Embedder  # noqa: E402
 from services.retrieval.finetune import Recipe, student_model  # noqa: E402
+from services.retrieval.lexical import LexicalIndex, rerank  # noqa: E402
+from services.retrieval.retriever import HYBRID_CANDIDATES  # noqa: E402
+from services.schemas import RetrievalResult, RetrievedAdapter  # noqa: E402
 
 CARDS = Path("cluster/data/flan_cards.json")
 PLOT = Path("docs/retrieval_cost.png")
@@ -80,15 +84,52 @@ def measure(label: str, model: str | None, backend: str, threads: int, prompts: 
     return row
 
 
+def measure_lexical(prompts: list[str]) -> dict:
+    """The hybrid's extra cost a prompt: its TF-IDF vector, its cosines with every card's centroid, the re-rank."""
+    tasks = json.loads(CARDS.read_text())["tasks"]
+    lexical = LexicalIndex({t["task"]: [s["inputs"] for s in t["samples"]] for t in tasks})
+    candidates = RetrievalResult(adapters=[RetrievedAdapter(name=n, score=0.5) for n in lexical.names[:HYBRID_CANDIDATES]])
+
+    def hybrid(batch):
+        return rerank([candidates] * len(batch), batch, lexical, 0.3, 3)
+
+    alone = [clocked(lambda p=p: hybrid([p]), 1) for p in prompts[:24]]
+    batch = [clocked(lambda b=b: hybrid(b), 1) for b in (prompts[i:i + 32] for i in range(0, 128, 32))]
+    row = {"label": f"hybrid's lexical side: TF-IDF, {len(lexical.names)} centroids, re-rank of {HYBRID_CANDIDATES}",
+           "backend": "scikit-learn", "threads": 1, "gmac_per_prompt": 0.0,
+           "alone_wall_ms": round(float(np.median([w for w, _ in alone])), 2),
+           "alone_cpu_ms": round(float(np.median([c for _, c in alone])), 2),
+           "batch32_wall_ms": round(float(np.median([w for w, _ in batch])) / 32, 2),
+           "batch32_cpu_ms": round(float(np.median([c for _, c in batch])) / 32, 2)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student", help="a tuned model folder (default: an untrained student of the default shape)")
+    parser.add_argument("--lexical-only", action="store_true", help="time the hybrid's lexical side only")
+    parser.add_argument("--full-model-only", action="store_true",
+                        help="time the 6-layer model only (the tuned default's shape), float32 and int8, 1 thread")
     parser.add_argument("--out", default="var/bench/retrieval_cost")
     args = parser.parse_args()
     prompts = long_prompts()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     uptime = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
+    if args.lexical_only:
+        row = measure_lexical(prompts)
+        uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+        (out / "lexical.json").write_text(json.dumps({"command": command_line("cluster.bench.retrieval_cost"),
+                                                      "uptime": uptime, "prompts": len(prompts), "row": row}, indent=1))
+        return
+    if args.full_model_only:  # a tuned 6-layer model costs what the packaged one does: same shape, same lengths
+        rows = [measure(f"6 layers, 256 head, {backend}, 1 thread", None, backend, 1, prompts, 6)
+                for backend in ("onnx", "onnx-int8")]
+        uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+        (out / "full_model.json").write_text(json.dumps({"command": command_line("cluster.bench.retrieval_cost"),
+                                                         "uptime": uptime, "prompts": len(prompts), "rows": rows}, indent=1))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         student = args.student or untrained_student(Path(tmp) / "student")
         layers = STUDENT.layers
@@ -98,6 +139,7 @@ def main() -> None:
                 rows.append(measure(f"student: {layers} layers, 128 head+tail, {backend}, {threads} thread(s)",
                                     student, backend, threads, prompts, layers))
         rows.append(measure("reference: 6 layers, 256 head, float32 (again)", None, "onnx", 1, prompts, 6))
+    rows.append(measure_lexical(prompts))
     uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     words = [len(p.split()) for p in prompts]
     results = {"command": command_line("cluster.bench.retrieval_cost"), "uptime": uptime, "prompts": len(prompts),

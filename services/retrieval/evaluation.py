@@ -103,7 +103,8 @@ def evaluate(retriever: Retriever, cards: list[AdapterCard], queries: list[Query
     for i, q in enumerate(queries):
         groups[(q.task,) if exclude_own else ()].append(i)
     for exclude, rows in groups.items():
-        results = retriever.index.search(vectors[rows], top_k=max(KS), exclude=exclude, scoring=scoring)
+        results = retriever.search(vectors[rows], [queries[r].inputs for r in rows], top_k=max(KS), exclude=exclude,
+                                   scoring=scoring)
         for row, result in zip(rows, results):
             ranked[row] = [a.name for a in result.adapters]
     t2 = time.perf_counter()

@@ -115,7 +115,7 @@ def registry_cards(registry) -> tuple[list, str]:
 
 
 def tune(registry, models: RetrieverModels, *, instruction: str = DEFAULT_INSTRUCTION, heldout_fraction: float = 0.25,
-         epochs: int = 2, min_gain: float = 0.5, seed: int = 0, trigger: str = "operator",
+         epochs: int = 2, min_gain: float = 0.5, seed: int = 0, trigger: str = "operator", hybrid: bool = False,
          progress: Callable[[str], None] = log.info) -> dict:
     """One tuning run: train a candidate on the registry's cards, keep it (new active version) only
     if its held-out top-1 beats the current model's by min_gain points. Returns the outcome
@@ -142,7 +142,7 @@ def tune(registry, models: RetrieverModels, *, instruction: str = DEFAULT_INSTRU
         progress(f"retriever tuning ({trigger}): {len(train)} adapters, current model "
                  f"{current.version if current else 'configured embedder'}")
         result = train_candidate(train, heldout, candidate_dir, current_model=current.path if current else None,
-                                 instruction=instruction, seed=seed, epochs=epochs, progress=progress)
+                                 instruction=instruction, seed=seed, epochs=epochs, hybrid=hybrid, progress=progress)
         outcome.update(candidate_top1=result.candidate_top1, current_top1=result.current_top1, **result.details)
         if result.candidate_top1 < result.current_top1 + min_gain:
             outcome.update(status="refused", detail=f"the candidate's held-out top-1 {result.candidate_top1:.1f}% does "

@@ -7,13 +7,21 @@ from services.retrieval.embedder import Embedder
 from services.retrieval.index import AdapterIndex
 from services.schemas import AdapterCard, RetrievalResult
 
+# With a lexical index, this many adapters by embedding cosine are re-ranked by the hybrid score
+# (services/retrieval/lexical.py); a prompt's own adapter is among the best 32 of 48 Flan tasks by
+# embedding for 949 of 960 held-out card samples (docs/retrieval.md).
+HYBRID_CANDIDATES = 32
+
 
 class Retriever:
-    def __init__(self, embedder: Embedder, index: AdapterIndex):
+    def __init__(self, embedder: Embedder, index: AdapterIndex, lexical=None, lexical_weight: float = 1.0):
+        """lexical: a services.retrieval.lexical.LexicalIndex of the same cards, or None (embedding only);
+        lexical_weight is the embedding's share of the hybrid score."""
         if embedder.dim != index.dim:
             raise ValueError(f"embedder gives {embedder.dim}-d vectors, the index holds {index.dim}-d")
         self.embedder = embedder
         self.index = index
+        self.lexical, self.lexical_weight = lexical, lexical_weight
 
     def add_card(self, card: AdapterCard, **index_fields) -> np.ndarray:
         """Index the card's adapter; returns the (samples, dim) embeddings indexed (the registry stores them)."""
@@ -22,6 +30,16 @@ class Retriever:
         self.index.upsert(card.model_name, embeddings, **index_fields)
         return embeddings
 
+    def search(self, vectors: np.ndarray, prompts: list[str], *, top_k: int = 3, **search_kwargs) -> list[RetrievalResult]:
+        """Index search of the prompts' embeddings (prompts, dim), re-ranked by the hybrid score when
+        a lexical index is set; `search_kwargs` are AdapterIndex.search keywords."""
+        if self.lexical is None:
+            return self.index.search(vectors, top_k=top_k, **search_kwargs)
+        from services.retrieval.lexical import rerank
+
+        candidates = self.index.search(vectors, top_k=max(top_k, HYBRID_CANDIDATES), **search_kwargs)
+        return rerank(candidates, prompts, self.lexical, self.lexical_weight, top_k)
+
     def retrieve(self, prompts: list[str], **search_kwargs) -> list[RetrievalResult]:
         """One result per prompt; `search_kwargs` are AdapterIndex.search keywords."""
-        return self.index.search(self.embedder.encode(prompts), **search_kwargs)
+        return self.search(self.embedder.encode(prompts), prompts, **search_kwargs)

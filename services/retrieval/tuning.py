@@ -3,7 +3,11 @@
 The one entry point the registry-driven tuning (services/retrieval/model_versions.py) calls:
 `train_candidate`. The training recipe underneath (services/retrieval/finetune.py) may change;
 this signature does not. Scores are top-1 percentages of held-out card samples, searched among
-every adapter's centroid built from its training samples: the same split for both models."""
+every adapter's centroid built from its training samples: the same split for both models, each
+scored as replicas serve it: with `hybrid` (the serving default, retrieval.hybrid) the configured
+embedder's candidates are re-ranked by the hybrid score (weight chosen on the training samples); a
+tuned model serves by its embedding alone (docs/retrieval.md: tuned, it gains nothing from the
+lexical side)."""
 from __future__ import annotations
 
 import random
@@ -42,33 +46,40 @@ def split_cards(cards: list[AdapterCard], heldout_fraction: float = 0.25,
 
 
 def top1(model_dir: str | Path | None, train_cards: list[AdapterCard], heldout_cards: list[AdapterCard],
-         instruction: str) -> float:
+         instruction: str, hybrid: bool = False) -> float:
     """Top-1 % of the held-out samples among all adapters (centroids of their training samples)."""
     from services.retrieval.embedder import Embedder
     from services.retrieval.evaluation import evaluate
     from services.retrieval.index import AdapterIndex
+    from services.retrieval.lexical import LexicalIndex, choose_weight
     from services.retrieval.retriever import Retriever
 
     embedder = Embedder(str(model_dir) if model_dir else None, instruction, backend="torch", threads=1)
     queries = [Query(inputs=s.inputs, targets=s.targets, task=c.model_name, domain=c.domain or "-", metric="em")
                for c in heldout_cards for s in c.sample]
-    return evaluate(Retriever(embedder, AdapterIndex(embedder.dim)), train_cards, queries)["top1"]
+    lexical, weight = None, 1.0
+    texts = {c.model_name: [s.inputs for s in c.sample] for c in train_cards}
+    if hybrid and any(len(t) >= 3 for t in texts.values()):
+        weight = choose_weight(texts, {name: embedder.encode(t) for name, t in texts.items()})[0]
+        lexical = LexicalIndex(texts)
+    return evaluate(Retriever(embedder, AdapterIndex(embedder.dim), lexical, weight), train_cards, queries)["top1"]
 
 
 def train_candidate(train_cards: list[AdapterCard], heldout_cards: list[AdapterCard], out_dir: Path, *,
                     current_model: str | None, instruction: str = DEFAULT_INSTRUCTION, seed: int = 0,
-                    epochs: int = 2, progress: Callable[[str], None] | None = None) -> CandidateResult:
+                    epochs: int = 2, hybrid: bool = False,
+                    progress: Callable[[str], None] | None = None) -> CandidateResult:
     """Fine-tune from the packaged embedder on `train_cards` into out_dir (written only on success),
     then score it and `current_model` (a folder; None = the packaged model) on `heldout_cards`."""
     from services.retrieval.finetune import train_retriever
 
     say = progress or (lambda message: None)
     say(f"scoring the current model on {sum(len(c.sample) for c in heldout_cards)} held-out samples")
-    current = top1(current_model, train_cards, heldout_cards, instruction)
+    current = top1(current_model, train_cards, heldout_cards, instruction, hybrid and current_model is None)
     say(f"current model: top-1 {current:.1f}%; training a candidate on {len(train_cards)} adapters, {epochs} epochs")
     train_retriever(train_cards, out_dir, epochs=epochs, seed=seed, instruction=instruction, progress=False)
     candidate = top1(out_dir, train_cards, heldout_cards, instruction)
     say(f"candidate: top-1 {candidate:.1f}% (current {current:.1f}%)")
     return CandidateResult(Path(out_dir), candidate, current,
-                           {"epochs": epochs, "seed": seed, "adapters": len(train_cards),
+                           {"epochs": epochs, "seed": seed, "adapters": len(train_cards), "hybrid": hybrid,
                             "heldout_samples": sum(len(c.sample) for c in heldout_cards)})

@@ -40,8 +40,10 @@ def test_a_better_candidate_is_kept_a_worse_one_refused_and_rollback_restores(re
     assert active.fingerprint == registry_cards(registry)[1] and models.last_tuning()["status"] == "kept"
 
     before = snapshot(models, root)
-    refused = tune(registry, models, epochs=1, min_gain=100.0)  # nothing beats the current by 100 points
-    assert refused["status"] == "refused" and "does not beat" in refused["detail"]
+    # nothing beats the current by 100 points; both scored as replicas serve them, by the hybrid score
+    refused = tune(registry, models, epochs=1, min_gain=100.0, hybrid=True)
+    assert refused["status"] == "refused" and "does not beat" in refused["detail"] and refused["hybrid"] is True
+    assert 0 <= refused["candidate_top1"] <= 100 and 0 <= refused["current_top1"] <= 100
     assert refused["current_version"] == "r1"
     assert snapshot(models, root) == before  # nothing changed but the last run's record
     assert models.last_tuning()["status"] == "refused"
