@@ -88,5 +88,6 @@ class Retriever:
         model = self.models.current
         return {"adapters": len(model.sync.index.names()), "generation": model.sync.generation,
                 "index_writer": model.sync.writes, "retriever_model": model.version,
+                "scoring": model.sync.index.scoring,
                 "embedding_cache": model.embedder.cache.stats(),
                 "hybrid": self.lexical.status() if self.lexical is not None else None}

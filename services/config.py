@@ -115,7 +115,9 @@ class RedisConfig(Section):
 class RetrievalConfig(Section):
     top_k: int = Field(3, ge=1, le=16, description="adapters retrieved per prompt")
     min_similarity: float = Field(0.0, ge=-1.0, le=1.0, description="below this cosine no adapter fits: base model")
-    scoring: str = Field("centroid", pattern="^(centroid|samples)$", description="adapter = mean of card samples, or best card sample")
+    scoring: str | None = Field(None, pattern="^(centroid|samples)$", description="adapter = mean of card samples "
+                                "(centroid), or its best card sample (samples); unset: centroid for the configured "
+                                "embedder, the scoring a tuned retriever model won with on held-out card samples")
     hybrid: bool = Field(True, description="re-rank the index's best adapters by embedding cosine blended with a "
                          "character n-gram TF-IDF cosine of the cards (services/retrieval/lexical.py)")
     hybrid_weight: float | None = Field(None, ge=0.0, le=1.0, description="the embedding's share of the hybrid "

@@ -99,11 +99,14 @@ def make_adapter_cache(cfg: AppConfig, registry):
                             make_object_folders(cfg))
 
 
-def make_index(cfg: AppConfig, dim: int, *, collection: str | None = None, in_memory: bool = False):
+def make_index(cfg: AppConfig, dim: int, *, collection: str | None = None, in_memory: bool = False,
+               model_scoring: str = "centroid"):
     """The configured index; collection: another alias on the same Qdrant (a tuned retriever model's);
-    in_memory: an embedded index of this process only (never the configured folder, which one client holds)."""
+    in_memory: an embedded index of this process only (never the configured folder, which one client holds);
+    model_scoring: the serving model's own scoring, used unless retrieval.scoring sets one."""
     from services.retrieval.index import AdapterIndex
 
     api_key = os.environ.get(cfg.qdrant.api_key_env) if cfg.qdrant.api_key_env else None
     return AdapterIndex(dim, url=cfg.qdrant.url, path=":memory:" if in_memory else cfg.qdrant.path,
-                        collection=collection or cfg.qdrant.collection, scoring=cfg.retrieval.scoring, api_key=api_key)
+                        collection=collection or cfg.qdrant.collection, scoring=cfg.retrieval.scoring or model_scoring,
+                        api_key=api_key)

@@ -48,6 +48,7 @@ CONFIGS = {
     "no early stopping 4 epochs": {"heldout_fraction": 0.0, "max_epochs": 4},
     # a step of 64 adapters x 4 samples at 256 tokens through 6 layers held 17 GB and was killed: 16 a step
     "full 6 layers lr 2e-4 16 a step 2 epochs": {"learning_rate": 2e-4, "max_epochs": 2, "adapters_per_step": 16},
+    "full 6 layers 5 epochs": {"max_epochs": 5},
 }
 SCORINGS = (("centroid", "centroid", 1), ("best sample", "samples", 1), ("best 3 samples", "samples", 3))
 
@@ -103,7 +104,8 @@ def run(args) -> dict:
             else:
                 recipe = dataclasses.replace(Recipe(), **CONFIGS[name])
                 with tempfile.TemporaryDirectory() as tmp:
-                    model = train_retriever(cards, Path(tmp) / "model", recipe=recipe, seed=fold)
+                    kept = Path(args.keep_models) / name.replace(" ", "-") / f"fold{fold}" if args.keep_models else None
+                    model = train_retriever(cards, kept or Path(tmp) / "model", recipe=recipe, seed=fold)
                     info = json.loads((model / "loraretriever_training.json").read_text())
                     entry["training"] = {k: info[k] for k in ("epoch_kept", "heldout_top1_before", "heldout_top1_after",
                                                               "heldout_top1_per_epoch", "seconds")}
@@ -154,6 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folds", type=int, default=4)
     parser.add_argument("--run-folds", default="0,1,2,3", help="which folds to run (comma-separated)")
+    parser.add_argument("--keep-models", help="save each fold's tuned model under DIR/<config>/fold<k> (default: discarded)")
     parser.add_argument("--configs", default="untuned,default", help=f"comma-separated: untuned, {', '.join(CONFIGS)}")
     parser.add_argument("--out", default="var/bench/retrieval_kfold")
     parser.add_argument("--from-json", help="redraw the plot from a saved results.json")

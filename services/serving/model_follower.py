@@ -124,7 +124,7 @@ def prepare_model(cfg, registry, redis, models, version: str, writer_id: str,
                         max_seq_length=e.max_seq_length, threads=e.threads, cache_entries=e.cache_entries)
     # a server keeps one collection per model version (rollback finds it there); embedded: in memory
     index = make_index(cfg, embedder.dim, collection=f"{cfg.qdrant.collection}__{version}",
-                       in_memory=cfg.qdrant.url is None)
+                       in_memory=cfg.qdrant.url is None, model_scoring=record.scoring)
     sync = IndexSync(registry, index, redis=redis, vectors=card_vectors(registry, embedder), writer_id=writer_id)
     wait_until_complete(sync, registry, ready_timeout_s)
     return ServingModel(version, embedder, sync)

@@ -38,6 +38,11 @@ def test_a_better_candidate_is_kept_a_worse_one_refused_and_rollback_restores(re
     active = models.active()
     assert active.version == kept["version"] == "r1" and (root / "r1" / "config.json").is_file()
     assert active.fingerprint == registry_cards(registry)[1] and models.last_tuning()["status"] == "kept"
+    # the candidate's score is its better scoring's, and replicas are told to search with that one
+    per_scoring = kept["candidate_top1_per_scoring"]
+    assert set(per_scoring) == {"centroid", "samples"} and kept["candidate_top1"] == max(per_scoring.values())
+    assert active.scoring == kept["scoring"] and per_scoring[kept["scoring"]] == kept["candidate_top1"]
+    assert kept["scoring"] == "centroid" or per_scoring["samples"] > per_scoring["centroid"]  # ties: the cheaper
 
     before = snapshot(models, root)
     # nothing beats the current by 100 points; both scored as replicas serve them, by the hybrid score
