@@ -168,3 +168,20 @@ def test_a_tuned_folder_brings_its_cut_and_length(tmp_path):
     assert Embedder(str(folder), backend="torch", cut="head").cut == "head"
     with pytest.raises(EmbedderLoadError, match="cut must be one of"):
         Embedder(str(folder), backend="torch", cut="middle")
+
+
+def test_length_groups_bound_the_padding_and_cover_every_row():
+    from services.retrieval.onnx_encoder import length_groups
+
+    rng = np.random.default_rng(0)
+    lengths = [int(n) for n in rng.integers(3, 257, size=200)]
+    groups = length_groups(lengths, slack=0.2)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        longest = max(lengths[i] for i in group)
+        padding = sum(longest - lengths[i] for i in group)
+        assert padding <= 0.2 * longest * len(group)
+    # as few groups as the bound allows: the next group's longest would not have fitted the one before
+    for before, after in zip(groups, groups[1:]):
+        assert lengths[after[0]] < 0.8 * lengths[before[0]]
+    assert length_groups([5, 5, 5]) == [[0, 1, 2]] and length_groups([]) == []
