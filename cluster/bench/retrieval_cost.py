@@ -34,8 +34,7 @@ from services.retrieval import TRAINING_INFO_FILE  # noqa: E402
 from services.retrieval.cut import cut_ids  # noqa: E402
 from services.retrieval.embedder import Embedder  # noqa: E402
 from services.retrieval.finetune import Recipe, student_model  # noqa: E402
-from services.retrieval.lexical import LexicalIndex, rerank  # noqa: E402
-from services.retrieval.retriever import HYBRID_CANDIDATES  # noqa: E402
+from services.retrieval.lexical import HYBRID_CANDIDATES, LexicalIndex, rerank  # noqa: E402
 from services.schemas import RetrievalResult, RetrievedAdapter  # noqa: E402
 
 CARDS = Path("cluster/data/flan_cards.json")

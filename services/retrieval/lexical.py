@@ -15,6 +15,7 @@ part of each card's samples held out and scored against the rest, never on promp
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import sparse
@@ -22,6 +23,10 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 from services.schemas import RetrievalResult, RetrievedAdapter
 
+# With a lexical share in the score, this many adapters by embedding cosine are re-ranked (a prompt's
+# own adapter is among the best 32 of 48 Flan tasks by embedding for 949 of 960 held-out card samples,
+# docs/retrieval.md).
+HYBRID_CANDIDATES = 32
 NGRAMS = (1, 3)  # character n-grams inside word boundaries (1-3: the best mean on the cards' own inner split, docs/retrieval.md)
 WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # the grid choose_weight searches
 
@@ -64,6 +69,23 @@ def rerank(results: list[RetrievalResult], prompts: list[str], lexical: LexicalI
         scored.sort(key=lambda pair: -pair[0])
         out.append(RetrievalResult(adapters=[a.model_copy(update={"score": float(s)}) for s, a in scored[:top_k]]))
     return out
+
+
+def widen(options: Sequence[Mapping], weight: float) -> list[dict]:
+    """Index search options that fetch the hybrid's candidates: top_k raised to HYBRID_CANDIDATES,
+    unless the embedding has the whole weight (then its own order is final)."""
+    if weight >= 1.0:
+        return [dict(o) for o in options]
+    return [{**o, "top_k": max(int(o.get("top_k", 3)), HYBRID_CANDIDATES)} for o in options]
+
+
+def rerank_each(results: list[RetrievalResult], prompts: list[str], lexical: LexicalIndex | None, weight: float,
+                top_ks: Sequence[int]) -> list[RetrievalResult]:
+    """Each prompt's (widened) results re-ordered by the hybrid score when the lexical side has a
+    share, and cut to that prompt's own top_k."""
+    if lexical is not None and weight < 1.0:
+        results = rerank(results, prompts, lexical, weight, max(top_ks))
+    return [RetrievalResult(adapters=r.adapters[:k]) for r, k in zip(results, top_ks)]
 
 
 def choose_weight(cards: dict[str, list[str]], embeddings: dict[str, np.ndarray], *, heldout_fraction: float = 0.25,

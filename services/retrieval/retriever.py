@@ -7,11 +7,6 @@ from services.retrieval.embedder import Embedder
 from services.retrieval.index import AdapterIndex
 from services.schemas import AdapterCard, RetrievalResult
 
-# With a lexical index, this many adapters by embedding cosine are re-ranked by the hybrid score
-# (services/retrieval/lexical.py); a prompt's own adapter is among the best 32 of 48 Flan tasks by
-# embedding for 949 of 960 held-out card samples (docs/retrieval.md).
-HYBRID_CANDIDATES = 32
-
 
 class Retriever:
     def __init__(self, embedder: Embedder, index: AdapterIndex, lexical=None, lexical_weight: float = 1.0):
@@ -35,10 +30,11 @@ class Retriever:
         a lexical index is set; `search_kwargs` are AdapterIndex.search keywords."""
         if self.lexical is None:
             return self.index.search(vectors, top_k=top_k, **search_kwargs)
-        from services.retrieval.lexical import rerank
+        from services.retrieval.lexical import rerank_each, widen
 
-        candidates = self.index.search(vectors, top_k=max(top_k, HYBRID_CANDIDATES), **search_kwargs)
-        return rerank(candidates, prompts, self.lexical, self.lexical_weight, top_k)
+        options = [{**search_kwargs, "top_k": top_k}] * len(prompts)
+        candidates = self.index.search_batch(vectors, widen(options, self.lexical_weight))
+        return rerank_each(candidates, prompts, self.lexical, self.lexical_weight, [top_k] * len(prompts))
 
     def retrieve(self, prompts: list[str], **search_kwargs) -> list[RetrievalResult]:
         """One result per prompt; `search_kwargs` are AdapterIndex.search keywords."""

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-from services.retrieval.lexical import LexicalIndex, choose_weight, rerank
-from services.retrieval.retriever import HYBRID_CANDIDATES
+from services.retrieval.lexical import LexicalIndex, choose_weight, rerank_each, widen
 from services.schemas import RetrievalResult
 
 log = logging.getLogger(__name__)
@@ -53,19 +52,15 @@ class LexicalFollower:
         self.state = (LexicalIndex(cards), weight)
         log.info("lexical retrieval index: %d adapters, embedding weight %.1f", len(cards), weight)
 
-    @staticmethod
-    def widen(options: Sequence[Mapping]) -> list[dict]:
-        """Search options fetching the hybrid's candidates: top_k raised to HYBRID_CANDIDATES."""
-        return [{**o, "top_k": max(int(o.get("top_k", 3)), HYBRID_CANDIDATES)} for o in options]
+    def widen(self, options: Sequence[Mapping]) -> list[dict]:
+        """Search options fetching the hybrid's candidates (lexical.widen at the current weight)."""
+        return widen(options, self.state[1])
 
     def rerank(self, results: list[RetrievalResult], prompts: list[str], options: Sequence[Mapping]) -> list[RetrievalResult]:
         """Each prompt's widened results re-ordered by the hybrid score (when built, and the weight
         leaves the lexical side a share) and cut to its own top_k."""
         lexical, weight = self.state
-        top_ks = [int(o.get("top_k", 3)) for o in options]
-        if lexical is not None and weight < 1.0:
-            results = rerank(results, prompts, lexical, weight, max(top_ks))
-        return [RetrievalResult(adapters=r.adapters[:k]) for r, k in zip(results, top_ks)]
+        return rerank_each(results, prompts, lexical, weight, [int(o.get("top_k", 3)) for o in options])
 
     def status(self) -> dict:
         lexical, weight = self.state

@@ -10,7 +10,7 @@ from registered_zoo import register_tiny_zoo
 
 from services.retrieval.index import AdapterIndex
 from services.retrieval.lexical import LexicalIndex, blend
-from services.retrieval.retriever import HYBRID_CANDIDATES
+from services.retrieval.lexical import HYBRID_CANDIDATES
 from services.serving.index_sync import IndexSync
 from services.serving.lexical_follower import LexicalFollower
 
@@ -35,7 +35,8 @@ def test_follows_the_registry_and_reranks_by_the_hybrid_score(registered, tiny_z
     prompts = [q.inputs for q in tiny_zoo.queries[:6]]
     options = [{"top_k": 1}, {"top_k": 2}] * 3
     wide = follower.widen(options)
-    assert [o["top_k"] for o in wide] == [HYBRID_CANDIDATES] * 6
+    # widened only when the lexical side has a share of the score
+    assert [o["top_k"] for o in wide] == ([HYBRID_CANDIDATES] * 6 if weight < 1.0 else [1, 2] * 3)
     vectors = embedder.encode(prompts)  # (prompts, dim)
     results = follower.rerank(index.search_batch(vectors, wide), prompts, options)
     assert [len(r.adapters) for r in results] == [1, 2] * 3
@@ -61,5 +62,6 @@ def test_a_configured_weight_is_kept_and_weight_one_leaves_the_embedding_order(r
     assert follower.state[1] == 1.0 and follower.inner_top1 == {}
     index = IndexSync(registered.registry, AdapterIndex(registered.embedder.dim)).refresh(force=True)
     vectors = registered.embedder.encode(["What is 2 plus 2?"])
-    wide = index.search_batch(vectors, follower.widen([{"top_k": 2}]))
+    assert follower.widen([{"top_k": 2}]) == [{"top_k": 2}]  # nothing to re-rank: no wider search
+    wide = index.search_batch(vectors, [{"top_k": 5}])
     assert follower.rerank(wide, ["What is 2 plus 2?"], [{"top_k": 2}])[0].adapters == wide[0].adapters[:2]
