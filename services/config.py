@@ -85,9 +85,11 @@ class EmbedderConfig(Section):
     )
     instruction: str = Field(DEFAULT_INSTRUCTION, description="prefix added to every text before embedding; may be empty")
     batch_size: int = Field(32, ge=1, le=1024, description="texts per encoding batch")
-    backend: str = Field(DEFAULT_EMBEDDER_BACKEND, pattern="^(onnx-int8|onnx|torch)$",
-                         description="runtime: ONNX Runtime int8 or float32 (exported once, cached under the data "
-                         "home), or PyTorch (the reference); docs/retrieval.md compares them")
+    backend: str | None = Field(None, pattern="^(onnx-int8|onnx|torch)$",
+                                description="runtime: ONNX Runtime int8 or float32 (exported once, cached under the "
+                                "data home), or PyTorch (the reference); docs/retrieval.md compares them. Unset: "
+                                f"{DEFAULT_EMBEDDER_BACKEND} for the configured embedder, and for a tuned retriever "
+                                "model the runtime its tuning chose (int8 where it held top-1 within a point)")
     max_seq_length: int = Field(DEFAULT_MAX_SEQ_LENGTH, ge=8, le=8192,
                                 description="tokens kept per text (the rest is cut); capped by the model's own limit")
     cut: str | None = Field(None, pattern="^(head|head_tail)$",

@@ -36,7 +36,8 @@ def main() -> int:
                                  hybrid=True, progress=print)  # the configured embedder as it serves by default
     out = {"adapters": len(cards), "heldout_samples": sum(len(c.sample) for c in held), "epochs": args.epochs,
            "current_top1": result.current_top1, "candidate_top1": result.candidate_top1, "scoring": result.scoring,
-           "candidate_top1_per_scoring": result.details["candidate_top1_per_scoring"],
+           "backend": result.backend,
+           "candidate_top1_per_runtime": result.details["candidate_top1_per_runtime"],
            "cpu_s": round(time.process_time() - cpu0, 1), "wall_s": round(time.time() - wall0, 1)}
     print(json.dumps(out))
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

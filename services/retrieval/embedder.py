@@ -60,7 +60,7 @@ def _model_seq_limit(path: str) -> int | None:
 
 def embedder_from_config(cfg) -> "Embedder":
     """The Embedder an EmbedderConfig section describes."""
-    return Embedder(cfg.model_path, cfg.instruction, batch_size=cfg.batch_size, backend=cfg.backend,
+    return Embedder(cfg.model_path, cfg.instruction, batch_size=cfg.batch_size, backend=cfg.backend or DEFAULT_BACKEND,
                     max_seq_length=cfg.max_seq_length, threads=cfg.threads, cache_entries=cfg.cache_entries,
                     cut=cfg.cut)
 

@@ -9,7 +9,8 @@ re-ranked by the hybrid score (weight chosen on the training samples); a tuned m
 embedding alone (docs/retrieval.md: tuned, it gains nothing from the lexical side), with the
 scoring that wins on this split: the centroid of the training samples, or the best one of them
 (`samples`; tuned, it led the centroid in every fold of the Flan k-fold, untuned it trails by 12
-points). The winner is recorded with the model and replicas search with it."""
+points), on the float32 or the int8 runtime (int8 where it keeps the top-1 within a point). The
+choice is recorded with the model and replicas serve it that way."""
 from __future__ import annotations
 
 import random
@@ -26,7 +27,8 @@ class CandidateResult:
     model_dir: Path
     candidate_top1: float  # percent of held-out samples whose own adapter ranks first, under `scoring`
     current_top1: float
-    scoring: str  # the candidate's better index scoring on the held-out samples (ties: centroid, the cheaper)
+    scoring: str  # the index scoring and embedder runtime it is served with (choose_serving)
+    backend: str
     details: dict = field(default_factory=dict)
 
 
@@ -49,20 +51,24 @@ def split_cards(cards: list[AdapterCard], heldout_fraction: float = 0.25,
 
 
 SCORINGS = ("centroid", "samples")
+RUNTIMES = ("onnx", "onnx-int8")  # float32 first: the reference int8 is held to
+INT8_TOLERANCE = 1.0  # top-1 points int8 may give away to float32 on the held-out samples and still be served
 
 
 def top1(model_dir: str | Path | None, train_cards: list[AdapterCard], heldout_cards: list[AdapterCard],
-         instruction: str, hybrid: bool = False, scorings: tuple[str, ...] = ("centroid",)) -> dict[str, float]:
+         instruction: str, hybrid: bool = False, scorings: tuple[str, ...] = ("centroid",),
+         backend: str = "onnx") -> dict[str, float]:
     """Top-1 % of the held-out samples among all adapters indexed by their training samples, per
-    index scoring (centroid; samples: the best sample). The embedding is computed once for all."""
+    index scoring (centroid; samples: the best sample), on one embedder runtime. Each text is
+    embedded once for all scorings."""
     from services.retrieval.embedder import Embedder
     from services.retrieval.evaluation import evaluate
     from services.retrieval.index import AdapterIndex
     from services.retrieval.lexical import LexicalIndex, choose_weight
     from services.retrieval.retriever import Retriever
 
-    embedder = Embedder(str(model_dir) if model_dir else None, instruction, backend="torch", threads=1,
-                        cache_entries=100_000)  # each text embedded once across the scorings
+    embedder = Embedder(str(model_dir) if model_dir else None, instruction, backend=backend, threads=1,
+                        cache_entries=100_000)
     queries = [Query(inputs=s.inputs, targets=s.targets, task=c.model_name, domain=c.domain or "-", metric="em")
                for c in heldout_cards for s in c.sample]
     lexical, weight = None, 1.0
@@ -74,25 +80,38 @@ def top1(model_dir: str | Path | None, train_cards: list[AdapterCard], heldout_c
                         queries)["top1"] for s in scorings}
 
 
+def choose_serving(per_runtime: dict[str, dict[str, float]]) -> tuple[str, str]:
+    """(runtime, scoring) a tuned model is served with: float32's better scoring (ties: centroid, the
+    cheaper search), on int8 when int8 keeps that top-1 within INT8_TOLERANCE points (a third or
+    less of float32's CPU on long prompts, docs/retrieval.md)."""
+    scoring = max(SCORINGS, key=lambda s: per_runtime["onnx"][s])
+    int8_holds = per_runtime["onnx-int8"][scoring] >= per_runtime["onnx"][scoring] - INT8_TOLERANCE
+    return ("onnx-int8" if int8_holds else "onnx"), scoring
+
+
 def train_candidate(train_cards: list[AdapterCard], heldout_cards: list[AdapterCard], out_dir: Path, *,
-                    current_model: str | None, current_scoring: str = "centroid",
-                    instruction: str = DEFAULT_INSTRUCTION, seed: int = 0, epochs: int = 2, hybrid: bool = False,
-                    progress: Callable[[str], None] | None = None) -> CandidateResult:
+                    current_model: str | None, current_serving: tuple[str, str] | None = None,
+                    instruction: str = DEFAULT_INSTRUCTION, seed: int = 0, epochs: int | None = 2,
+                    hybrid: bool = False, progress: Callable[[str], None] | None = None) -> CandidateResult:
     """Fine-tune from the packaged embedder on `train_cards` into out_dir (written only on success),
-    then score it (each scoring) and `current_model` (a folder searched with current_scoring; None =
-    the packaged model) on `heldout_cards`."""
+    then score it (each runtime and scoring) and `current_model` on `heldout_cards`. current_model:
+    a tuned folder served with current_serving (runtime, scoring), or None for the configured
+    embedder (float32, centroid, hybrid when `hybrid`). epochs None: the recipe's early stopping."""
     from services.retrieval.finetune import train_retriever
 
     say = progress or (lambda message: None)
     say(f"scoring the current model on {sum(len(c.sample) for c in heldout_cards)} held-out samples")
+    backend, scoring = current_serving or ("onnx", "centroid")
     current = top1(current_model, train_cards, heldout_cards, instruction, hybrid and current_model is None,
-                   (current_scoring,))[current_scoring]
-    say(f"current model: top-1 {current:.1f}%; training a candidate on {len(train_cards)} adapters, {epochs} epochs")
+                   (scoring,), backend)[scoring]
+    say(f"current model: top-1 {current:.1f}%; training a candidate on {len(train_cards)} adapters")
     train_retriever(train_cards, out_dir, epochs=epochs, seed=seed, instruction=instruction, progress=False)
-    per_scoring = top1(out_dir, train_cards, heldout_cards, instruction, scorings=SCORINGS)
-    scoring = max(SCORINGS, key=lambda s: per_scoring[s])  # the first maximum: centroid on a tie
-    say(f"candidate: top-1 {per_scoring[scoring]:.1f}% with {scoring} scoring ({per_scoring}); current {current:.1f}%")
-    return CandidateResult(Path(out_dir), per_scoring[scoring], current, scoring,
+    per_runtime = {b: top1(out_dir, train_cards, heldout_cards, instruction, scorings=SCORINGS, backend=b)
+                   for b in RUNTIMES}
+    backend, scoring = choose_serving(per_runtime)
+    say(f"candidate: top-1 {per_runtime[backend][scoring]:.1f}% on {backend} with {scoring} scoring "
+        f"({per_runtime}); current {current:.1f}%")
+    return CandidateResult(Path(out_dir), per_runtime[backend][scoring], current, scoring, backend,
                            {"epochs": epochs, "seed": seed, "adapters": len(train_cards), "hybrid": hybrid,
                             "heldout_samples": sum(len(c.sample) for c in heldout_cards),
-                            "candidate_top1_per_scoring": per_scoring})
+                            "candidate_top1_per_runtime": per_runtime})

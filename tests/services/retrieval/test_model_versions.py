@@ -38,11 +38,14 @@ def test_a_better_candidate_is_kept_a_worse_one_refused_and_rollback_restores(re
     active = models.active()
     assert active.version == kept["version"] == "r1" and (root / "r1" / "config.json").is_file()
     assert active.fingerprint == registry_cards(registry)[1] and models.last_tuning()["status"] == "kept"
-    # the candidate's score is its better scoring's, and replicas are told to search with that one
-    per_scoring = kept["candidate_top1_per_scoring"]
-    assert set(per_scoring) == {"centroid", "samples"} and kept["candidate_top1"] == max(per_scoring.values())
-    assert active.scoring == kept["scoring"] and per_scoring[kept["scoring"]] == kept["candidate_top1"]
-    assert kept["scoring"] == "centroid" or per_scoring["samples"] > per_scoring["centroid"]  # ties: the cheaper
+    # scored per runtime and scoring; served with float32's better scoring (ties: centroid), on int8
+    # only where int8 keeps that top-1 within a point; replicas are told which
+    per = kept["candidate_top1_per_runtime"]
+    assert set(per) == {"onnx", "onnx-int8"} and all(set(p) == {"centroid", "samples"} for p in per.values())
+    scoring = "samples" if per["onnx"]["samples"] > per["onnx"]["centroid"] else "centroid"
+    backend = "onnx-int8" if per["onnx-int8"][scoring] >= per["onnx"][scoring] - 1.0 else "onnx"
+    assert (kept["scoring"], kept["backend"]) == (active.scoring, active.backend) == (scoring, backend)
+    assert kept["candidate_top1"] == per[backend][scoring]
 
     before = snapshot(models, root)
     # nothing beats the current by 100 points; both scored as replicas serve them, by the hybrid score
@@ -94,3 +97,15 @@ def test_automatic_runs_wait_for_a_quiet_registry_and_never_repeat_a_card_set(re
     assert not launcher.due(2, "another set", now=500.0)  # too few adapters
     models.r.set(LAST_KEY, json.dumps({"fingerprint": "another set", "status": "refused"}))
     assert not launcher.due(len(cards), "another set", now=500.0)  # the last run saw this set
+
+
+def test_serving_choice_prefers_float32s_better_scoring_and_int8_only_within_a_point():
+    from services.retrieval.tuning import choose_serving
+
+    def per(f_c, f_s, q_c, q_s):
+        return {"onnx": {"centroid": f_c, "samples": f_s}, "onnx-int8": {"centroid": q_c, "samples": q_s}}
+
+    assert choose_serving(per(80.0, 82.0, 79.0, 81.0)) == ("onnx-int8", "samples")  # int8 gives away exactly 1
+    assert choose_serving(per(80.0, 82.0, 80.0, 80.9)) == ("onnx", "samples")  # 1.1 points: float32
+    assert choose_serving(per(80.0, 80.0, 60.0, 80.0)) == ("onnx", "centroid")  # a tie: the centroid
+    assert choose_serving(per(80.0, 79.0, 82.0, 50.0)) == ("onnx-int8", "centroid")
