@@ -115,6 +115,9 @@ def main() -> None:
     parser.add_argument("--lexical-only", action="store_true", help="time the hybrid's lexical side only")
     parser.add_argument("--full-model-only", action="store_true",
                         help="time the 6-layer model only (the tuned default's shape), float32 and int8, 1 thread")
+    parser.add_argument("--tuned", metavar="DIR",
+                        help="time a tuned model folder (its own length and cut) on float32 and int8, 1 and 2 threads, "
+                        "beside the reference")
     parser.add_argument("--out", default="var/bench/retrieval_cost")
     args = parser.parse_args()
     prompts = long_prompts()
@@ -126,6 +129,15 @@ def main() -> None:
         uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
         (out / "lexical.json").write_text(json.dumps({"command": command_line("cluster.bench.retrieval_cost"),
                                                       "uptime": uptime, "prompts": len(prompts), "row": row}, indent=1))
+        return
+    if args.tuned:  # the default path after a tuning run, against the packaged model as it served before
+        rows = [measure("reference: packaged 6 layers, 256 head, float32, 1 thread, one padded batch", None, "onnx", 1,
+                        prompts, 6, 1.0)]
+        rows += [measure(f"tuned: 6 layers, {backend}, {threads} thread(s)", args.tuned, backend, threads, prompts, 6)
+                 for backend in ("onnx", "onnx-int8") for threads in (1, 2)]
+        uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+        (out / "tuned.json").write_text(json.dumps({"command": command_line("cluster.bench.retrieval_cost"),
+                                                    "uptime": uptime, "prompts": len(prompts), "rows": rows}, indent=1))
         return
     if args.full_model_only:  # a tuned 6-layer model costs what the packaged one does: same shape, same lengths
         rows = [measure(f"6 layers, 256 head, {backend}, 1 thread, {grouping}", None, backend, 1, prompts, 6, slack)
