@@ -69,15 +69,17 @@ class Retriever:
         after = model.embedder.cache.stats()
         metrics.observe_embedding_cache(after["hits"] - before["hits"], after["misses"] - before["misses"])
         options = [search for _, search in requests]
-        lexical = self.lexical if model.version is None else None  # a tuned model serves by its embedding alone
-        wide = lexical.widen(options) if lexical is not None else options
+        lexical, weight = self.lexical, None
+        if lexical is not None and model.version is not None and lexical.configured_weight is None:
+            weight = model.hybrid_weight  # chosen at the model's tuning (1.0: its embedding alone)
+        wide = lexical.widen(options, weight) if lexical is not None else options
         try:
             results = index.search_batch(vectors, wide)
         except Exception as err:  # the index lost its collection since the last refresh: rebuild, search again
             log.warning("index search failed (%s); rebuilding from the registry", err)
             results = model.sync.refresh(force=True).search_batch(vectors, wide)
         if lexical is not None:
-            results = lexical.rerank(results, [text for text, _ in requests], options)
+            results = lexical.rerank(results, [text for text, _ in requests], options, weight)
         return [r.model_dump() for r in results]
 
     async def embed(self, texts: list[str]):
@@ -88,6 +90,6 @@ class Retriever:
         model = self.models.current
         return {"adapters": len(model.sync.index.names()), "generation": model.sync.generation,
                 "index_writer": model.sync.writes, "retriever_model": model.version,
-                "scoring": model.sync.index.scoring,
+                "scoring": model.sync.index.scoring, "hybrid_weight": model.hybrid_weight,
                 "embedding_cache": model.embedder.cache.stats(),
                 "hybrid": self.lexical.status() if self.lexical is not None else None}

@@ -50,6 +50,7 @@ CONFIGS = {
     "full 6 layers lr 2e-4 16 a step 2 epochs": {"learning_rate": 2e-4, "max_epochs": 2, "adapters_per_step": 16},
     "full 6 layers 5 epochs": {"max_epochs": 5},
     "full 6 layers 128 tokens": {"max_seq_length": 128},
+    "full 6 layers 128 tokens 5 epochs": {"max_seq_length": 128, "max_epochs": 5, "heldout_fraction": 0.0},
 }
 SCORINGS = (("centroid", "centroid", 1), ("best sample", "samples", 1), ("best 3 samples", "samples", 3))
 

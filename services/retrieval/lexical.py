@@ -89,12 +89,13 @@ def rerank_each(results: list[RetrievalResult], prompts: list[str], lexical: Lex
 
 
 def choose_weight(cards: dict[str, list[str]], embeddings: dict[str, np.ndarray], *, heldout_fraction: float = 0.25,
-                  seed: int = 0) -> tuple[float, dict[float, float]]:
+                  seed: int = 0, scoring: str = "centroid") -> tuple[float, dict[float, float]]:
     """The grid weight with the best held-out top-1 on the cards alone, and each weight's top-1 (%).
 
     Per card with 3 or more samples, `heldout_fraction` of them (at least 1) is held out and scored
-    against every adapter's centroids of the rest, embedding (unit rows of `embeddings[name]`,
-    (samples, dim)) and lexical alike. Ties go to the larger embedding weight."""
+    against every adapter's rest: on the embedding side (unit rows of `embeddings[name]`, (samples,
+    dim)) by the index's `scoring` (the rest's centroid, or its best sample), on the lexical side by
+    the rest's centroid. Ties go to the larger embedding weight."""
     rng = random.Random(seed)
     train_text, train_vec, held = {}, [], []  # held: (card position, text, embedding row)
     for c, (name, texts) in enumerate(cards.items()):
@@ -104,12 +105,16 @@ def choose_weight(cards: dict[str, list[str]], embeddings: dict[str, np.ndarray]
         vectors = embeddings[name] / np.linalg.norm(embeddings[name], axis=1, keepdims=True)  # (samples, dim)
         held += [(c, texts[i], vectors[i]) for i in order[:n_out]]
         train_text[name] = [texts[i] for i in order[n_out:]]
-        mean = vectors[order[n_out:]].mean(axis=0)
-        train_vec.append(mean / np.linalg.norm(mean))
+        train_vec.append(vectors[order[n_out:]])  # (rest, dim)
     if not held:
         raise ValueError("no card has 3 or more samples to hold out")
     owner = np.array([c for c, _, _ in held])
-    emb = np.stack([v for _, _, v in held]) @ np.stack(train_vec).T  # (held-out samples, adapters)
+    queries = np.stack([v for _, _, v in held])  # (held-out samples, dim)
+    if scoring == "samples":
+        emb = np.stack([(queries @ rest.T).max(axis=1) for rest in train_vec], axis=1)  # (held-out samples, adapters)
+    else:
+        centroids = np.stack([rest.mean(axis=0) / np.linalg.norm(rest.mean(axis=0)) for rest in train_vec])
+        emb = queries @ centroids.T  # (held-out samples, adapters)
     lex = LexicalIndex(train_text).scores([t for _, t, _ in held])
     top1 = {w: round(100.0 * float(np.mean(blend(emb, lex, w).argmax(axis=1) == owner)), 2) for w in WEIGHTS}
     best = max(sorted(top1, reverse=True), key=lambda w: top1[w])  # first maximum from weight 1.0 down

@@ -47,6 +47,7 @@ class ModelVersion(BaseModel):
     fingerprint: str
     scoring: str = "centroid"  # the index scoring the model won with at tuning; replicas search with it
     backend: str = "onnx"  # the embedder runtime its tuning chose; replicas serve it with it
+    hybrid_weight: float = 1.0  # the embedding's share of the hybrid score it is served with (1.0: embedding alone)
 
 
 def _text(value) -> str | None:
@@ -144,11 +145,12 @@ def tune(registry, models: RetrieverModels, *, instruction: str = DEFAULT_INSTRU
         progress(f"retriever tuning ({trigger}): {len(train)} adapters, current model "
                  f"{current.version if current else 'configured embedder'}")
         result = train_candidate(train, heldout, candidate_dir, current_model=current.path if current else None,
-                                 current_serving=(current.backend, current.scoring) if current else None,
+                                 current_serving=(current.backend, current.scoring, current.hybrid_weight)
+                                 if current else None,
                                  instruction=instruction,
                                  seed=seed, epochs=epochs, hybrid=hybrid, progress=progress)
         outcome.update(candidate_top1=result.candidate_top1, current_top1=result.current_top1, scoring=result.scoring,
-                       backend=result.backend, **result.details)
+                       backend=result.backend, hybrid_weight=result.hybrid_weight, **result.details)
         if result.candidate_top1 < result.current_top1 + min_gain:
             outcome.update(status="refused", detail=f"the candidate's held-out top-1 {result.candidate_top1:.1f}% does "
                            f"not beat the current {result.current_top1:.1f}% by {min_gain} points")
@@ -156,7 +158,8 @@ def tune(registry, models: RetrieverModels, *, instruction: str = DEFAULT_INSTRU
         model = models.add_and_activate(candidate_dir, candidate_top1=result.candidate_top1,
                                         current_top1=result.current_top1, compared_with=outcome["current_version"],
                                         adapters=sorted(c.model_name for c in cards), fingerprint=fingerprint,
-                                        scoring=result.scoring, backend=result.backend)
+                                        scoring=result.scoring, backend=result.backend,
+                                        hybrid_weight=result.hybrid_weight)
         outcome.update(status="kept", version=model.version)
         return outcome
     except Exception as err:

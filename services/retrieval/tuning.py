@@ -3,14 +3,13 @@
 The one entry point the registry-driven tuning (services/retrieval/model_versions.py) calls:
 `train_candidate`. The training recipe underneath (services/retrieval/finetune.py) may change;
 this signature does not. Scores are top-1 percentages of held-out card samples, searched among
-every adapter's training samples: the same split for both models, each scored as replicas serve it:
-with `hybrid` (the serving default, retrieval.hybrid) the configured embedder's candidates are
-re-ranked by the hybrid score (weight chosen on the training samples); a tuned model serves by its
-embedding alone (docs/retrieval.md: tuned, it gains nothing from the lexical side), with the
-scoring that wins on this split: the centroid of the training samples, or the best one of them
-(`samples`; tuned, it led the centroid in every fold of the Flan k-fold, untuned it trails by 12
-points), on the float32 or the int8 runtime (int8 where it keeps the top-1 within a point). The
-choice is recorded with the model and replicas serve it that way."""
+every adapter's training samples: the same split for both models, each scored as replicas serve it.
+The configured embedder serves on float32 by centroid, re-ranked by the hybrid score with `hybrid`
+(the serving default, retrieval.hybrid). A tuned candidate is scored every way it could be served
+(`SERVINGS`: centroid or best sample, embedding alone or hybrid, its weight chosen on the training
+samples under that scoring; float32 and int8) and `choose_serving` picks one: float32's best, on
+int8 where int8 keeps that top-1 within a point. The choice is recorded with the model and
+replicas serve it that way (docs/retrieval.md has the k-fold measurements behind each option)."""
 from __future__ import annotations
 
 import random
@@ -27,8 +26,9 @@ class CandidateResult:
     model_dir: Path
     candidate_top1: float  # percent of held-out samples whose own adapter ranks first, under `scoring`
     current_top1: float
-    scoring: str  # the index scoring and embedder runtime it is served with (choose_serving)
+    scoring: str  # how it is served (choose_serving): index scoring, embedder runtime, hybrid weight (1.0: none)
     backend: str
+    hybrid_weight: float
     details: dict = field(default_factory=dict)
 
 
@@ -51,16 +51,24 @@ def split_cards(cards: list[AdapterCard], heldout_fraction: float = 0.25,
 
 
 SCORINGS = ("centroid", "samples")
+# (scoring, hybrid) ways to serve a tuned model, cheapest first: a tie goes to the earlier
+SERVINGS = (("centroid", False), ("samples", False), ("centroid", True), ("samples", True))
 RUNTIMES = ("onnx", "onnx-int8")  # float32 first: the reference int8 is held to
 INT8_TOLERANCE = 1.0  # top-1 points int8 may give away to float32 on the held-out samples and still be served
 
 
+def serving_key(scoring: str, hybrid: bool) -> str:
+    return f"{scoring}+hybrid" if hybrid else scoring
+
+
 def top1(model_dir: str | Path | None, train_cards: list[AdapterCard], heldout_cards: list[AdapterCard],
-         instruction: str, hybrid: bool = False, scorings: tuple[str, ...] = ("centroid",),
-         backend: str = "onnx") -> dict[str, float]:
-    """Top-1 % of the held-out samples among all adapters indexed by their training samples, per
-    index scoring (centroid; samples: the best sample), on one embedder runtime. Each text is
-    embedded once for all scorings."""
+         instruction: str, servings=(("centroid", False),), backend: str = "onnx",
+         weight: float | None = None) -> dict[str, dict]:
+    """Per (scoring, hybrid) serving, {"top1": % of the held-out samples whose own adapter ranks
+    first among all adapters indexed by their training samples, "weight": the embedding's share of
+    the hybrid score (1.0 without hybrid)}, on one embedder runtime. A hybrid weight is `weight`,
+    or chosen on the training samples under that scoring (lexical.choose_weight). Each text is
+    embedded once for all servings."""
     from services.retrieval.embedder import Embedder
     from services.retrieval.evaluation import evaluate
     from services.retrieval.index import AdapterIndex
@@ -71,47 +79,59 @@ def top1(model_dir: str | Path | None, train_cards: list[AdapterCard], heldout_c
                         cache_entries=100_000)
     queries = [Query(inputs=s.inputs, targets=s.targets, task=c.model_name, domain=c.domain or "-", metric="em")
                for c in heldout_cards for s in c.sample]
-    lexical, weight = None, 1.0
     texts = {c.model_name: [s.inputs for s in c.sample] for c in train_cards}
-    if hybrid and any(len(t) >= 3 for t in texts.values()):
-        weight = choose_weight(texts, {name: embedder.encode(t) for name, t in texts.items()})[0]
-        lexical = LexicalIndex(texts)
-    return {s: evaluate(Retriever(embedder, AdapterIndex(embedder.dim, scoring=s), lexical, weight), train_cards,
-                        queries)["top1"] for s in scorings}
+    can_choose = any(len(t) >= 3 for t in texts.values())
+    out = {}
+    for scoring, hybrid in servings:
+        lexical, w = None, 1.0
+        if hybrid and (weight is not None or can_choose):
+            w = weight if weight is not None else choose_weight(
+                texts, {name: embedder.encode(t) for name, t in texts.items()}, scoring=scoring)[0]
+            lexical = LexicalIndex(texts)
+        retriever = Retriever(embedder, AdapterIndex(embedder.dim, scoring=scoring), lexical, w)
+        out[serving_key(scoring, hybrid)] = {"top1": evaluate(retriever, train_cards, queries)["top1"], "weight": w}
+    return out
 
 
-def choose_serving(per_runtime: dict[str, dict[str, float]]) -> tuple[str, str]:
-    """(runtime, scoring) a tuned model is served with: float32's better scoring (ties: centroid, the
-    cheaper search), on int8 when int8 keeps that top-1 within INT8_TOLERANCE points (a third or
-    less of float32's CPU on long prompts, docs/retrieval.md)."""
-    scoring = max(SCORINGS, key=lambda s: per_runtime["onnx"][s])
-    int8_holds = per_runtime["onnx-int8"][scoring] >= per_runtime["onnx"][scoring] - INT8_TOLERANCE
-    return ("onnx-int8" if int8_holds else "onnx"), scoring
+def choose_serving(per_runtime: dict[str, dict[str, dict]]) -> tuple[str, str, float]:
+    """(runtime, scoring, hybrid weight) a tuned model is served with: float32's best serving (a tie:
+    the cheaper, SERVINGS order), on int8 when int8 keeps that top-1 within INT8_TOLERANCE points (a
+    third or less of float32's CPU on long prompts, docs/retrieval.md)."""
+    scores = per_runtime["onnx"]
+    scoring, hybrid = max(SERVINGS, key=lambda s: scores[serving_key(*s)]["top1"])
+    key = serving_key(scoring, hybrid)
+    int8_holds = per_runtime["onnx-int8"][key]["top1"] >= scores[key]["top1"] - INT8_TOLERANCE
+    backend = "onnx-int8" if int8_holds else "onnx"
+    return backend, scoring, per_runtime[backend][key]["weight"]
 
 
 def train_candidate(train_cards: list[AdapterCard], heldout_cards: list[AdapterCard], out_dir: Path, *,
-                    current_model: str | None, current_serving: tuple[str, str] | None = None,
-                    instruction: str = DEFAULT_INSTRUCTION, seed: int = 0, epochs: int | None = 2,
+                    current_model: str | None, current_serving: tuple[str, str, float] | None = None,
+                    instruction: str = DEFAULT_INSTRUCTION, seed: int = 0, epochs: int | None = None,
                     hybrid: bool = False, progress: Callable[[str], None] | None = None) -> CandidateResult:
     """Fine-tune from the packaged embedder on `train_cards` into out_dir (written only on success),
-    then score it (each runtime and scoring) and `current_model` on `heldout_cards`. current_model:
-    a tuned folder served with current_serving (runtime, scoring), or None for the configured
-    embedder (float32, centroid, hybrid when `hybrid`). epochs None: the recipe's early stopping."""
+    then score it (every serving and runtime) and `current_model` on `heldout_cards`. current_model:
+    a tuned folder served with current_serving (runtime, scoring, hybrid weight), or None for the
+    configured embedder (float32, centroid, hybrid when `hybrid`). epochs None: the recipe's."""
     from services.retrieval.finetune import train_retriever
 
     say = progress or (lambda message: None)
     say(f"scoring the current model on {sum(len(c.sample) for c in heldout_cards)} held-out samples")
-    backend, scoring = current_serving or ("onnx", "centroid")
-    current = top1(current_model, train_cards, heldout_cards, instruction, hybrid and current_model is None,
-                   (scoring,), backend)[scoring]
-    say(f"current model: top-1 {current:.1f}%; training a candidate on {len(train_cards)} adapters")
+    if current_model is None:
+        current = top1(None, train_cards, heldout_cards, instruction, (("centroid", hybrid),))
+    else:
+        backend, scoring, weight = current_serving or ("onnx", "centroid", 1.0)
+        current = top1(current_model, train_cards, heldout_cards, instruction, ((scoring, weight < 1.0),), backend,
+                       weight=weight)
+    current_top1 = next(iter(current.values()))["top1"]
+    say(f"current model: top-1 {current_top1:.1f}%; training a candidate on {len(train_cards)} adapters")
     train_retriever(train_cards, out_dir, epochs=epochs, seed=seed, instruction=instruction, progress=False)
-    per_runtime = {b: top1(out_dir, train_cards, heldout_cards, instruction, scorings=SCORINGS, backend=b)
-                   for b in RUNTIMES}
-    backend, scoring = choose_serving(per_runtime)
-    say(f"candidate: top-1 {per_runtime[backend][scoring]:.1f}% on {backend} with {scoring} scoring "
-        f"({per_runtime}); current {current:.1f}%")
-    return CandidateResult(Path(out_dir), per_runtime[backend][scoring], current, scoring, backend,
+    per_runtime = {b: top1(out_dir, train_cards, heldout_cards, instruction, SERVINGS, b) for b in RUNTIMES}
+    backend, scoring, weight = choose_serving(per_runtime)
+    chosen = per_runtime[backend][serving_key(scoring, weight < 1.0)]["top1"]
+    say(f"candidate: top-1 {chosen:.1f}% on {backend}, {scoring} scoring, embedding weight {weight} "
+        f"({per_runtime}); current {current_top1:.1f}%")
+    return CandidateResult(Path(out_dir), chosen, current_top1, scoring, backend, weight,
                            {"epochs": epochs, "seed": seed, "adapters": len(train_cards), "hybrid": hybrid,
                             "heldout_samples": sum(len(c.sample) for c in heldout_cards),
                             "candidate_top1_per_runtime": per_runtime})

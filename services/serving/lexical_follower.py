@@ -52,15 +52,18 @@ class LexicalFollower:
         self.state = (LexicalIndex(cards), weight)
         log.info("lexical retrieval index: %d adapters, embedding weight %.1f", len(cards), weight)
 
-    def widen(self, options: Sequence[Mapping]) -> list[dict]:
-        """Search options fetching the hybrid's candidates (lexical.widen at the current weight)."""
-        return widen(options, self.state[1])
+    def widen(self, options: Sequence[Mapping], weight: float | None = None) -> list[dict]:
+        """Search options fetching the hybrid's candidates (lexical.widen); weight: the serving
+        model's own embedding share (a tuned model's, chosen at its tuning), None: this follower's."""
+        return widen(options, self.state[1] if weight is None else weight)
 
-    def rerank(self, results: list[RetrievalResult], prompts: list[str], options: Sequence[Mapping]) -> list[RetrievalResult]:
+    def rerank(self, results: list[RetrievalResult], prompts: list[str], options: Sequence[Mapping],
+               weight: float | None = None) -> list[RetrievalResult]:
         """Each prompt's widened results re-ordered by the hybrid score (when built, and the weight
         leaves the lexical side a share) and cut to its own top_k."""
-        lexical, weight = self.state
-        return rerank_each(results, prompts, lexical, weight, [int(o.get("top_k", 3)) for o in options])
+        lexical, own = self.state
+        return rerank_each(results, prompts, lexical, own if weight is None else weight,
+                           [int(o.get("top_k", 3)) for o in options])
 
     def status(self) -> dict:
         lexical, weight = self.state

@@ -23,6 +23,7 @@ class ServingModel:
     version: str | None  # None: the configured embedder
     embedder: object
     sync: object  # IndexSync of this model's index
+    hybrid_weight: float | None = None  # a tuned model's embedding share of the hybrid score; None: the replica's
 
 
 class ModelFollower:
@@ -127,4 +128,4 @@ def prepare_model(cfg, registry, redis, models, version: str, writer_id: str,
                        in_memory=cfg.qdrant.url is None, model_scoring=record.scoring)
     sync = IndexSync(registry, index, redis=redis, vectors=card_vectors(registry, embedder), writer_id=writer_id)
     wait_until_complete(sync, registry, ready_timeout_s)
-    return ServingModel(version, embedder, sync)
+    return ServingModel(version, embedder, sync, record.hybrid_weight)

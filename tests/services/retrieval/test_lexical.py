@@ -97,6 +97,19 @@ def test_the_weight_follows_whichever_side_separates_the_cards():
     assert top1[1.0] == 100.0 and weight == 1.0  # ties go to the embedding
 
 
+def test_the_weight_is_chosen_under_the_index_scoring():
+    """Card a's samples lie on two directions, card b's between them: a held-out sample is told apart
+    by the best sample (its nearest card sample), not by the centroid (a's centroid is b's direction)."""
+    rng = np.random.default_rng(1)
+    e1, e2 = np.eye(16)[0], np.eye(16)[1]
+    embeddings = {"a": np.stack([e1 if i % 2 else e2 for i in range(8)]) + rng.normal(size=(8, 16)) * 0.01,
+                  "b": np.stack([(e1 + e2) / np.sqrt(2)] * 8) + rng.normal(size=(8, 16)) * 0.01}
+    same = {name: [f"the same words {i}" for i in range(8)] for name in embeddings}  # no lexical cue
+    _, samples = choose_weight(same, embeddings, scoring="samples")
+    _, centroid = choose_weight(same, embeddings)
+    assert samples[1.0] == 100.0 and centroid[1.0] <= 75.0
+
+
 def test_choose_weight_needs_a_card_to_hold_out():
     with pytest.raises(ValueError, match="3 or more"):
         choose_weight({"a": ["x y", "y z"], "b": ["p q", "q r"]}, {"a": np.eye(2), "b": np.eye(2)})

@@ -38,15 +38,17 @@ def test_a_better_candidate_is_kept_a_worse_one_refused_and_rollback_restores(re
     active = models.active()
     assert active.version == kept["version"] == "r1" and (root / "r1" / "config.json").is_file()
     assert active.fingerprint == registry_cards(registry)[1] and models.last_tuning()["status"] == "kept"
-    # scored per runtime and scoring; served with float32's better scoring (ties: centroid), on int8
-    # only where int8 keeps that top-1 within a point; replicas are told which
+    # scored per runtime and serving; served the way float32 scored best (ties: the cheaper, centroid
+    # then best sample, embedding alone then hybrid), on int8 only where int8 keeps that top-1 within a point
     per = kept["candidate_top1_per_runtime"]
-    assert set(per) == {"onnx", "onnx-int8"} and all(set(p) == {"centroid", "samples"} for p in per.values())
-    scoring = "samples" if per["onnx"]["samples"] > per["onnx"]["centroid"] else "centroid"
-    backend = "onnx-int8" if per["onnx-int8"][scoring] >= per["onnx"][scoring] - 1.0 else "onnx"
-    assert (kept["scoring"], kept["backend"]) == (active.scoring, active.backend) == (scoring, backend)
-    assert kept["candidate_top1"] == per[backend][scoring]
-
+    keys = ["centroid", "samples", "centroid+hybrid", "samples+hybrid"]
+    assert set(per) == {"onnx", "onnx-int8"} and all(list(p) == keys for p in per.values())
+    best = max(keys, key=lambda k: per["onnx"][k]["top1"])
+    backend = "onnx-int8" if per["onnx-int8"][best]["top1"] >= per["onnx"][best]["top1"] - 1.0 else "onnx"
+    assert (kept["scoring"], kept["backend"]) == (active.scoring, active.backend) == (best.split("+")[0], backend)
+    assert kept["hybrid_weight"] == active.hybrid_weight == per[backend][best]["weight"]
+    assert kept["candidate_top1"] == per[backend][best]["top1"]
+    assert all(per[b][k]["weight"] == 1.0 for b in per for k in ("centroid", "samples"))
     before = snapshot(models, root)
     # nothing beats the current by 100 points; both scored as replicas serve them, by the hybrid score
     refused = tune(registry, models, epochs=1, min_gain=100.0, hybrid=True)
@@ -99,13 +101,15 @@ def test_automatic_runs_wait_for_a_quiet_registry_and_never_repeat_a_card_set(re
     assert not launcher.due(len(cards), "another set", now=500.0)  # the last run saw this set
 
 
-def test_serving_choice_prefers_float32s_better_scoring_and_int8_only_within_a_point():
+def test_serving_choice_prefers_float32s_best_the_cheaper_on_a_tie_and_int8_only_within_a_point():
     from services.retrieval.tuning import choose_serving
 
-    def per(f_c, f_s, q_c, q_s):
-        return {"onnx": {"centroid": f_c, "samples": f_s}, "onnx-int8": {"centroid": q_c, "samples": q_s}}
+    def per(f32: tuple, i8: tuple, weight=0.7):  # top-1 of centroid, samples, centroid+hybrid, samples+hybrid
+        keys = ("centroid", "samples", "centroid+hybrid", "samples+hybrid")
+        return {b: {k: {"top1": t, "weight": weight if "hybrid" in k else 1.0} for k, t in zip(keys, tops)}
+                for b, tops in (("onnx", f32), ("onnx-int8", i8))}
 
-    assert choose_serving(per(80.0, 82.0, 79.0, 81.0)) == ("onnx-int8", "samples")  # int8 gives away exactly 1
-    assert choose_serving(per(80.0, 82.0, 80.0, 80.9)) == ("onnx", "samples")  # 1.1 points: float32
-    assert choose_serving(per(80.0, 80.0, 60.0, 80.0)) == ("onnx", "centroid")  # a tie: the centroid
-    assert choose_serving(per(80.0, 79.0, 82.0, 50.0)) == ("onnx-int8", "centroid")
+    assert choose_serving(per((80, 82, 81, 81), (79, 81, 0, 0))) == ("onnx-int8", "samples", 1.0)  # int8 gives 1
+    assert choose_serving(per((80, 82, 81, 81), (80, 80.9, 0, 0))) == ("onnx", "samples", 1.0)  # 1.1: float32
+    assert choose_serving(per((80, 80, 80, 80), (60, 80, 80, 80))) == ("onnx", "centroid", 1.0)  # a tie: cheapest
+    assert choose_serving(per((80, 79, 81, 84), (0, 0, 0, 83.5), 0.6)) == ("onnx-int8", "samples", 0.6)

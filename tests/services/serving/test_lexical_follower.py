@@ -63,5 +63,7 @@ def test_a_configured_weight_is_kept_and_weight_one_leaves_the_embedding_order(r
     index = IndexSync(registered.registry, AdapterIndex(registered.embedder.dim)).refresh(force=True)
     vectors = registered.embedder.encode(["What is 2 plus 2?"])
     assert follower.widen([{"top_k": 2}]) == [{"top_k": 2}]  # nothing to re-rank: no wider search
+    # a tuned model's own weight (chosen at its tuning) overrides the follower's for its batches
+    assert follower.widen([{"top_k": 2}], 0.6) == [{"top_k": HYBRID_CANDIDATES}]
     wide = index.search_batch(vectors, [{"top_k": 5}])
     assert follower.rerank(wide, ["What is 2 plus 2?"], [{"top_k": 2}])[0].adapters == wide[0].adapters[:2]

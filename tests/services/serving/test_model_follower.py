@@ -31,7 +31,7 @@ def replica(tiny_zoo, redis_server, tmp_path):
     r.hset(MODELS_KEY, "r1", ModelVersion(version="r1", path=str(models.root / "r1"), created_at=time.time(),
                                           candidate_top1=90.0, current_top1=80.0, compared_with=None,
                                           adapters=sorted(tiny_zoo.adapters), fingerprint="x",
-                                          scoring="samples").model_dump_json())
+                                          scoring="samples", hybrid_weight=0.8).model_dump_json())
     r.hset(MODELS_KEY, "r2", ModelVersion(version="r2", path=str(models.root / "gone"), created_at=time.time(),
                                           candidate_top1=90.0, current_top1=80.0, compared_with="r1",
                                           adapters=[], fingerprint="y").model_dump_json())
@@ -67,7 +67,8 @@ def test_switch_and_rollback_without_a_gap_and_a_broken_model_is_not_taken(repli
         r.set(ACTIVE_KEY, "r1")
         wait_for("r1")
         assert isinstance(follower.current.embedder, Embedder) and follower.current.sync.index.names() == names
-        assert follower.current.sync.index.scoring == "samples"  # the scoring r1 won its tuning with
+        assert follower.current.sync.index.scoring == "samples"  # the serving r1 won its tuning with
+        assert follower.current.hybrid_weight == 0.8
         r.delete(ACTIVE_KEY)  # rollback to the configured embedder
         wait_for(None)
         assert follower.current.sync.index.scoring == "centroid"
