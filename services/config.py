@@ -281,7 +281,8 @@ class RetrieverTuningConfig(Section):
     debounce_s: float = Field(300.0, ge=0, description="quiet time after the last registry change before a run")
     min_adapters: int = Field(4, ge=2, description="served adapters needed before automatic runs start")
     heldout_fraction: float = Field(0.25, gt=0, lt=1, description="share of each card's samples held out for scoring")
-    epochs: int = Field(2, ge=1, le=50, description="training epochs over the cards")
+    epochs: int = Field(5, ge=1, le=50, description="training epochs over the cards (5: the k-fold's best measured, "
+                        "docs/retrieval.md)")
     min_gain: float = Field(0.5, description="top-1 points the candidate must gain over the current model")
     models_path: str | None = Field(None, description="folder of the model versions (on every retriever node); "
                                     "None = <data home>/retriever-models")

@@ -33,8 +33,7 @@ def register(sub) -> None:
                               "(services/retrieval/finetune.py: prototype loss, hard negatives, early stopping)")
     tr.add_argument("--cards", required=True, help="CARDS.json of the training adapters")
     tr.add_argument("--out", required=True, help="new or empty folder for the trained model")
-    tr.add_argument("--epochs", type=int, help="at most this many epochs (default: the recipe's 10, stopped early "
-                    "when held-out card samples stop improving)")
+    tr.add_argument("--epochs", type=int, help="epochs over every card sample (default: the recipe's 5)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--base", help="model folder to start from (default: packaged all-MiniLM-L6-v2)")
     tr.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="prefix used in training, as at retrieval time")

@@ -118,7 +118,7 @@ def registry_cards(registry) -> tuple[list, str]:
 
 
 def tune(registry, models: RetrieverModels, *, instruction: str = DEFAULT_INSTRUCTION, heldout_fraction: float = 0.25,
-         epochs: int = 2, min_gain: float = 0.5, seed: int = 0, trigger: str = "operator", hybrid: bool = False,
+         epochs: int | None = None, min_gain: float = 0.5, seed: int = 0, trigger: str = "operator", hybrid: bool = False,
          progress: Callable[[str], None] = log.info) -> dict:
     """One tuning run: train a candidate on the registry's cards, keep it (new active version) only
     if its held-out top-1 beats the current model's by min_gain points. Returns the outcome

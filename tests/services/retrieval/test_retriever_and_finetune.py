@@ -112,7 +112,8 @@ def test_fine_tuning_saves_a_model_the_embedder_loads_and_moves_it(tiny_cards, t
 
 
 def test_early_stopping_keeps_an_epoch_no_worse_than_the_untrained_student(tiny_cards, tmp_path):
-    out = train_retriever(tiny_cards, tmp_path / "model", epochs=2, seed=0, progress=False, recipe=Recipe(layers=1))
+    out = train_retriever(tiny_cards, tmp_path / "model", epochs=2, seed=0, progress=False,
+                          recipe=Recipe(layers=1, heldout_fraction=0.25))
     info = json.loads((out / TRAINING_INFO_FILE).read_text())
     assert 1 <= len(info["heldout_top1_per_epoch"]) <= 2 and 0 <= info["epoch_kept"] <= 2
     best = max([info["heldout_top1_before"], *info["heldout_top1_per_epoch"]])
