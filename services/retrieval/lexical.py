@@ -21,7 +21,7 @@ import numpy as np
 from scipy import sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from services.schemas import RetrievalResult, RetrievedAdapter
+from services.schemas import RetrievalResult
 
 # With a lexical share in the score, this many adapters by embedding cosine are re-ranked (a prompt's
 # own adapter is among the best 32 of 48 Flan tasks by embedding for 949 of 960 held-out card samples,
