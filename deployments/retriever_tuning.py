@@ -31,7 +31,7 @@ def tuning_task(config: dict, trigger: str) -> dict:
     cfg = AppConfig.model_validate(config)
     t = cfg.retriever_tuning
     return tune(make_registry(cfg), RetrieverModels(redis_client(cfg), t.root()), instruction=cfg.embedder.instruction,
-                heldout_fraction=t.heldout_fraction, epochs=t.epochs, min_gain=t.min_gain, trigger=trigger,
+                heldout_fraction=t.heldout_fraction, epochs=t.epochs, min_gain=t.min_gain, refit=t.refit, trigger=trigger,
                 hybrid=cfg.retrieval.hybrid,  # both models scored as replicas serve them
                 progress=logging.getLogger("loraretriever.tuning").info)
 

@@ -284,6 +284,8 @@ class RetrieverTuningConfig(Section):
     epochs: int = Field(5, ge=1, le=50, description="training epochs over the cards (5: the k-fold's best measured, "
                         "docs/retrieval.md)")
     min_gain: float = Field(0.5, description="top-1 points the candidate must gain over the current model")
+    refit: bool = Field(True, description="serve a kept candidate's recipe trained again on every card sample "
+                        "(twice the training time; the split model gates and stays as the version's gate model)")
     models_path: str | None = Field(None, description="folder of the model versions (on every retriever node); "
                                     "None = <data home>/retriever-models")
     num_cpus: float = Field(0.0, ge=0, description="CPUs the training task reserves (it runs at the lowest priority)")

@@ -32,7 +32,8 @@ from services.retrieval.finetune import Recipe, train_retriever  # noqa: E402
 from services.retrieval.index import AdapterIndex  # noqa: E402
 from services.retrieval.lexical import LexicalIndex, choose_weight  # noqa: E402
 from services.retrieval.retriever import Retriever  # noqa: E402
-from services.retrieval.tuning import split_cards, train_candidate  # noqa: E402
+from services.retrieval.served import Serving, served_retriever  # noqa: E402
+from services.retrieval.tuning import tune_cards  # noqa: E402
 from services.schemas import AdapterCard, Query  # noqa: E402
 
 CARDS = Path("cluster/data/flan_cards.json")
@@ -92,22 +93,26 @@ def score(model: str | None, cards, queries) -> dict:
     return out
 
 
-def registry_tuning(cards, queries, out: Path, seed: int) -> dict:
-    """The default path after registration: what a tuning run does with these cards (split, train,
-    score every serving, choose one: services/retrieval/model_versions.py), then the fold's queries
-    answered the way replicas would serve the kept model (its runtime, scoring and hybrid weight)
-    over every card sample."""
-    train, held = split_cards(cards, seed=seed)
-    result = train_candidate(train, held, out, current_model=None, hybrid=True, seed=seed, progress=print)
-    embedder = Embedder(str(out), backend=result.backend, threads=2)
-    texts = {c.model_name: [s.inputs for s in c.sample] for c in cards}
-    lexical = LexicalIndex(texts) if result.hybrid_weight < 1.0 else None
-    served = evaluate(Retriever(embedder, AdapterIndex(embedder.dim, scoring=result.scoring), lexical,
-                                result.hybrid_weight), cards, queries)
-    tuning = {"kept": result.candidate_top1 >= result.current_top1 + 0.5, "candidate_top1": result.candidate_top1,
-              "current_top1": result.current_top1, "backend": result.backend, "scoring": result.scoring,
-              "hybrid_weight": result.hybrid_weight, **result.details}
-    return {"tuning": tuning, "scores": {"served as tuned": served, **score(str(out), cards, queries)}}
+def registry_tuning(cards, queries, out: Path, seed: int, refit_all: bool) -> dict:
+    """The default path after registration: what a tuning run does with these cards
+    (tuning.tune_cards: split, train, score every serving, choose one, refit the recipe on every
+    sample), then the fold's queries answered the way replicas serve the result over every card
+    sample (served.served_retriever): the tuned model if kept, else the configured embedder. The
+    candidate scored on the split (the gate model) is scored on the queries too."""
+    gate = out / "gate" if refit_all else None
+    outcome = tune_cards(cards, out / "served", refit_all=refit_all, seed=seed, gate_dir=gate, progress=print)
+    kept = outcome["candidate_top1"] >= outcome["current_top1"] + 0.5  # retriever_tuning.min_gain
+    model, serving = (out / "served", outcome["serving"]) if kept else (None, Serving())
+    retriever, weight = served_retriever(model, cards, serving, threads=2)
+    scores = {"served as tuned": evaluate(retriever, cards, queries), **score(str(out / "served"), cards, queries)}
+    if gate is not None:
+        scores.update({f"gate, {label}": v for label, v in score(str(gate), cards, queries).items()})
+    s = outcome["serving"]
+    tuning = {"kept": kept, "refit": refit_all, "candidate_top1": outcome["candidate_top1"],
+              "current_top1": outcome["current_top1"], "backend": s.backend, "scoring": s.scoring,
+              "hybrid_weight": s.hybrid_weight, "served_weight": weight, "heldout_samples": outcome["heldout_samples"],
+              "candidate_top1_per_runtime": outcome["candidate_top1_per_runtime"]}
+    return {"tuning": tuning, "scores": scores}
 
 
 def run(args) -> dict:
@@ -125,7 +130,8 @@ def run(args) -> dict:
                 entry["scores"] = score(None, cards, queries)
             elif name == REGISTRY_TUNING:
                 with tempfile.TemporaryDirectory() as tmp:
-                    entry.update(registry_tuning(cards, queries, Path(tmp) / "model", fold))
+                    kept = Path(args.keep_models) / "registry-tuning" / f"fold{fold}" if args.keep_models else None
+                    entry.update(registry_tuning(cards, queries, kept or Path(tmp), fold, not args.no_refit))
             else:
                 recipe = dataclasses.replace(Recipe(), **CONFIGS[name])
                 with tempfile.TemporaryDirectory() as tmp:
@@ -183,6 +189,7 @@ def main() -> None:
     parser.add_argument("--run-folds", default="0,1,2,3", help="which folds to run (comma-separated)")
     parser.add_argument("--keep-models", help="save each fold's tuned model under DIR/<config>/fold<k> (default: discarded)")
     parser.add_argument("--configs", default="untuned,default", help=f"comma-separated: untuned, {REGISTRY_TUNING}, {', '.join(CONFIGS)}")
+    parser.add_argument("--no-refit", action="store_true", help=f"{REGISTRY_TUNING}: serve the split model (retriever_tuning.refit: false)")
     parser.add_argument("--out", default="var/bench/retrieval_kfold")
     parser.add_argument("--from-json", help="redraw the plot from a saved results.json")
     args = parser.parse_args()

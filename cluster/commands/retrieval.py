@@ -19,24 +19,34 @@ def register(sub) -> None:
     ev.add_argument("--queries", required=True, help="QUERIES.json: [{inputs, targets, task, domain, metric}]")
     ev.add_argument("--embedder", help="sentence-transformers model folder (default: packaged all-MiniLM-L6-v2)")
     ev.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="prefix of every embedded text; '' for none")
-    ev.add_argument("--backend", choices=EMBEDDER_BACKENDS, default=DEFAULT_EMBEDDER_BACKEND,
-                    help="embedding runtime (torch is the reference)")
+    # unset, each comes from the folder's recorded serving (a tuned model: what its tuning chose), else
+    # the configured embedder's: float32, centroid, hybrid with the weight chosen on the cards
+    ev.add_argument("--backend", choices=EMBEDDER_BACKENDS,
+                    help=f"embedding runtime (torch is the reference; default: the model's serving, else {DEFAULT_EMBEDDER_BACKEND})")
     ev.add_argument("--max-seq-length", type=int, default=DEFAULT_MAX_SEQ_LENGTH, help="tokens kept per text")
-    ev.add_argument("--scoring", choices=("centroid", "samples"), help="adapter scoring (default: the index's)")
+    ev.add_argument("--scoring", choices=("centroid", "samples"), help="adapter scoring (default: the model's serving, else centroid)")
+    hybrid = ev.add_mutually_exclusive_group()
+    hybrid.add_argument("--hybrid-weight", type=float, help="the embedding's share of the hybrid score, 0-1 "
+                        "(default: the model's serving, else chosen on the cards as replicas do)")
+    hybrid.add_argument("--no-hybrid", action="store_true", help="rank by the embedding alone (--hybrid-weight 1)")
     ev.add_argument("--exclude-own", action="store_true",
                     help="remove each query's own adapter; report how often an adapter of its domain ranks in the top k")
     ev.add_argument("--json", dest="json_out", help="also write the result to this file")
     ev.set_defaults(func=cmd_eval_retrieval)
 
     retriever = command_group(sub, "retriever", "the prompt embedder used for retrieval")
-    tr = retriever.add_parser("train", help="fine-tune a student of the embedder on the adapters in CARDS.json "
-                              "(services/retrieval/finetune.py: prototype loss, hard negatives, early stopping)")
+    tr = retriever.add_parser("train", help="fine-tune the embedder on the adapters in CARDS.json as the cluster's "
+                              "tuning does: a candidate scored on held-out card samples, its serving chosen, then "
+                              "refit on every sample (services/retrieval/tuning.py)")
     tr.add_argument("--cards", required=True, help="CARDS.json of the training adapters")
     tr.add_argument("--out", required=True, help="new or empty folder for the trained model")
     tr.add_argument("--epochs", type=int, help="epochs over every card sample (default: the recipe's 5)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--base", help="model folder to start from (default: packaged all-MiniLM-L6-v2)")
     tr.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="prefix used in training, as at retrieval time")
+    tr.add_argument("--heldout-fraction", type=float, default=0.25, help="share of each card's samples held out to "
+                    "score the candidate and choose its serving")
+    tr.add_argument("--no-refit", action="store_true", help="keep the candidate trained without the held-out samples")
     tr.set_defaults(func=cmd_retriever_train)
 
     # the running cluster's retriever model versions (admin API; docs/retrieval.md)
@@ -55,21 +65,29 @@ def register(sub) -> None:
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
-    from services.retrieval.embedder import Embedder, EmbedderLoadError
+    from dataclasses import asdict
+
+    from services.retrieval.embedder import EmbedderLoadError
     from services.retrieval.evaluation import EvaluationInputError, evaluate, load_cards, load_queries
-    from services.retrieval.index import AdapterIndex
-    from services.retrieval.retriever import Retriever
+    from services.retrieval.served import Serving, read_serving, served_retriever
 
     if args.json_out:
         _check_writable(Path(args.json_out))
+    if args.hybrid_weight is not None and not 0.0 <= args.hybrid_weight <= 1.0:
+        raise UserError(f"--hybrid-weight must be between 0 and 1, got {args.hybrid_weight}")
     try:
         cards = load_cards(args.cards)
         queries = load_queries(args.queries, cards)
-        embedder = Embedder(args.embedder, args.instruction, backend=args.backend, max_seq_length=args.max_seq_length)
+        recorded = read_serving(args.embedder) or Serving()
+        serving = Serving(backend=args.backend or recorded.backend, scoring=args.scoring or recorded.scoring,
+                          hybrid_weight=1.0 if args.no_hybrid else
+                          args.hybrid_weight if args.hybrid_weight is not None else recorded.hybrid_weight)
+        retriever, weight = served_retriever(args.embedder, cards, serving, instruction=args.instruction, threads=None,
+                                             max_seq_length=args.max_seq_length)
     except (EvaluationInputError, EmbedderLoadError) as err:
         raise UserError(str(err)) from err
-    result = evaluate(Retriever(embedder, AdapterIndex(embedder.dim)), cards, queries,
-                      exclude_own=args.exclude_own, scoring=args.scoring, progress=True)
+    result = evaluate(retriever, cards, queries, exclude_own=args.exclude_own, progress=True)
+    result["serving"] = {**asdict(serving), "hybrid_weight": weight}
     text = json.dumps(result, indent=1)
     if args.json_out:
         _write_atomically(Path(args.json_out), text + "\n")
@@ -80,16 +98,24 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
 def cmd_retriever_train(args: argparse.Namespace) -> int:
     from services.retrieval.embedder import EmbedderLoadError
     from services.retrieval.evaluation import EvaluationInputError, load_cards
-    from services.retrieval.finetune import TrainingInputError, train_retriever
+    from services.retrieval.finetune import TrainingInputError
+    from services.retrieval.tuning import tune_cards
 
     _check_folder_out("--out", Path(args.out))
+    if not 0.0 < args.heldout_fraction < 1.0:
+        raise UserError(f"--heldout-fraction must be between 0 and 1, got {args.heldout_fraction}")
     try:
         cards = load_cards(args.cards)
-        out = train_retriever(cards, args.out, epochs=args.epochs, seed=args.seed,
-                              base_model_path=args.base, instruction=args.instruction)
+        outcome = tune_cards(cards, Path(args.out), heldout_fraction=args.heldout_fraction, refit_all=not args.no_refit,
+                             instruction=args.instruction, seed=args.seed, epochs=args.epochs,
+                             base_model_path=args.base, progress=lambda m: print(m, flush=True))
     except (EvaluationInputError, TrainingInputError, EmbedderLoadError) as err:
         raise UserError(str(err)) from err
-    print(f"trained on {len(cards)} adapters; model folder: {out}")
+    s = outcome["serving"]
+    scored = (f"held-out top-1 {outcome['candidate_top1']:.1f}% against the configured embedder's "
+              f"{outcome['current_top1']:.1f}%; " if outcome["gated"] else "")
+    print(f"trained on {len(cards)} adapters; {scored}serves with {s.backend}, {s.scoring} scoring, embedding "
+          f"weight {s.hybrid_weight}; model folder: {args.out}")
     return 0
 
 

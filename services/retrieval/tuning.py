@@ -9,7 +9,9 @@ The configured embedder serves on float32 by centroid, re-ranked by the hybrid s
 (`SERVINGS`: centroid or best sample, embedding alone or hybrid, its weight chosen on the training
 samples under that scoring; float32 and int8) and `choose_serving` picks one: float32's best, on
 int8 where int8 keeps that top-1 within a point. The choice is recorded with the model and
-replicas serve it that way (docs/retrieval.md has the k-fold measurements behind each option)."""
+replicas serve it that way (docs/retrieval.md has the k-fold measurements behind each option).
+A kept candidate is then trained again on every sample (`refit`); the split model stays beside it
+as the version's gate model, the one later runs score it by."""
 from __future__ import annotations
 
 import random
@@ -34,14 +36,15 @@ class CandidateResult:
 
 def split_cards(cards: list[AdapterCard], heldout_fraction: float = 0.25,
                 seed: int = 0) -> tuple[list[AdapterCard], list[AdapterCard]]:
-    """(train cards, held-out cards): per adapter a seeded shuffle of its samples, `heldout_fraction`
-    of them (at least 1) held out, at least 2 kept for training (anchor and positive). Adapters with
-    fewer than 3 samples are trained on and never held out."""
-    rng = random.Random(seed)
+    """(train cards, held-out cards): per adapter a shuffle of its samples seeded by (seed, adapter
+    name), `heldout_fraction` of them (at least 1) held out, at least 2 kept for training. Adapters
+    with fewer than 3 samples are trained on and never held out. Seeded per card, an unchanged card
+    holds out the same samples in every run whatever else the registry holds, so the gate model of
+    the version serving now (trained on an earlier run's split) never saw them."""
     train, heldout = [], []
     for card in cards:
         samples = list(card.sample)
-        rng.shuffle(samples)
+        random.Random(f"{seed}:{card.model_name}").shuffle(samples)
         n_out = max(1, round(len(samples) * heldout_fraction)) if len(samples) >= 3 else 0
         n_out = min(n_out, len(samples) - 2)
         train.append(card.model_copy(update={"sample": samples[n_out:]}))
@@ -108,7 +111,8 @@ def choose_serving(per_runtime: dict[str, dict[str, dict]]) -> tuple[str, str, f
 def train_candidate(train_cards: list[AdapterCard], heldout_cards: list[AdapterCard], out_dir: Path, *,
                     current_model: str | None, current_serving: tuple[str, str, float] | None = None,
                     instruction: str = DEFAULT_INSTRUCTION, seed: int = 0, epochs: int | None = None,
-                    hybrid: bool = False, progress: Callable[[str], None] | None = None) -> CandidateResult:
+                    hybrid: bool = False, base_model_path: str | None = None,
+                    progress: Callable[[str], None] | None = None) -> CandidateResult:
     """Fine-tune from the packaged embedder on `train_cards` into out_dir (written only on success),
     then score it (every serving and runtime) and `current_model` on `heldout_cards`. current_model:
     a tuned folder served with current_serving (runtime, scoring, hybrid weight), or None for the
@@ -125,7 +129,8 @@ def train_candidate(train_cards: list[AdapterCard], heldout_cards: list[AdapterC
                        weight=weight)
     current_top1 = next(iter(current.values()))["top1"]
     say(f"current model: top-1 {current_top1:.1f}%; training a candidate on {len(train_cards)} adapters")
-    train_retriever(train_cards, out_dir, epochs=epochs, seed=seed, instruction=instruction, progress=False)
+    train_retriever(train_cards, out_dir, epochs=epochs, seed=seed, instruction=instruction,
+                    base_model_path=base_model_path, progress=False)
     per_runtime = {b: top1(out_dir, train_cards, heldout_cards, instruction, SERVINGS, b) for b in RUNTIMES}
     backend, scoring, weight = choose_serving(per_runtime)
     chosen = per_runtime[backend][serving_key(scoring, weight < 1.0)]["top1"]
@@ -135,3 +140,53 @@ def train_candidate(train_cards: list[AdapterCard], heldout_cards: list[AdapterC
                            {"epochs": epochs, "seed": seed, "adapters": len(train_cards), "hybrid": hybrid,
                             "heldout_samples": sum(len(c.sample) for c in heldout_cards),
                             "candidate_top1_per_runtime": per_runtime})
+
+
+def refit(cards: list[AdapterCard], out_dir: Path, *, instruction: str = DEFAULT_INSTRUCTION, seed: int = 0,
+          epochs: int | None = None, base_model_path: str | None = None) -> Path:
+    """The kept candidate's recipe trained again on every sample of `cards`: the model replicas serve.
+    The split's held-out quarter is a quarter of what a card teaches; trained on it too, the Flan
+    k-fold's served top-1 rose (docs/retrieval.md, "Refit on every sample"). Nothing is left to score
+    it on: the gate and the serving choice are the split model's."""
+    from services.retrieval.finetune import train_retriever
+
+    return train_retriever(cards, out_dir, epochs=epochs, seed=seed, instruction=instruction,
+                           base_model_path=base_model_path, progress=False)
+
+
+def tune_cards(cards: list[AdapterCard], out_dir: Path, *, heldout_fraction: float = 0.25, refit_all: bool = True,
+               instruction: str = DEFAULT_INSTRUCTION, seed: int = 0, epochs: int | None = None, hybrid: bool = True,
+               base_model_path: str | None = None, gate_dir: Path | None = None,
+               progress: Callable[[str], None] | None = None) -> dict:
+    """A tuning run without a registry (`retriever train`, the k-fold bench): split, train and score
+    a candidate against the configured embedder (served with `hybrid`), choose its serving, refit
+    on every sample (`refit_all`), and write the model with its serving (served.SERVING_FILE) to
+    out_dir, kept whatever the scores say (the caller asked for a model; the scores are returned).
+    Cards too small to hold a sample out train on everything and serve as the recipe's default.
+    gate_dir: keep the candidate scored (refit_all) there, else it is discarded."""
+    import tempfile
+
+    from services.retrieval.served import Serving, write_serving
+
+    say = progress or (lambda message: None)
+    out_dir = Path(out_dir)
+    train, heldout = split_cards(cards, heldout_fraction, seed)
+    if not heldout:
+        say("no card has 3 or more samples to hold out: training on every sample, nothing scored")
+        refit(cards, out_dir, instruction=instruction, seed=seed, epochs=epochs, base_model_path=base_model_path)
+        serving, measured = Serving(hybrid_weight=1.0), {"gated": False}
+    else:
+        with tempfile.TemporaryDirectory(prefix="loraretriever-gate-") as scratch:
+            gate = (gate_dir or Path(scratch) / "gate") if refit_all else out_dir
+            result = train_candidate(train, heldout, gate,
+                                     current_model=None, instruction=instruction, seed=seed, epochs=epochs,
+                                     hybrid=hybrid, base_model_path=base_model_path, progress=say)
+            if refit_all:
+                say(f"refitting on all {sum(len(c.sample) for c in cards)} card samples")
+                refit(cards, out_dir, instruction=instruction, seed=seed, epochs=epochs, base_model_path=base_model_path)
+        serving = Serving(result.backend, result.scoring, result.hybrid_weight)
+        measured = {"gated": True, "candidate_top1": result.candidate_top1, "current_top1": result.current_top1,
+                    "candidate_top1_per_runtime": result.details["candidate_top1_per_runtime"],
+                    "heldout_samples": result.details["heldout_samples"]}
+    write_serving(out_dir, serving, refit=refit_all or not heldout, **measured)
+    return {"serving": serving, **measured}

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from cluster.cli import main
+from services.retrieval.served import SERVING_FILE
 
 CARDS = [
     {"model_name": "addition", "domain": "arithmetic", "sample": [{"inputs": "What is 3 plus 4?", "targets": "7"},
@@ -95,10 +96,71 @@ def test_train_writes_a_model_folder_that_eval_loads(files, tmp_path, capsys, mo
     monkeypatch.setenv("LORARETRIEVER_HOME", str(tmp_path / "home"))  # the ONNX export of this model goes here
     model = tmp_path / "model"
     assert main(["retriever", "train", "--cards", str(files[0]), "--out", str(model), "--epochs", "1"]) == 0
+    assert "nothing scored" in capsys.readouterr().out  # 2 samples a card: none can be held out
     assert (model / "config.json").is_file()
+    recorded = json.loads((model / SERVING_FILE).read_text())
+    assert (recorded["backend"], recorded["scoring"], recorded["hybrid_weight"], recorded["gated"]) == \
+        ("onnx", "centroid", 1.0, False)
     assert main(["eval", "retrieval", "--cards", str(files[0]), "--queries", str(files[1]), "--embedder", str(model)]) == 0
-    assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["queries"] == 2
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["queries"] == 2 and printed["serving"] == {"backend": "onnx", "scoring": "centroid", "hybrid_weight": 1.0}
     assert list((tmp_path / "home" / "embedders").glob("model-*/model.onnx"))  # the default runtime, exported once
+
+
+CARDS_4 = [{"model_name": "addition", "domain": "arithmetic",
+            "sample": [{"inputs": f"What is {a} plus {b}?", "targets": str(a + b)} for a, b in ((3, 4), (12, 30), (5, 6), (8, 1))]},
+           {"model_name": "reverse", "domain": "strings",
+            "sample": [{"inputs": f"Reverse the word: {w}", "targets": w[::-1]} for w in ("lamp", "river", "stone", "cloud")]},
+           {"model_name": "upper", "domain": "strings",
+            "sample": [{"inputs": f"Write in capital letters: {w}", "targets": w.upper()} for w in ("lamp", "river", "stone", "cloud")]}]
+
+
+def test_train_scores_a_candidate_chooses_its_serving_and_refits(tmp_path, capsys, monkeypatch):
+    """Cards that can hold samples out: the cluster's tuning run, offline. The served model is the
+    refit on every sample (not the candidate scored), and eval serves the folder the recorded way."""
+    monkeypatch.setenv("LORARETRIEVER_HOME", str(tmp_path / "home"))
+    cards, queries = tmp_path / "CARDS.json", tmp_path / "QUERIES.json"
+    cards.write_text(json.dumps(CARDS_4))
+    queries.write_text(json.dumps(QUERIES))
+    refit, kept = tmp_path / "refit", tmp_path / "candidate"
+    assert main(["retriever", "train", "--cards", str(cards), "--out", str(refit), "--epochs", "1"]) == 0
+    said = capsys.readouterr().out
+    assert "held-out top-1" in said and "refitting on all 12 card samples" in said
+    assert main(["retriever", "train", "--cards", str(cards), "--out", str(kept), "--epochs", "1", "--no-refit"]) == 0
+    assert "refitting" not in capsys.readouterr().out
+    recorded = json.loads((refit / SERVING_FILE).read_text())
+    assert recorded["gated"] is True and recorded["refit"] is True and recorded["heldout_samples"] == 3
+    assert recorded == {**json.loads((kept / SERVING_FILE).read_text()), "refit": True}  # one split, one choice
+    assert (refit / "model.safetensors").read_bytes() != (kept / "model.safetensors").read_bytes()
+    chosen = {k: recorded[k] for k in ("backend", "scoring", "hybrid_weight")}
+    assert recorded["candidate_top1"] == recorded["candidate_top1_per_runtime"][chosen["backend"]][
+        chosen["scoring"] + ("+hybrid" if chosen["hybrid_weight"] < 1.0 else "")]["top1"]
+
+    args = ["eval", "retrieval", "--cards", str(cards), "--queries", str(queries), "--embedder", str(refit)]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["serving"] == chosen
+    assert main([*args, "--backend", "torch", "--scoring", "samples", "--hybrid-weight", "0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["serving"] == {"backend": "torch", "scoring": "samples", "hybrid_weight": 0.5}
+
+
+def test_eval_serves_the_configured_embedder_as_replicas_do(tmp_path, capsys):
+    """No folder: float32, centroid, the hybrid weight chosen on the cards (lexical.choose_weight)."""
+    from services.retrieval.embedder import Embedder
+    from services.retrieval.lexical import choose_weight
+
+    cards, queries = tmp_path / "CARDS.json", tmp_path / "QUERIES.json"
+    cards.write_text(json.dumps(CARDS_4))
+    queries.write_text(json.dumps(QUERIES))
+    assert main(["eval", "retrieval", "--cards", str(cards), "--queries", str(queries)]) == 0
+    serving = json.loads(capsys.readouterr().out)["serving"]
+    embedder = Embedder()
+    texts = {c["model_name"]: [s["inputs"] for s in c["sample"]] for c in CARDS_4}
+    expected = choose_weight(texts, {n: embedder.encode(t) for n, t in texts.items()})[0]
+    assert serving == {"backend": "onnx", "scoring": "centroid", "hybrid_weight": expected}
+    assert main(["eval", "retrieval", "--cards", str(cards), "--queries", str(queries), "--no-hybrid"]) == 0
+    assert json.loads(capsys.readouterr().out)["serving"]["hybrid_weight"] == 1.0
+    assert main(["eval", "retrieval", "--cards", str(cards), "--queries", str(queries), "--hybrid-weight", "1.5"]) == 2
+    assert "--hybrid-weight must be between 0 and 1" in capsys.readouterr().err
 
 
 def _a_file(tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np

@@ -2,10 +2,14 @@
 registered cards, model versions in a real redis-server, kept only when better, rolled back."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from registered_zoo import register_tiny_zoo
 
+from services.retrieval import TRAINING_INFO_FILE
 from services.retrieval.model_versions import LOCK_KEY, RetrieverModels, registry_cards, tune
+from services.retrieval.served import Serving, read_serving
 from services.retrieval.tuning import split_cards
 
 
@@ -29,6 +33,18 @@ def test_split_holds_out_samples_and_keeps_two_for_training(tiny_zoo):
         assert not {s.inputs for s in t.sample} & {s.inputs for s in h.sample} or len(card.sample) < 3
 
 
+def test_split_of_a_card_does_not_depend_on_the_other_cards(tiny_zoo):
+    """A later run holds out the same samples of an unchanged card, whatever was added or retired:
+    the serving version's gate model never trained on them."""
+    _, heldout = split_cards(tiny_zoo.cards, 0.25, seed=1)
+    _, heldout_later = split_cards(tiny_zoo.cards[::-1][:-1], 0.25, seed=1)  # reordered, one card retired
+    later = {h.model_name: h.sample for h in heldout_later}
+    assert len(later) == len(heldout) - 1
+    assert all(later[h.model_name] == h.sample for h in heldout if h.model_name in later)
+    _, other_seed = split_cards(tiny_zoo.cards, 0.25, seed=2)
+    assert [h.sample for h in other_seed] != [h.sample for h in heldout]
+
+
 def test_a_better_candidate_is_kept_a_worse_one_refused_and_rollback_restores(registered, tmp_path):
     registry, models = registered
     root = tmp_path / "models"
@@ -37,6 +53,14 @@ def test_a_better_candidate_is_kept_a_worse_one_refused_and_rollback_restores(re
     assert 0 <= kept["candidate_top1"] <= 100 and 0 <= kept["current_top1"] <= 100
     active = models.active()
     assert active.version == kept["version"] == "r1" and (root / "r1" / "config.json").is_file()
+    # served: the recipe refit on every sample; the split model stays beside it as the gate model
+    assert kept["refit"] is True and kept["refit_seconds"] > 0
+    assert active.gate_path == str(root / "r1-gate") and (root / "r1-gate" / "config.json").is_file()
+    served_info = json.loads((root / "r1" / TRAINING_INFO_FILE).read_text())
+    gate_info = json.loads((root / "r1-gate" / TRAINING_INFO_FILE).read_text())
+    assert served_info["adapters"] == gate_info["adapters"] == sorted(c.model_name for c in registry_cards(registry)[0])
+    assert (root / "r1" / "model.safetensors").read_bytes() != (root / "r1-gate" / "model.safetensors").read_bytes()
+    assert read_serving(root / "r1") == Serving(active.backend, active.scoring, active.hybrid_weight)  # for eval --embedder
     assert active.fingerprint == registry_cards(registry)[1] and models.last_tuning()["status"] == "kept"
     # scored per runtime and serving; served the way float32 scored best (ties: the cheaper, centroid
     # then best sample, embedding alone then hybrid), on int8 only where int8 keeps that top-1 within a point
@@ -55,6 +79,7 @@ def test_a_better_candidate_is_kept_a_worse_one_refused_and_rollback_restores(re
     assert refused["status"] == "refused" and "does not beat" in refused["detail"] and refused["hybrid"] is True
     assert 0 <= refused["candidate_top1"] <= 100 and 0 <= refused["current_top1"] <= 100
     assert refused["current_version"] == "r1"
+    assert refused["current_scored_with"] == active.gate_path  # by held-out samples it never trained on
     assert snapshot(models, root) == before  # nothing changed but the last run's record
     assert models.last_tuning()["status"] == "refused"
 
@@ -76,6 +101,27 @@ def test_a_failed_run_leaves_everything_as_it_was(registered, tmp_path):
     failed = tune(registry, models, epochs=1, min_gain=-100.0)
     assert failed["status"] == "failed" and failed["detail"]
     assert snapshot(models, tmp_path / "none") == before and models.r.get(LOCK_KEY) is None
+
+
+def test_a_failed_refit_keeps_nothing(registered, tmp_path, monkeypatch):
+    """The candidate passed its gate, then training it again on every sample fails: no version, no folder."""
+    from services.retrieval import model_versions
+
+    registry, models = registered
+    root = tmp_path / "models"
+
+    def refit_fails(cards, out_dir, **_):
+        out_dir.mkdir(parents=True)
+        (out_dir / "partial").write_text("half a model")
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model_versions, "refit_model", refit_fails)
+    before = snapshot(models, root)
+    failed = tune(registry, models, epochs=1, min_gain=-100.0)
+    assert failed["status"] == "failed" and "out of memory" in failed["detail"]
+    assert models.active() is None and models.list() == []
+    assert snapshot(models, root) == before  # hidden candidate folders included
+    assert models.r.get(LOCK_KEY) is None
 
 
 def test_automatic_runs_wait_for_a_quiet_registry_and_never_repeat_a_card_set(registered):
