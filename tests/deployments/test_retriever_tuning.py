@@ -72,7 +72,7 @@ def test_tune_keep_switch_and_roll_back_while_retrieval_answers(serve_cluster, t
         report = wait_for("the tuning run", lambda: (lambda m: m if m["last_tuning"] else None)(
             httpx.get(f"{url}/admin/retriever/models", headers=admin, timeout=30).json()))
         last = report["last_tuning"]
-        assert last["status"] == "kept", last
+        assert last["status"] == "kept" and last["refit"] is True, last  # served: the recipe refit on every sample
         assert 0 <= last["candidate_top1"] <= 100 and 0 <= last["current_top1"] <= 100
         assert report["active"] == last["version"] == "r1"
         wait_for("the replica to switch to r1", lambda: retriever_model() == "r1")
