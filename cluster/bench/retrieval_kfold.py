@@ -32,8 +32,8 @@ from services.retrieval.finetune import Recipe, train_retriever  # noqa: E402
 from services.retrieval.index import AdapterIndex  # noqa: E402
 from services.retrieval.lexical import LexicalIndex, choose_weight  # noqa: E402
 from services.retrieval.retriever import Retriever  # noqa: E402
-from services.retrieval.served import Serving, served_retriever  # noqa: E402
-from services.retrieval.tuning import tune_cards  # noqa: E402
+from services.retrieval.served import SERVING_FILE, Serving, served_retriever  # noqa: E402
+from services.retrieval.tuning import choose_serving, serving_key, tune_cards  # noqa: E402
 from services.schemas import AdapterCard, Query  # noqa: E402
 
 CARDS = Path("cluster/data/flan_cards.json")
@@ -93,14 +93,24 @@ def score(model: str | None, cards, queries) -> dict:
     return out
 
 
-def registry_tuning(cards, queries, out: Path, seed: int, refit_all: bool) -> dict:
+def registry_tuning(cards, queries, out: Path, seed: int, refit_all: bool, reuse: bool = False) -> dict:
     """The default path after registration: what a tuning run does with these cards
     (tuning.tune_cards: split, train, score every serving, choose one, refit the recipe on every
     sample), then the fold's queries answered the way replicas serve the result over every card
     sample (served.served_retriever): the tuned model if kept, else the configured embedder. The
-    candidate scored on the split (the gate model) is scored on the queries too."""
+    candidate scored on the split (the gate model) is scored on the queries too. reuse: models kept
+    by an earlier run in `out` are not trained again; their serving is chosen anew from the scores
+    recorded with them (tuning.choose_serving, as it is now)."""
     gate = out / "gate" if refit_all else None
-    outcome = tune_cards(cards, out / "served", refit_all=refit_all, seed=seed, gate_dir=gate, progress=print)
+    if reuse and (out / "served" / SERVING_FILE).is_file():
+        outcome = json.loads((out / "served" / SERVING_FILE).read_text())
+        per_runtime = outcome["candidate_top1_per_runtime"]
+        backend, scoring, weight = choose_serving(per_runtime)
+        outcome.update(serving=Serving(backend, scoring, weight),
+                       candidate_top1=per_runtime[backend][serving_key(scoring, weight < 1.0)]["top1"])
+        print(f"reused the models in {out}: serving {outcome['serving']}", flush=True)
+    else:
+        outcome = tune_cards(cards, out / "served", refit_all=refit_all, seed=seed, gate_dir=gate, progress=print)
     kept = outcome["candidate_top1"] >= outcome["current_top1"] + 0.5  # retriever_tuning.min_gain
     model, serving = (out / "served", outcome["serving"]) if kept else (None, Serving())
     retriever, weight = served_retriever(model, cards, serving, threads=2)
@@ -131,7 +141,8 @@ def run(args) -> dict:
             elif name == REGISTRY_TUNING:
                 with tempfile.TemporaryDirectory() as tmp:
                     kept = Path(args.keep_models) / "registry-tuning" / f"fold{fold}" if args.keep_models else None
-                    entry.update(registry_tuning(cards, queries, kept or Path(tmp), fold, not args.no_refit))
+                    entry.update(registry_tuning(cards, queries, kept or Path(tmp), fold, not args.no_refit,
+                                                 args.reuse_models))
             else:
                 recipe = dataclasses.replace(Recipe(), **CONFIGS[name])
                 with tempfile.TemporaryDirectory() as tmp:
@@ -190,6 +201,8 @@ def main() -> None:
     parser.add_argument("--keep-models", help="save each fold's tuned model under DIR/<config>/fold<k> (default: discarded)")
     parser.add_argument("--configs", default="untuned,default", help=f"comma-separated: untuned, {REGISTRY_TUNING}, {', '.join(CONFIGS)}")
     parser.add_argument("--no-refit", action="store_true", help=f"{REGISTRY_TUNING}: serve the split model (retriever_tuning.refit: false)")
+    parser.add_argument("--reuse-models", action="store_true", help=f"{REGISTRY_TUNING}: models kept in --keep-models "
+                        "by an earlier run are not trained again; their serving is chosen anew from their recorded scores")
     parser.add_argument("--out", default="var/bench/retrieval_kfold")
     parser.add_argument("--from-json", help="redraw the plot from a saved results.json")
     args = parser.parse_args()

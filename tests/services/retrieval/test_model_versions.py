@@ -62,10 +62,10 @@ def test_a_better_candidate_is_kept_a_worse_one_refused_and_rollback_restores(re
     assert (root / "r1" / "model.safetensors").read_bytes() != (root / "r1-gate" / "model.safetensors").read_bytes()
     assert read_serving(root / "r1") == Serving(active.backend, active.scoring, active.hybrid_weight)  # for eval --embedder
     assert active.fingerprint == registry_cards(registry)[1] and models.last_tuning()["status"] == "kept"
-    # scored per runtime and serving; served the way float32 scored best (ties: the cheaper, centroid
-    # then best sample, embedding alone then hybrid), on int8 only where int8 keeps that top-1 within a point
+    # scored per runtime and serving; served the way float32 scored best (ties: best sample before
+    # centroid, embedding alone before hybrid), on int8 only where int8 keeps that top-1 within a point
     per = kept["candidate_top1_per_runtime"]
-    keys = ["centroid", "samples", "centroid+hybrid", "samples+hybrid"]
+    keys = ["samples", "centroid", "samples+hybrid", "centroid+hybrid"]
     assert set(per) == {"onnx", "onnx-int8"} and all(list(p) == keys for p in per.values())
     best = max(keys, key=lambda k: per["onnx"][k]["top1"])
     backend = "onnx-int8" if per["onnx-int8"][best]["top1"] >= per["onnx"][best]["top1"] - 1.0 else "onnx"
@@ -147,7 +147,7 @@ def test_automatic_runs_wait_for_a_quiet_registry_and_never_repeat_a_card_set(re
     assert not launcher.due(len(cards), "another set", now=500.0)  # the last run saw this set
 
 
-def test_serving_choice_prefers_float32s_best_the_cheaper_on_a_tie_and_int8_only_within_a_point():
+def test_serving_choice_prefers_float32s_best_best_sample_on_a_tie_and_int8_only_within_a_point():
     from services.retrieval.tuning import choose_serving
 
     def per(f32: tuple, i8: tuple, weight=0.7):  # top-1 of centroid, samples, centroid+hybrid, samples+hybrid
@@ -157,5 +157,6 @@ def test_serving_choice_prefers_float32s_best_the_cheaper_on_a_tie_and_int8_only
 
     assert choose_serving(per((80, 82, 81, 81), (79, 81, 0, 0))) == ("onnx-int8", "samples", 1.0)  # int8 gives 1
     assert choose_serving(per((80, 82, 81, 81), (80, 80.9, 0, 0))) == ("onnx", "samples", 1.0)  # 1.1: float32
-    assert choose_serving(per((80, 80, 80, 80), (60, 80, 80, 80))) == ("onnx", "centroid", 1.0)  # a tie: cheapest
+    assert choose_serving(per((80, 80, 80, 80), (80, 60, 80, 80))) == ("onnx", "samples", 1.0)  # a tie: best sample
+    assert choose_serving(per((81, 80, 81, 81), (80.5, 0, 0, 0))) == ("onnx-int8", "centroid", 1.0)  # the embedding alone
     assert choose_serving(per((80, 79, 81, 84), (0, 0, 0, 83.5), 0.6)) == ("onnx-int8", "samples", 0.6)
