@@ -55,6 +55,12 @@ class Catalog:
             return False
         return rec.visibility == "shared" or (tenant is not None and rec.owner_tenant == tenant)
 
+    def knows(self, ref: str) -> bool:
+        """Whether the snapshot holds this name (and version, if given) at all, whoever may use it."""
+        name, version = split_ref(ref)
+        rec = self.records.get(name)
+        return rec is not None and rec.active_version is not None and (version is None or version in rec.versions)
+
     def visible(self, tenant: str | None) -> list[Any]:
         return [r for name, r in sorted(self.records.items()) if self.is_visible(name, tenant)]
 
@@ -77,15 +83,21 @@ class Catalog:
 class CatalogCache:
     """A Catalog kept in step with a registry; keeps the last good snapshot if Redis fails."""
 
-    def __init__(self, registry, min_interval_s: float = 0.5):
+    def __init__(self, registry, min_interval_s: float = 0.5, miss_interval_s: float = 0.05):
         self.registry = registry
         self.min_interval_s = min_interval_s
+        self.miss_interval_s = miss_interval_s
         self.catalog = Catalog()
-        self._checked_at = 0.0
+        self._checked_at = float("-inf")  # the first get() reads
 
-    def get(self, force: bool = False) -> Catalog:
+    def get(self, force: bool = False, wanted: Iterable[str] = ()) -> Catalog:
+        """The snapshot, re-checked every min_interval_s, or sooner (at most every miss_interval_s)
+        when it lacks an adapter in `wanted`: an adapter answered 200 at registration is then served
+        by the next request, not refused for up to min_interval_s (read your writes)."""
         now = time.monotonic()
-        if not force and now - self._checked_at < self.min_interval_s:
+        missing = any(not self.catalog.knows(ref) for ref in wanted)
+        interval = self.miss_interval_s if missing else self.min_interval_s
+        if not force and now - self._checked_at < interval:
             return self.catalog
         self._checked_at = now
         try:

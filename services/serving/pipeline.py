@@ -20,7 +20,7 @@ from services.schemas import ChatCompletionRequest, CompletionRequest, Compositi
 from services.serving import openai_format as fmt
 from services.serving.catalog import Catalog
 from services.serving.composer_service import ComposeJob
-from services.serving.planner import PlanDefaults, needs_retrieval, plan_composition
+from services.serving.planner import AUTO_MODEL, PlanDefaults, needs_retrieval, plan_composition
 from services.tenancy.gate import TenantGate
 from services.tenancy.limits import Lease
 from services.tenancy.tenants import Tenant
@@ -123,7 +123,8 @@ class RequestPipeline:
     def __init__(self, *, gate: TenantGate, catalog, retrieve: RetrieveFn, compose: ComposeFn, stream: StreamFn,
                  metrics: Metrics, status_of: Callable[[ServiceError], int], defaults: PlanDefaults,
                  base_model_id: str, max_tokens_limit: int, request_timeout_s: float, compat=None):
-        """catalog: has get() -> Catalog (one registry snapshot); status_of: the HTTP status of an error;
+        """catalog: has get(wanted=refs) -> Catalog (one registry snapshot, re-read if it lacks a ref);
+        status_of: the HTTP status of an error;
         compat: has get() -> the compatibility snapshot composition auto reads (None: no scores)."""
         self.gate, self.catalog, self.metrics, self.status_of = gate, catalog, metrics, status_of
         self.compat = compat
@@ -152,7 +153,8 @@ class RequestPipeline:
 
     def model(self, tenant: Tenant | None, model_id: str) -> dict:
         """GET /v1/models/{id}: one entry of the caller's list."""
-        entries = fmt.model_entries(self.base_model_id, self.catalog.get().visible(tenant_name(tenant)))
+        catalog = self.catalog.get(wanted=[] if model_id == self.base_model_id else [model_id])
+        entries = fmt.model_entries(self.base_model_id, catalog.visible(tenant_name(tenant)))
         found = next((e for e in entries if e["id"] == model_id), None)
         if found is None:
             raise NotFound(f"model '{model_id}' does not exist or is not available to you", param="model")
@@ -192,7 +194,7 @@ class RequestPipeline:
         scope = RequestScope(self.gate, self.metrics, tenant, self._admit(tenant, request_id, sampling["max_tokens"]))
         handed_to_stream = False
         try:
-            catalog = self.catalog.get()  # one snapshot per request: one version per adapter throughout
+            catalog = self.catalog.get(wanted=self._named_adapters(body))  # one snapshot per request: one version per adapter throughout
             scope.plans = await self._timed(asyncio.gather(
                 *(self._plan(body.model, body.lora, text, request_id, catalog, tenant_name(tenant)) for text in texts)))
             planned = time.perf_counter()
@@ -281,6 +283,11 @@ class RequestPipeline:
             scope.close()
 
     # ---- planning --------------------------------------------------------
+    def _named_adapters(self, body) -> list[str]:
+        """The adapters a request names itself (as `model` or in lora.adapters), not retrieved ones."""
+        named = [] if body.model in (AUTO_MODEL, self.base_model_id) else [body.model]
+        return named + list(body.lora.adapters or [])
+
     async def _plan(self, model: str, opts: LoraOptions, text: str, request_id: str, catalog: Catalog,
                     tenant: str | None) -> CompositionPlan:
         retrieved = None

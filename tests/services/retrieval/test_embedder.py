@@ -27,6 +27,12 @@ TEXTS = ["Reverse the word: lamp", "What is 3 plus 4? Please answer quickly, wit
          "Anna was reading a book in the park. " * 60 + "Question: what was Anna doing?"]  # past 256 tokens
 
 
+# Least cosine of a backend's sentence vector to the oracle's. int8 quantizes every MatMul
+# (services/retrieval/onnx_encoder.py): a few sentences fall to about 0.986, and how far depends on
+# the CPU's int8 kernels (AVX2 or VNNI), so it is held to 0.98; a broken quantization lands far lower.
+MIN_COSINE = {"torch": 0.9999, "onnx": 0.9999, "onnx-int8": 0.98}
+
+
 @pytest.fixture(scope="module")
 def reference(embedder_of):
     return embedder_of("torch")
@@ -44,20 +50,20 @@ def test_torch_backend_matches_mean_pooling_with_the_instruction_prefixed(refere
     np.testing.assert_allclose(out, mean_pooled([DEFAULT_INSTRUCTION + t for t in TEXTS]), atol=1e-5)
 
 
-@pytest.mark.parametrize("backend,min_cosine", [("onnx", 0.9999), ("onnx-int8", 0.99)])
-def test_onnx_backends_agree_with_the_oracle_sentence_by_sentence(embedder_of, backend, min_cosine):
+@pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
+def test_onnx_backends_agree_with_the_oracle_sentence_by_sentence(embedder_of, backend):
     out = embedder_of(backend).encode(TEXTS)
     assert out.shape == (len(TEXTS), 384) and out.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
     cosine = (out * mean_pooled([DEFAULT_INSTRUCTION + t for t in TEXTS])).sum(1)  # rows are unit length
-    assert cosine.min() > min_cosine, cosine
+    assert cosine.min() > MIN_COSINE[backend], cosine
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_max_seq_length_truncates_like_the_oracle(embedder_of, backend):
     out = embedder_of(backend, max_seq_length=32).encode(TEXTS)
     cosine = (out * mean_pooled([DEFAULT_INSTRUCTION + t for t in TEXTS], max_length=32)).sum(1)
-    assert cosine.min() > 0.99, cosine
+    assert cosine.min() > MIN_COSINE[backend], cosine
     assert embedder_of(backend, max_seq_length=4096).max_seq_length == 256  # the model's own limit
 
 
@@ -149,7 +155,7 @@ def head_tail_pooled(texts: list[str], limit: int) -> np.ndarray:
 def test_head_tail_cut_keeps_both_ends_like_the_oracle(embedder_of, backend):
     out = embedder_of(backend, max_seq_length=32, cut="head_tail").encode(TEXTS)
     cosine = (out * head_tail_pooled([DEFAULT_INSTRUCTION + t for t in TEXTS], 32)).sum(1)
-    assert cosine.min() > (0.9999 if backend != "onnx-int8" else 0.99), cosine
+    assert cosine.min() > MIN_COSINE[backend], cosine
     head = embedder_of(backend, max_seq_length=32).encode(TEXTS)
     assert (head[-1] * out[-1]).sum() < 0.99  # the long text's closing question changes its vector
 

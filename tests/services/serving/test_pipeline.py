@@ -91,7 +91,7 @@ def world(redis_client):
     key = tenants.add("acme", TenantLimits(max_concurrent=1))
     parts, metrics = Parts(), RecordingMetrics()
     pipeline = RequestPipeline(
-        gate=TenantGate(tenants, limiter), catalog=SimpleNamespace(get=lambda: CATALOG),
+        gate=TenantGate(tenants, limiter), catalog=SimpleNamespace(get=lambda **_: CATALOG),
         retrieve=lambda *a, **kw: parts.retrieve(*a, **kw), compose=lambda job: parts.compose(job),
         stream=lambda job: parts.stream(job), metrics=metrics, status_of=status_of,
         defaults=PlanDefaults(top_k=2, composition=CompositionMode.mixture, weighting=Weighting.uniform,
