@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cluster.bench.run_record import command_line  # noqa: E402
+from services.config import RetrieverTuningConfig  # noqa: E402
 from services.retrieval.embedder import Embedder  # noqa: E402
 from services.retrieval.evaluation import evaluate  # noqa: E402
 from services.retrieval.finetune import Recipe, train_retriever  # noqa: E402
@@ -111,7 +112,7 @@ def registry_tuning(cards, queries, out: Path, seed: int, refit_all: bool, reuse
         print(f"reused the models in {out}: serving {outcome['serving']}", flush=True)
     else:
         outcome = tune_cards(cards, out / "served", refit_all=refit_all, seed=seed, gate_dir=gate, progress=print)
-    kept = outcome["candidate_top1"] >= outcome["current_top1"] + 0.5  # retriever_tuning.min_gain
+    kept = outcome["candidate_top1"] >= outcome["current_top1"] + RetrieverTuningConfig().min_gain  # as a run keeps
     model, serving = (out / "served", outcome["serving"]) if kept else (None, Serving())
     retriever, weight = served_retriever(model, cards, serving, threads=2)
     scores = {"served as tuned": evaluate(retriever, cards, queries), **score(str(out / "served"), cards, queries)}
