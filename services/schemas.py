@@ -376,7 +376,7 @@ class CompositionPlan(Strict):
 
     adapters: list[UsedAdapter] = Field(default_factory=list)
     composition: CompositionMode = CompositionMode.none
-    decision: dict | None = Field(None, description="composition auto: what was decided and why, adapters dropped")
+    decision: dict | None = Field(None, description="composition auto: what was decided and why, and the family evidence")
 
     def keys(self) -> list[str]:
         return [str(AdapterKey(a.name, a.version)) for a in self.adapters]

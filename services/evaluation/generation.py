@@ -60,13 +60,10 @@ def plan(system: str, query: Query, retrieved: list[str] | None, decision: Decis
 
 
 def decision_counts(decisions: list[Decision]) -> dict:
-    """How often the policy selected, mixed, fused or fell back to the base model, and dropped
-    adapters; and each query's choice."""
+    """How often the policy selected, mixed, fused or fell back to the base model; and each query's choice."""
     modes = Counter(d.mode.value for d in decisions)
     return {"selection": modes["selection"], "mixture": modes["mixture"], "fusion": modes["fusion"],
             "none": modes["none"],
-            "queries_with_dropped": sum(1 for d in decisions if d.dropped),
-            "dropped_adapters": sum(len(d.dropped) for d in decisions),
             "mixed_adapters_mean": round(sum(len(d.adapters) for d in decisions if d.mode.value in ("mixture", "fusion"))
                                          / max(modes["mixture"] + modes["fusion"], 1), 2),
             "per_query": [f"{d.mode.value}:{'+'.join(d.adapters)}" for d in decisions]}

@@ -27,8 +27,6 @@ import torch
 
 from services.composition import Composition, CompositionMode
 
-# A composition counts as keeping the top-1's skill when it keeps at least this share of its gain.
-DEFAULT_MIN_RETAINED = 0.8
 MAX_TARGET_TOKENS = 16  # the first tokens of a target decide a greedy answer; longer ones cost rows
 
 
@@ -79,13 +77,6 @@ class GainTable:
 
     def get(self, composition: Composition) -> Measure | None:
         return self.measures.get(signature(composition))
-
-    def retained(self, composition: Composition) -> float | None:
-        """The share of the adapter's own accuracy gain over the base model kept in `composition`."""
-        base, own, mixed = self.get(Composition()), self.get(Composition.single(self.adapter)), self.get(composition)
-        if base is None or own is None or mixed is None:
-            return None
-        return retained(base.accuracy, own.accuracy, mixed.accuracy)
 
     def transfer(self, mode: CompositionMode) -> float | None:
         """The share of the adapter's accuracy gain that its neighbours, composed in `mode` without

@@ -74,7 +74,7 @@ class CompatibilityStore:
             pipe.get(POLICY_KEY)
             pipe.hgetall(TABLES_KEY)
             generation, raw, tables = pipe.execute()
-        thresholds = PolicyThresholds(**json.loads(raw)) if raw else PolicyThresholds()
+        thresholds = PolicyThresholds.from_dict(json.loads(raw)) if raw else PolicyThresholds()
         return CompatibilitySnapshot({(k.decode() if isinstance(k, bytes) else k): _table(v) for k, v in tables.items()},
                                      thresholds, int(generation or 0))
 

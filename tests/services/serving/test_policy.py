@@ -6,9 +6,9 @@ import pytest
 
 from services.composition import CompositionMode
 from services.lora.compatibility import GainTable, Measure
-from services.serving.policy import PolicyThresholds, calibrate, decide, family_evidence, family_mode
+from services.serving.policy import PolicyThresholds, calibrate, decide, family_evidence
 
-TH = PolicyThresholds(in_domain=0.5, min_retained=0.8, tie=0.02)
+TH = PolicyThresholds(in_domain=0.5)
 
 
 def table(adapter, neighbours, *, own, loo, base=0.2, alone=1.0):
@@ -35,34 +35,29 @@ CONFLICTING_FAMILY = {  # toy siblings: one neighbour is right more often than a
 }
 
 
-def test_in_domain_a_mixing_family_mixes_the_widest_composition_that_keeps_the_top1():
+def test_in_domain_a_family_that_shares_the_job_composes_every_retrieved_adapter():
+    # a's neighbours mixed without it: 0.7 on its card, base 0.2, a alone 1.0 -> 0.625 of its job
     d = decide([("a", 0.8), ("b", 0.7), ("c", 0.6)], MIXING_FAMILY.get, TH, min_similarity=0.0)
     assert (d.mode, d.adapters) == (CompositionMode.mixture, ["a", "b", "c"])
     assert d.weights == pytest.approx([1 / 3] * 3)
-    assert "in domain" in d.reason and "keep 0.87 of the top-1's gain" in d.reason
+    assert "in domain" in d.reason and "mixture does 0.62 of the top-1's job" in d.reason
     assert d.evidence == {"selection": pytest.approx(0.433, abs=1e-3), "mixture": 0.7, "fusion": pytest.approx(0.533, abs=1e-3)}
-
-
-def test_in_domain_a_composition_that_breaks_the_top1_is_cut_back():
-    strict = PolicyThresholds(in_domain=0.5, min_retained=0.92)  # a+b+c keeps 0.875, a+b 0.9375
-    d = decide([("a", 0.8), ("b", 0.7), ("c", 0.6)], MIXING_FAMILY.get, strict, min_similarity=0.0)
-    assert d.adapters == ["a", "b"] and d.dropped == [{"name": "b+c", "why": "mixture keeps 0.875 < 0.92 of the top-1's gain"}]
-    none = decide([("a", 0.8), ("b", 0.7)], MIXING_FAMILY.get, PolicyThresholds(in_domain=0.5, min_retained=0.99),
-                  min_similarity=0.0)
-    assert (none.mode, none.adapters) == (CompositionMode.selection, ["a"]) and "no mixture keeps 0.99" in none.reason
-
-
-def test_in_domain_only_retrieved_measured_neighbours_are_mixed():
+    # the composition is the paper's over what retrieval found, measured neighbours of a or not
     d = decide([("a", 0.8), ("c", 0.7), ("q", 0.6)], MIXING_FAMILY.get, TH, min_similarity=0.0)
-    # a's own rows measured a+b and a+b+c: with b not retrieved nothing measured fits
-    assert (d.mode, d.adapters) == (CompositionMode.selection, ["a"])
-    assert {"name": "q", "why": "not a measured neighbour of the top-1"} in d.dropped
+    assert (d.mode, d.adapters) == (CompositionMode.mixture, ["a", "c", "q"])
+
+
+def test_in_domain_neighbours_doing_too_little_of_the_top1s_job_leave_it_alone():
+    strict = PolicyThresholds(in_domain=0.5, min_transfer=0.7)
+    d = decide([("a", 0.8), ("b", 0.7), ("c", 0.6)], MIXING_FAMILY.get, strict, min_similarity=0.0)
+    assert (d.mode, d.adapters, d.weights) == (CompositionMode.selection, ["a"], [1.0])
+    assert "mixture does 0.62 < 0.7 of its job on its card" in d.reason
 
 
 def test_in_domain_a_conflicting_family_keeps_the_top1_alone():
     d = decide([("x", 0.9), ("y", 0.85), ("z", 0.8)], CONFLICTING_FAMILY.get, TH, min_similarity=0.0)
     assert (d.mode, d.adapters, d.weights) == (CompositionMode.selection, ["x"], [1.0])
-    assert "gains nothing from composing" in d.reason
+    assert "does -0.12 < 0.5 of its job" in d.reason  # blended, its siblings do worse than the base model
 
 
 def test_out_of_domain_leans_on_the_family_over_all_retrieved():
@@ -77,19 +72,9 @@ def test_out_of_domain_leans_on_the_family_over_all_retrieved():
 def test_without_measurements_in_domain_selects_and_out_of_domain_mixes_as_the_paper():
     nothing = lambda name: None  # noqa: E731
     d = decide([("a", 0.8), ("b", 0.7)], nothing, TH, min_similarity=0.0)
-    assert (d.mode, d.adapters) == (CompositionMode.selection, ["a"]) and "no family evidence" in d.reason
+    assert (d.mode, d.adapters) == (CompositionMode.selection, ["a"]) and "not measured yet" in d.reason
     d = decide([("a", 0.3), ("b", 0.2), ("c", 0.1)], nothing, TH, min_similarity=0.0)
     assert (d.mode, d.adapters) == (CompositionMode.mixture, ["a", "b", "c"]) and "the paper's mixture" in d.reason
-
-
-def test_family_mode_needs_more_than_a_tie_to_leave_selection():
-    sel, mix = Measure(0.5, -2.0), Measure(0.51, -1.0)
-    assert family_mode({CompositionMode.selection: sel, CompositionMode.mixture: mix,
-                        CompositionMode.fusion: Measure(0.4, -3.0)}, tie=0.02) is CompositionMode.mixture  # log-prob breaks the tie
-    worse_lp = Measure(0.51, -2.5)
-    assert family_mode({CompositionMode.selection: sel, CompositionMode.mixture: worse_lp,
-                        CompositionMode.fusion: Measure(0.4, -3.0)}, tie=0.02) is CompositionMode.selection
-    assert family_mode({}, tie=0.02) is None
 
 
 def test_family_evidence_ignores_the_own_rows_and_incomplete_tables():
