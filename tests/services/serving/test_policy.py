@@ -134,3 +134,9 @@ def test_in_domain_neighbours_that_do_another_job_on_the_top1s_card_are_not_mixe
     assert (d.mode, d.adapters) == (CompositionMode.selection, ["a"])
     assert "does 0.25 < 0.5 of its job" in d.reason
     assert tables["a"].transfer(CompositionMode.mixture) == pytest.approx(0.25)
+
+
+def test_thresholds_stored_by_an_earlier_rule_still_load():
+    stored = {"in_domain": 0.5006, "min_retained": 0.8, "min_transfer": 0.5, "tie": 0.02, "samples": 225}
+    assert PolicyThresholds.from_dict(stored) == PolicyThresholds(in_domain=0.5006, min_transfer=0.5, samples=225)
+    assert PolicyThresholds.from_dict(PolicyThresholds(in_domain=0.4).to_dict()) == PolicyThresholds(in_domain=0.4)
