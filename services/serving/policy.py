@@ -16,7 +16,7 @@ measurements on their cards (services/lora/compatibility.py: gain tables) say wo
    top-1 alone.
 
 Rule 4 does not ask a composition to keep the top-1's score on the top-1's own card: card
-samples are often what the adapter trained on, so its own rows flatter it, and over three folds
+samples are often what the adapter trained on, so its own rows flatter it, and over the folds
 of the real-task zoo such a test (keep 0.8 of the gain, from 4 samples) left in-domain mixing to
 noise (docs/results.md, "Over folds").
 
