@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -41,8 +40,8 @@ def read_results(specs: list[str]) -> dict[tuple[str, int, str], float]:
 
 
 def table(scores: dict[tuple[str, int, str], float]) -> dict:
-    """Per system: its score per (fold, setting), the mean per setting over folds, and per
-    (fold, setting) the best fixed mode; means only over cells every system has."""
+    """Per system: its score per (fold, setting) and its mean per setting over folds (None unless
+    it was measured on every fold); and per (fold, setting) the best fixed mode's score."""
     folds = sorted({f for _, f, _ in scores})
     cells = [(f, s) for s in ("in", "out") for f in folds]
     systems = sorted({n for n, _, _ in scores}, key=lambda n: (n.startswith("auto"), n))
@@ -54,16 +53,16 @@ def table(scores: dict[tuple[str, int, str], float]) -> dict:
             got = [scores[(name, f, s)] for f in folds if (name, f, s) in scores]
             means[f"mean {s}"] = round(sum(got) / len(got), 2) if len(got) == len(folds) else None
         rows[name] = {**per, **means}
-    best = defaultdict(dict)
+    best = {}
     for f, s in cells:
         fixed = {n: scores[(n, f, s)] for n in FIXED if (n, f, s) in scores}
         if fixed:
             best[f"{s}{f}"] = max(fixed.values())
-    return {"folds": folds, "rows": rows, "best_fixed": dict(best)}
+    return {"folds": folds, "rows": rows, "best_fixed": best}
 
 
 def markdown(summary: dict) -> str:
-    keys = [k for k in next(iter(summary["rows"].values()))]
+    keys = list(next(iter(summary["rows"].values())))
     lines = ["| system | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for name, row in summary["rows"].items():
         lines.append(f"| {name} | " + " | ".join("-" if row[k] is None else f"{row[k]:.1f}" for k in keys) + " |")
@@ -77,7 +76,7 @@ def column_label(key: str) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    keys = [k for k in next(iter(summary["rows"].values())) if not k.startswith("mean")] + ["mean in", "mean out"]
+    keys = list(next(iter(summary["rows"].values())))  # per fold and setting, then the means
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 3.6))
     names = list(summary["rows"])
     width = 0.8 / len(names)

@@ -26,7 +26,7 @@ each card sample is scored against its own adapter's centroid without that sampl
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import numpy as np
@@ -55,7 +55,7 @@ class PolicyThresholds:
     @classmethod
     def from_dict(cls, raw: dict) -> "PolicyThresholds":
         """Stored thresholds; keys of earlier rules (min_retained, tie) are ignored."""
-        return cls(**{k: raw[k] for k in ("in_domain", "min_transfer", "samples") if k in raw})
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 @dataclass
