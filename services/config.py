@@ -85,9 +85,10 @@ class EmbedderConfig(Section):
     )
     instruction: str = Field(DEFAULT_INSTRUCTION, description="prefix added to every text before embedding; may be empty")
     batch_size: int = Field(32, ge=1, le=1024, description="texts per encoding batch")
-    backend: str | None = Field(None, pattern="^(onnx-int8|onnx|torch)$",
+    backend: str | None = Field(None, pattern="^(onnx-int8|onnx|torch|bf16)$",
                                 description="runtime: ONNX Runtime int8 or float32 (exported once, cached under the "
-                                "data home), or PyTorch (the reference); docs/retrieval.md compares them. Unset: "
+                                "data home), PyTorch (the reference), or PyTorch in bfloat16 (fast only on CPUs with "
+                                "AMX); docs/retrieval.md compares them. Unset: bf16 on a CPU with AMX; elsewhere "
                                 f"{DEFAULT_EMBEDDER_BACKEND} for the configured embedder, and for a tuned retriever "
                                 "model the runtime its tuning chose (int8 where it held top-1 within a point)")
     max_seq_length: int = Field(DEFAULT_MAX_SEQ_LENGTH, ge=8, le=8192,

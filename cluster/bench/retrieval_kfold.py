@@ -30,6 +30,7 @@ from services.config import RetrieverTuningConfig  # noqa: E402
 from services.retrieval.embedder import Embedder  # noqa: E402
 from services.retrieval.evaluation import evaluate  # noqa: E402
 from services.retrieval.finetune import Recipe, train_retriever  # noqa: E402
+from services.retrieval.host_runtime import host_backend  # noqa: E402
 from services.retrieval.index import AdapterIndex  # noqa: E402
 from services.retrieval.lexical import LexicalIndex, choose_weight  # noqa: E402
 from services.retrieval.retriever import Retriever  # noqa: E402
@@ -78,13 +79,15 @@ def fold_split(tasks: list[dict], folds: int, fold: int, seed: int = 0) -> tuple
 
 
 def score(model: str | None, cards, queries) -> dict:
-    """Each scoring on the default runtime (float32 ONNX), and centroid scoring on the int8 runtime."""
+    """Each scoring on the default runtime (float32 ONNX), and centroid scoring on the int8 and bfloat16 runtimes."""
     embedder = Embedder(model, threads=2, cache_entries=100_000)  # each text encoded once for the scorings
     out = {label: evaluate(Retriever(embedder, AdapterIndex(embedder.dim, scoring=s, sample_top_m=m)),
                            cards, queries, scoring=s)
            for label, s, m in SCORINGS}
     int8 = Embedder(model, threads=2, backend="onnx-int8")
     out["centroid, int8"] = evaluate(Retriever(int8, AdapterIndex(int8.dim)), cards, queries)
+    bf16 = Embedder(model, threads=2, backend="bf16")
+    out["centroid, bf16"] = evaluate(Retriever(bf16, AdapterIndex(bf16.dim)), cards, queries)
     # the hybrid re-rank, its weight chosen on the cards alone (an inner split of the training samples)
     texts = {c.model_name: [s.inputs for s in c.sample] for c in cards}
     weight, inner = choose_weight(texts, {name: embedder.encode(t) for name, t in texts.items()})
@@ -114,7 +117,7 @@ def registry_tuning(cards, queries, out: Path, seed: int, refit_all: bool, reuse
         outcome = tune_cards(cards, out / "served", refit_all=refit_all, seed=seed, gate_dir=gate, progress=print)
     kept = outcome["candidate_top1"] >= outcome["current_top1"] + RetrieverTuningConfig().min_gain  # as a run keeps
     model, serving = (out / "served", outcome["serving"]) if kept else (None, Serving())
-    retriever, weight = served_retriever(model, cards, serving, threads=2)
+    retriever, weight = served_retriever(model, cards, dataclasses.replace(serving, backend=host_backend(serving.backend)), threads=2)
     scores = {"served as tuned": evaluate(retriever, cards, queries), **score(str(out / "served"), cards, queries)}
     if gate is not None:
         scores.update({f"gate, {label}": v for label, v in score(str(gate), cards, queries).items()})

@@ -45,13 +45,14 @@ DIM, SAMPLES = 384, 20
 QDRANT_SEARCH_MAX_POINTS = 25_000
 
 
-def clocked(fn, repeats: int) -> tuple[float, float]:
-    """(wall, CPU) milliseconds of one call, medians of `repeats` calls after a warm-up call.
+def clocked(fn, repeats: int, *, warm_up: bool = True) -> tuple[float, float]:
+    """(wall, CPU) milliseconds of one call, medians of `repeats` calls after a warm-up call (if `warm_up`).
 
     CPU time (this process, all its threads) is what the call would take on idle cores; on a
     machine shared with other work the wall time also counts waiting for a core.
     """
-    fn()
+    if warm_up:
+        fn()
     walls, cpus = [], []
     for _ in range(repeats):
         w0, c0 = time.perf_counter(), time.process_time()

@@ -20,9 +20,11 @@ def register(sub) -> None:
     ev.add_argument("--embedder", help="sentence-transformers model folder (default: packaged all-MiniLM-L6-v2)")
     ev.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="prefix of every embedded text; '' for none")
     # unset, each comes from the folder's recorded serving (a tuned model: what its tuning chose), else
-    # the configured embedder's: float32, centroid, hybrid with the weight chosen on the cards
+    # the configured embedder's: float32, centroid, hybrid with the weight chosen on the cards; the
+    # runtime as replicas take it (bf16 on a CPU with AMX: services/retrieval/host_runtime.py)
     ev.add_argument("--backend", choices=EMBEDDER_BACKENDS,
-                    help=f"embedding runtime (torch is the reference; default: the model's serving, else {DEFAULT_EMBEDDER_BACKEND})")
+                    help=f"embedding runtime (torch is the reference; default: bf16 on a CPU with AMX, else the model's "
+                    f"serving, else {DEFAULT_EMBEDDER_BACKEND})")
     ev.add_argument("--max-seq-length", type=int, default=DEFAULT_MAX_SEQ_LENGTH, help="tokens kept per text")
     ev.add_argument("--scoring", choices=("centroid", "samples"), help="adapter scoring (default: the model's serving, else centroid)")
     hybrid = ev.add_mutually_exclusive_group()
@@ -69,6 +71,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
 
     from services.retrieval.embedder import EmbedderLoadError
     from services.retrieval.evaluation import EvaluationInputError, evaluate, load_cards, load_queries
+    from services.retrieval.host_runtime import host_backend
     from services.retrieval.served import Serving, read_serving, served_retriever
 
     if args.json_out:
@@ -79,7 +82,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
         cards = load_cards(args.cards)
         queries = load_queries(args.queries, cards)
         recorded = read_serving(args.embedder) or Serving()
-        serving = Serving(backend=args.backend or recorded.backend, scoring=args.scoring or recorded.scoring,
+        serving = Serving(backend=args.backend or host_backend(recorded.backend), scoring=args.scoring or recorded.scoring,
                           hybrid_weight=1.0 if args.no_hybrid else
                           args.hybrid_weight if args.hybrid_weight is not None else recorded.hybrid_weight)
         retriever, weight = served_retriever(args.embedder, cards, serving, instruction=args.instruction, threads=None,

@@ -1,7 +1,8 @@
 """Sentence embeddings of prompts and card samples, with the retrieval instruction prefixed.
 
-Three backends run the same model: "torch" (sentence-transformers, the reference), "onnx" (the
-model exported to ONNX Runtime, float32) and "onnx-int8" (the export with int8 weights).
+Four backends run the same model: "torch" (sentence-transformers, the reference), "onnx" (the
+model exported to ONNX Runtime, float32), "onnx-int8" (the export with int8 weights) and "bf16"
+(PyTorch with bfloat16 weights, for CPUs with AMX: host_runtime.py).
 """
 from __future__ import annotations
 
@@ -60,7 +61,10 @@ def _model_seq_limit(path: str) -> int | None:
 
 def embedder_from_config(cfg) -> "Embedder":
     """The Embedder an EmbedderConfig section describes."""
-    return Embedder(cfg.model_path, cfg.instruction, batch_size=cfg.batch_size, backend=cfg.backend or DEFAULT_BACKEND,
+    from services.retrieval.host_runtime import host_backend
+
+    return Embedder(cfg.model_path, cfg.instruction, batch_size=cfg.batch_size,
+                    backend=cfg.backend or host_backend(DEFAULT_BACKEND),
                     max_seq_length=cfg.max_seq_length, threads=cfg.threads, cache_entries=cfg.cache_entries,
                     cut=cfg.cut)
 
@@ -98,7 +102,7 @@ class Embedder:
         self.cache = EmbeddingCache(cache_entries)
         path = _checked_folder(model_path)
         self.cut = cut or folder_cut(path)
-        self.model, self._onnx = None, None
+        self.model, self._batches = None, None
         if backend == "torch":
             self.model = load_sentence_model(path, device)
             limit = min(self.model.max_seq_length, _model_seq_limit(path) or self.model.max_seq_length)
@@ -110,14 +114,25 @@ class Embedder:
             self.model.max_seq_length = self.max_seq_length
             self.dim: int = int(self.model.get_embedding_dimension())
         else:
-            from services.retrieval.onnx_encoder import OnnxEncoder, OnnxExportError, cached_onnx_model
+            from services.retrieval.onnx_encoder import OnnxExportError
 
             try:
-                model_file = cached_onnx_model(path, backend == "onnx-int8", onnx_cache_dir())
+                self._batches = self._batch_encoder(path, backend, threads)
             except OnnxExportError as err:
                 raise EmbedderLoadError(str(err)) from err
-            self._onnx = OnnxEncoder(model_file, Path(path) / "tokenizer.json", self.max_seq_length, threads, self.cut)
-            self.dim = int(self._onnx.encode(["warm-up"]).shape[1])  # the first run also builds the session's kernels
+            self.dim = int(self._batches.encode(["warm-up"]).shape[1])  # the first run also builds the runtime's kernels
+
+    def _batch_encoder(self, path: str, backend: str, threads: int | None):
+        """The runtime of a non-reference backend: both run the pooled graph of onnx_encoder.check_mean_pooled."""
+        from services.retrieval.onnx_encoder import OnnxEncoder, cached_onnx_model, check_mean_pooled
+
+        if backend == "bf16":
+            from services.retrieval.bf16_encoder import Bf16Encoder
+
+            check_mean_pooled(path)
+            return Bf16Encoder(path, self.max_seq_length, threads, self.cut)
+        model_file = cached_onnx_model(path, backend == "onnx-int8", onnx_cache_dir())
+        return OnnxEncoder(model_file, Path(path) / "tokenizer.json", self.max_seq_length, threads, self.cut)
 
     def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
         """(n, dim) float32, unit rows; an empty list gives (0, dim)."""
@@ -139,14 +154,14 @@ class Embedder:
 
     def _encode(self, texts: list[str], progress: bool) -> np.ndarray:
         """Instruction-prefixed texts -> (n, dim) float32."""
-        if self._onnx is None:
+        if self._batches is None:
             return self._encode_torch(texts, progress)
         # longest first, as sentence-transformers does, so each batch pads to similar lengths
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = np.empty((len(texts), self.dim), dtype=np.float32)  # (n, dim)
         for start in range(0, len(texts), self.batch_size):
             rows = order[start:start + self.batch_size]
-            out[rows] = self._onnx.encode([texts[i] for i in rows])
+            out[rows] = self._batches.encode([texts[i] for i in rows])
         return out
 
     def _encode_torch(self, texts: list[str], progress: bool) -> np.ndarray:
@@ -154,7 +169,7 @@ class Embedder:
             return self._encode_sentence_transformers(texts, progress)
         import torch
 
-        from services.retrieval.onnx_encoder import padded_batch
+        from services.retrieval.batch_encoder import padded_batch
 
         tokenizer = self.model.tokenizer
         previous = torch.get_num_threads()

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from services.retrieval import DEFAULT_INSTRUCTION, TRAINING_INFO_FILE
 from services.retrieval.cut import CUTS, cut_ids
 from services.retrieval.embedder import load_sentence_model
-from services.retrieval.onnx_encoder import padded_batch
+from services.retrieval.batch_encoder import padded_batch
 from services.schemas import AdapterCard
 
 log = logging.getLogger(__name__)

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from services.retrieval.cut import cut_ids
+from services.retrieval.batch_encoder import INPUTS, BatchEncoder
 
 # Bump when the exported graph or the quantization recipe changes: old cache entries are ignored.
 EXPORT_VERSION = "1"
-_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class OnnxExportError(ValueError):
@@ -49,7 +48,7 @@ def check_mean_pooled(model_path: str) -> None:
         "pooling_mode" not in config and config.get("pooling_mode_mean_tokens", False)
         and not any(v for k, v in config.items() if k.startswith("pooling_mode_") and k != "pooling_mode_mean_tokens"))
     if kinds[:1] != ["Transformer"] or not mean or "Normalize" not in kinds or len(kinds) != 3:
-        raise OnnxExportError(f"{model_path}: the ONNX backends serve Transformer + mean Pooling + Normalize models "
+        raise OnnxExportError(f"{model_path}: the onnx, onnx-int8 and bf16 backends serve Transformer + mean Pooling + Normalize models "
                               f"only (found {kinds or 'no modules.json'}); use embedder.backend: torch")
 
 
@@ -58,24 +57,14 @@ def export_onnx(model_path: str, out: Path) -> None:
     import torch
     from transformers import AutoModel
 
-    class Pooled(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
+    from services.retrieval.mean_pooled import MeanPooled
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            states = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                token_type_ids=token_type_ids).last_hidden_state  # (n, tokens, dim)
-            mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (n, tokens, 1)
-            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (n, dim)
-            return torch.nn.functional.normalize(pooled, dim=-1)
-
-    model = Pooled(AutoModel.from_pretrained(model_path, local_files_only=True).eval())
+    model = MeanPooled(AutoModel.from_pretrained(model_path, local_files_only=True).eval())
     example = torch.ones((2, 8), dtype=torch.long)
-    axes = {name: {0: "batch", 1: "tokens"} for name in _INPUTS}
+    axes = {name: {0: "batch", 1: "tokens"} for name in INPUTS}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches: shapes stay dynamic
-        torch.onnx.export(model, (example, example, torch.zeros_like(example)), str(out), input_names=list(_INPUTS),
+        torch.onnx.export(model, (example, example, torch.zeros_like(example)), str(out), input_names=list(INPUTS),
                           output_names=["embedding"], dynamic_axes={**axes, "embedding": {0: "batch"}},
                           opset_version=17, dynamo=False)
 
@@ -120,63 +109,19 @@ def _write_atomically(path: Path, write) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-PAD_SLACK = 0.2  # largest share of a group's tokens that may be padding
-
-
-class OnnxEncoder:
-    """Tokenize (truncated to max_seq_length) and run the exported graph; rows come out L2-normalised."""
+class OnnxEncoder(BatchEncoder):
+    """Runs the exported graph by ONNX Runtime; rows come out L2-normalised."""
 
     def __init__(self, model_file: Path, tokenizer_file: Path, max_seq_length: int, threads: int | None,
                  cut: str = "head"):
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        self.tokenizer.no_truncation()  # cut_ids cuts, so that the tail can be kept
-        self.tokenizer.no_padding()
-        self.max_seq_length, self.cut = max_seq_length, cut
-        self.pad_slack = PAD_SLACK  # 1.0: the whole batch in one run, padded to its longest
+        super().__init__(tokenizer_file, max_seq_length, cut)
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """(n, dim) float32 for one batch, run as groups of similar token counts (`length_groups`)."""
-        ids = [cut_ids(e.ids, self.max_seq_length, self.cut) for e in self.tokenizer.encode_batch(texts)]
-        out = None
-        for rows in length_groups([len(row) for row in ids], self.pad_slack):
-            vectors = self.session.run(None, padded_batch([ids[i] for i in rows]))[0]  # (group, dim)
-            if out is None:
-                out = np.empty((len(ids), vectors.shape[1]), dtype=np.float32)  # (n, dim)
-            out[rows] = vectors
-        return out
-
-
-def length_groups(lengths: list[int], slack: float = PAD_SLACK) -> list[list[int]]:
-    """Indices grouped longest first so that each group's padding is at most `slack` of its longest
-    row: a member is at least (1 - slack) x the group's longest. A batch of real prompts (50-300
-    words) padded to its longest ran 2.3x the CPU of the same prompts one by one (docs/retrieval.md);
-    one more run of the session costs far less than the padding it saves."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and lengths[i] >= (1.0 - slack) * lengths[groups[-1][0]]:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
-def padded_batch(ids: list[list[int]]) -> dict[str, np.ndarray]:
-    """Model inputs (n, tokens) int64 each, padded to the longest; pad id 0 and mask 0 add nothing to the mean.
-
-    Single-segment texts: token_type_ids are all 0.
-    """
-    width = max(len(row) for row in ids)
-    feed = {name: np.zeros((len(ids), width), dtype=np.int64) for name in _INPUTS}  # (n, tokens) each
-    for row, row_ids in enumerate(ids):
-        feed["input_ids"][row, :len(row_ids)] = row_ids
-        feed["attention_mask"][row, :len(row_ids)] = 1
-    return feed
+    def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, feed)[0]  # (group, dim)

@@ -102,7 +102,8 @@ def top1(model_dir: str | Path | None, train_cards: list[AdapterCard], heldout_c
 def choose_serving(per_runtime: dict[str, dict[str, dict]]) -> tuple[str, str, float]:
     """(runtime, scoring, hybrid weight) a tuned model is served with: float32's best serving (a tie:
     the earlier in SERVINGS), on int8 when int8 keeps that top-1 within INT8_TOLERANCE points (a
-    third or less of float32's CPU on long prompts, docs/retrieval.md)."""
+    third or less of float32's CPU on long prompts, docs/retrieval.md). A replica on a CPU with AMX
+    serves either as bf16 (host_runtime.py), closer to float32 than int8 and faster than both."""
     scores = per_runtime["onnx"]
     scoring, hybrid = max(SERVINGS, key=lambda s: scores[serving_key(*s)]["top1"])
     key = serving_key(scoring, hybrid)

@@ -114,6 +114,7 @@ def prepare_model(cfg, registry, redis, models, version: str, writer_id: str,
                   ready_timeout_s: float = 600.0) -> ServingModel:
     """A tuned model's (embedder, index) pair, its index complete (see the module's docstring)."""
     from services.retrieval.embedder import Embedder
+    from services.retrieval.host_runtime import host_backend
     from services.serving.index_sync import IndexSync
     from services.wiring import make_index
 
@@ -121,7 +122,7 @@ def prepare_model(cfg, registry, redis, models, version: str, writer_id: str,
     if record is None:
         raise LookupError(f"retriever model {version} is not registered")
     e = cfg.embedder
-    embedder = Embedder(record.path, e.instruction, batch_size=e.batch_size, backend=e.backend or record.backend,
+    embedder = Embedder(record.path, e.instruction, batch_size=e.batch_size, backend=e.backend or host_backend(record.backend),
                         max_seq_length=e.max_seq_length, threads=e.threads, cache_entries=e.cache_entries)
     # a server keeps one collection per model version (rollback finds it there); embedded: in memory
     index = make_index(cfg, embedder.dim, collection=f"{cfg.qdrant.collection}__{version}",

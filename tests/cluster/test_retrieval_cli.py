@@ -6,6 +6,7 @@ import json
 import pytest
 
 from cluster.cli import main
+from services.retrieval.host_runtime import host_backend
 from services.retrieval.served import SERVING_FILE
 
 CARDS = [
@@ -103,8 +104,9 @@ def test_train_writes_a_model_folder_that_eval_loads(files, tmp_path, capsys, mo
         ("onnx", "centroid", 1.0, False)
     assert main(["eval", "retrieval", "--cards", str(files[0]), "--queries", str(files[1]), "--embedder", str(model)]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["queries"] == 2 and printed["serving"] == {"backend": "onnx", "scoring": "centroid", "hybrid_weight": 1.0}
-    assert list((tmp_path / "home" / "embedders").glob("model-*/model.onnx"))  # the default runtime, exported once
+    assert printed["queries"] == 2 and printed["serving"] == {"backend": host_backend("onnx"), "scoring": "centroid", "hybrid_weight": 1.0}
+    exported = list((tmp_path / "home" / "embedders").glob("model-*/model.onnx"))
+    assert bool(exported) == (host_backend("onnx") == "onnx")  # the ONNX runtime exports once; bf16 reads the folder
 
 
 CARDS_4 = [{"model_name": "addition", "domain": "arithmetic",
@@ -137,14 +139,15 @@ def test_train_scores_a_candidate_chooses_its_serving_and_refits(tmp_path, capsy
         chosen["scoring"] + ("+hybrid" if chosen["hybrid_weight"] < 1.0 else "")]["top1"]
 
     args = ["eval", "retrieval", "--cards", str(cards), "--queries", str(queries), "--embedder", str(refit)]
-    assert main(args) == 0
-    assert json.loads(capsys.readouterr().out)["serving"] == chosen
+    assert main(args) == 0  # served as replicas on this host serve it (bf16 where the CPU has AMX)
+    assert json.loads(capsys.readouterr().out)["serving"] == {**chosen, "backend": host_backend(chosen["backend"])}
     assert main([*args, "--backend", "torch", "--scoring", "samples", "--hybrid-weight", "0.5"]) == 0
     assert json.loads(capsys.readouterr().out)["serving"] == {"backend": "torch", "scoring": "samples", "hybrid_weight": 0.5}
 
 
 def test_eval_serves_the_configured_embedder_as_replicas_do(tmp_path, capsys):
-    """No folder: float32, centroid, the hybrid weight chosen on the cards (lexical.choose_weight)."""
+    """No folder: float32 (bf16 on a CPU with AMX), centroid, the hybrid weight chosen on the cards
+    (lexical.choose_weight)."""
     from services.retrieval.embedder import Embedder
     from services.retrieval.lexical import choose_weight
 
@@ -153,10 +156,10 @@ def test_eval_serves_the_configured_embedder_as_replicas_do(tmp_path, capsys):
     queries.write_text(json.dumps(QUERIES))
     assert main(["eval", "retrieval", "--cards", str(cards), "--queries", str(queries)]) == 0
     serving = json.loads(capsys.readouterr().out)["serving"]
-    embedder = Embedder()
+    embedder = Embedder(backend=host_backend("onnx"))
     texts = {c["model_name"]: [s["inputs"] for s in c["sample"]] for c in CARDS_4}
     expected = choose_weight(texts, {n: embedder.encode(t) for n, t in texts.items()})[0]
-    assert serving == {"backend": "onnx", "scoring": "centroid", "hybrid_weight": expected}
+    assert serving == {"backend": host_backend("onnx"), "scoring": "centroid", "hybrid_weight": expected}
     assert main(["eval", "retrieval", "--cards", str(cards), "--queries", str(queries), "--no-hybrid"]) == 0
     assert json.loads(capsys.readouterr().out)["serving"]["hybrid_weight"] == 1.0
     assert main(["eval", "retrieval", "--cards", str(cards), "--queries", str(queries), "--hybrid-weight", "1.5"]) == 2

@@ -1,0 +1,34 @@
+"""The embedding runtime this host serves best when none is configured.
+
+A CPU with AMX tiles runs bfloat16 matrix products in hardware: there the bfloat16 runtime
+(bf16_encoder.py) is faster than both ONNX runtimes and closer to float32 than int8 (docs/retrieval.md,
+"bfloat16 on AMX"), so it replaces whichever of the two the configuration or a tuning chose.
+Elsewhere the choice stands. Read from /proc/cpuinfo, so that asking costs no torch import.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+BF16 = "bf16"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The first processor's feature flags; empty where the file is unreadable (not Linux)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+@lru_cache(maxsize=1)
+def has_amx_bf16() -> bool:
+    return {"amx_tile", "amx_bf16"} <= cpu_flags()
+
+
+def host_backend(preferred: str, amx: bool | None = None) -> str:
+    """`preferred` (the ONNX runtime the defaults or a tuning chose), or bf16 where the CPU has AMX.
+    amx: None = ask this host."""
+    return BF16 if (has_amx_bf16() if amx is None else amx) else preferred
