@@ -77,6 +77,23 @@ def test_without_measurements_in_domain_selects_and_out_of_domain_mixes_as_the_p
     assert (d.mode, d.adapters) == (CompositionMode.mixture, ["a", "b", "c"]) and "the paper's mixture" in d.reason
 
 
+def family_fusing_by(lead: float) -> dict[str, GainTable]:
+    """A sharing family (mixture 0.7 on each card without the adapter) whose fusion scores `lead` more."""
+    return {n: table(n, [m for m in "abc" if m != n], own={}, loo={"selection": 0.3, "mixture": 0.7, "fusion": 0.7 + lead})
+            for n in "abc"}
+
+
+@pytest.mark.parametrize("top_score,setting", [(0.8, "in domain"), (0.4, "out of domain")])
+def test_fusion_is_chosen_only_on_a_lead_of_one_card_sample_or_more(top_score, setting):
+    hits = [("a", top_score), ("b", top_score - 0.05), ("c", top_score - 0.1)]
+    d = decide(hits, family_fusing_by(0.25).get, TH, min_similarity=0.0)  # one sample in the tables' 4
+    assert (d.mode, d.adapters) == (CompositionMode.fusion, ["a", "b", "c"]) and setting in d.reason
+    assert "fusion leads the mixture by 0.25" in d.reason
+    d = decide(hits, family_fusing_by(0.2).get, TH, min_similarity=0.0)  # less: chance on 4 samples a card
+    assert (d.mode, d.adapters) == (CompositionMode.mixture, ["a", "b", "c"])
+    assert "fusion's lead 0.20 is under one card sample in 4" in d.reason
+
+
 def test_family_evidence_ignores_the_own_rows_and_incomplete_tables():
     partial = GainTable("p", ["a"], 4, {"base": Measure(0, -5), "selection:p": Measure(1, 0), "selection:a": Measure(1, 0)})
     evidence = family_evidence([MIXING_FAMILY["a"], partial])
