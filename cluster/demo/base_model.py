@@ -61,7 +61,7 @@ TINY_CONFIG = dict(
     num_hidden_layers=2,
     num_attention_heads=2,  # head_dim 32: the smallest vLLM's CPU attention takes (the vLLM engine's tests)
     num_key_value_heads=1,
-    max_position_embeddings=512,
+    max_position_embeddings=2048,  # room for a long answer a test can cancel mid-stream on a fast engine
     tie_word_embeddings=True,
     initializer_range=0.2,  # at the default 0.02 a tiny random model answers every prompt with newlines
 )

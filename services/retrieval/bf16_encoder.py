@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from services.retrieval.batch_encoder import BatchEncoder
+from services.retrieval.host_runtime import torch_threads
 
 
 class Bf16Encoder(BatchEncoder):
@@ -33,11 +34,5 @@ class Bf16Encoder(BatchEncoder):
     def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         import torch
 
-        previous = torch.get_num_threads()  # the thread count is the process's: restore it for other callers
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        try:
-            with torch.inference_mode():
-                return self.model(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()  # (group, dim)
-        finally:
-            torch.set_num_threads(previous)
+        with torch_threads(self.threads), torch.inference_mode():
+            return self.model(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()  # (group, dim)

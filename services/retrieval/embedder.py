@@ -16,6 +16,7 @@ from services.retrieval import DEFAULT_INSTRUCTION, DEFAULT_MAX_SEQ_LENGTH, TRAI
 from services.retrieval import EMBEDDER_BACKENDS as BACKENDS
 from services.retrieval.cut import CUTS, cut_ids, folder_cut
 from services.retrieval.embedding_cache import EmbeddingCache
+from services.retrieval.host_runtime import host_backend, torch_threads
 
 
 class EmbedderLoadError(ValueError):
@@ -61,8 +62,6 @@ def _model_seq_limit(path: str) -> int | None:
 
 def embedder_from_config(cfg) -> "Embedder":
     """The Embedder an EmbedderConfig section describes."""
-    from services.retrieval.host_runtime import host_backend
-
     return Embedder(cfg.model_path, cfg.instruction, batch_size=cfg.batch_size,
                     backend=cfg.backend or host_backend(DEFAULT_BACKEND),
                     max_seq_length=cfg.max_seq_length, threads=cfg.threads, cache_entries=cfg.cache_entries,
@@ -172,30 +171,17 @@ class Embedder:
         from services.retrieval.batch_encoder import padded_batch
 
         tokenizer = self.model.tokenizer
-        previous = torch.get_num_threads()
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
         out = np.empty((len(texts), self.dim), dtype=np.float32)  # (n, dim)
-        try:
+        with torch_threads(self.threads), torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 ids = [cut_ids(tokenizer(t)["input_ids"], self.max_seq_length, self.cut)
                        for t in texts[start:start + self.batch_size]]
                 features = {k: torch.from_numpy(v) for k, v in padded_batch(ids).items()}  # (b, tokens) each
-                with torch.inference_mode():
-                    out[start:start + len(ids)] = self.model(features)["sentence_embedding"].float().numpy()
-        finally:
-            torch.set_num_threads(previous)
+                out[start:start + len(ids)] = self.model(features)["sentence_embedding"].float().numpy()
         return out
 
     def _encode_sentence_transformers(self, texts: list[str], progress: bool) -> np.ndarray:
-        import torch
-
-        previous = torch.get_num_threads()
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        try:
+        with torch_threads(self.threads):
             vectors = self.model.encode(texts, batch_size=self.batch_size, show_progress_bar=progress,
                                         normalize_embeddings=True, convert_to_numpy=True)
-        finally:
-            torch.set_num_threads(previous)
         return np.asarray(vectors, dtype=np.float32)  # (n, dim)

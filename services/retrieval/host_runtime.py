@@ -7,6 +7,8 @@ Elsewhere the choice stands. Read from /proc/cpuinfo, so that asking costs no to
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,3 +34,18 @@ def host_backend(preferred: str, amx: bool | None = None) -> str:
     """`preferred` (the ONNX runtime the defaults or a tuning chose), or bf16 where the CPU has AMX.
     amx: None = ask this host."""
     return BF16 if (has_amx_bf16() if amx is None else amx) else preferred
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` inside the block (None: leave it). The count is
+    the process's, so it is restored for the other callers of torch (a composer in the same process)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
