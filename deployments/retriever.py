@@ -7,7 +7,7 @@ import logging
 from ray import serve
 
 from deployments import metrics
-from services.config import AppConfig
+from services.config import AppConfig, replica_threads
 from services.wiring import make_index, make_registry, redis_client
 from services.retrieval.embedder import embedder_from_config
 from services.retrieval.model_versions import RetrieverModels
@@ -26,6 +26,8 @@ class Retriever:
 
     async def __init__(self, config: dict):
         cfg = AppConfig.model_validate(config)
+        if cfg.embedder.threads is None:  # the replica's own CPUs: both cores where it reserved them
+            cfg.embedder.threads = replica_threads(cfg.deployments.retriever.num_cpus)
         self.embedder = embedder_from_config(cfg.embedder)  # the configured one: card embeddings in the registry
         registry, redis = make_registry(cfg), redis_client(cfg)
         writer_id = f"retriever:{process_id()}"
@@ -91,5 +93,6 @@ class Retriever:
         return {"adapters": len(model.sync.index.names()), "generation": model.sync.generation,
                 "index_writer": model.sync.writes, "retriever_model": model.version,
                 "scoring": model.sync.index.scoring, "hybrid_weight": model.hybrid_weight,
+                "embedder": {"backend": model.embedder.backend, "threads": model.embedder.threads},
                 "embedding_cache": model.embedder.cache.stats(),
                 "hybrid": self.lexical.status() if self.lexical is not None else None}

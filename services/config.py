@@ -28,6 +28,11 @@ def data_home() -> Path:
     return Path(os.environ.get("LORARETRIEVER_HOME") or Path.home() / ".cache" / "loraretriever")
 
 
+def replica_threads(num_cpus: float) -> int:
+    """The CPU threads a replica that reserved `num_cpus` runs on: Ray's rule for OMP_NUM_THREADS."""
+    return max(1, int(num_cpus))
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -96,7 +101,9 @@ class EmbedderConfig(Section):
     cut: str | None = Field(None, pattern="^(head|head_tail)$",
                             description="how a text past max_seq_length is cut: its head, or its head and tail halves; "
                             "None = the model folder's own (a tuned model records the cut it was trained with), else head")
-    threads: int | None = Field(1, ge=1, description="CPU threads per encoding call; None = all cores")
+    threads: int | None = Field(None, ge=1, description="CPU threads per encoding call; None = in a retriever replica "
+                                "the CPUs it reserved, floor(deployments.retriever.num_cpus) and at least 1 (as the "
+                                "composer's torch_threads), elsewhere (the CLI) all cores")
     cache_entries: int = Field(4096, ge=0, le=10_000_000,
                                description="recent prompts whose embeddings a retriever replica keeps (about 1.6 KB "
                                "each at 384 dimensions); a repeated prompt skips the embedder; 0 = off")

@@ -96,6 +96,15 @@ def test_streaming_a_list_of_prompts(client, task_prompts):
     assert [texts[c.index] for c in whole.choices] == [c.text for c in whole.choices]
 
 
+def test_retrievers_encode_on_the_cpus_they_reserved(serve_cluster):
+    """embedder.threads unset: a replica's encoding threads follow its num_cpus (0.1 here: one thread)."""
+    from services.retrieval.host_runtime import host_backend
+
+    [retriever] = httpx.get(f"{serve_cluster.url}/admin/status", headers=serve_cluster.admin, timeout=30).json()["retrievers"]
+    assert serve_cluster.cfg.embedder.threads is None and serve_cluster.cfg.deployments.retriever.num_cpus == 0.1
+    assert retriever["embedder"] == {"backend": host_backend("onnx"), "threads": 1}
+
+
 def test_retrieve_endpoint_scores_and_excludes(serve_cluster, task_prompts):
     task = sorted(task_prompts)[0]
     headers = {"Authorization": f"Bearer {serve_cluster.api_key}"}

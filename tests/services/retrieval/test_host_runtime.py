@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.config import EmbedderConfig
+from services.config import EmbedderConfig, replica_threads
 from services.retrieval import host_runtime
 from services.retrieval.embedder import embedder_from_config
 from services.retrieval.host_runtime import cpu_flags, host_backend
@@ -37,3 +37,8 @@ def test_config_accepts_bf16_and_refuses_unknown_runtimes():
     assert EmbedderConfig(backend="bf16").backend == "bf16"
     with pytest.raises(ValueError, match="backend"):
         EmbedderConfig(backend="fp8")
+
+
+@pytest.mark.parametrize("num_cpus,threads", [(0.1, 1), (0.5, 1), (1, 1), (2, 2), (3.5, 3)])
+def test_a_replica_encodes_on_the_whole_cpus_it_reserved(num_cpus, threads):
+    assert replica_threads(num_cpus) == threads
