@@ -14,7 +14,8 @@ composer's, in newline-delimited JSON:
         "finish": null | "stop" | "length" | "abort"}
        {"id", "error": message, "invalid": true when vLLM refused the request's parameters}
 
-It exits when the composer's process is gone or closes the connection, so no engine outlives its replica.
+It exits when the composer's process is gone or closes the connection, and a sentinel process kills
+its process group if it is killed itself, so no engine outlives its replica.
 """
 from __future__ import annotations
 
@@ -51,6 +52,22 @@ def watch_parent() -> None:
         exit_now("the composer went away")
 
     threading.Thread(target=wait, daemon=True).start()
+
+
+def guard_group() -> None:
+    """Fork a sentinel that kills this process group once the driver is gone, however it went. Ray
+    SIGKILLs a replica's child processes when the replica goes, which skips exit_now, and vLLM's
+    core processes (the replica's grandchildren) would outlive it holding gigabytes. Call it first:
+    a fork before any thread starts."""
+    driver = os.getpid()
+    if os.fork():
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):  # not the composer's pipe: it must see the driver's stdout close when the driver dies
+        os.dup2(devnull, fd)
+    while os.getppid() == driver:
+        time.sleep(0.5)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def sampling_params(params: dict):
@@ -163,6 +180,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: vllm_driver.py CONFIG.json", file=sys.stderr)
         return 2
+    guard_group()
     with open(argv[0]) as handle:
         config = json.load(handle)
     os.environ.update(config.get("env", {}))  # before vLLM is imported: thread binding, KV cache size

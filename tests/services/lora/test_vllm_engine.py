@@ -6,6 +6,10 @@ skip when it is not installed."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 from peft_adapters import write_peft_adapter
@@ -150,3 +154,29 @@ def test_a_cancelled_row_leaves_and_the_others_finish(engines, tiny_zoo):
     assert rows[0].finish == "cancelled" and len(rows[0].stream.token_ids) < 100
     assert all(len(r.stream.token_ids) == 100 for r in rows[1:])
     assert vllm.adapters_in_use() == set()
+
+
+def group_members(pgid: int) -> set[int]:
+    """Live processes of a process group, read from /proc (field 5 of /proc/PID/stat, after the name)."""
+    members = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # gone while we read
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.add(int(stat.parent.name))
+    return members
+
+
+def test_a_killed_driver_takes_vllms_processes_with_it(engines):
+    """Last in the module: it kills the engine. Ray SIGKILLs a replica's child processes when the replica
+    goes; vLLM's core processes (the driver's children, the replica's grandchildren) must go too."""
+    _, vllm = engines
+    pgid = vllm.process.proc.pid  # the driver leads its own process group
+    assert len(group_members(pgid)) >= 3  # the driver, its sentinel, vLLM's engine core (and its workers)
+    os.kill(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert group_members(pgid) == set()
