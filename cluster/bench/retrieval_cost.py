@@ -52,16 +52,17 @@ def long_prompts() -> list[str]:
 def tuned_shape(folder: Path) -> str:
     """The packaged weights recorded as `Recipe()`'s output is (its cut and length): a tuned model's
     cost without a tuning run, since the cost does not depend on the weights."""
-    recipe = Recipe()
     shutil.copytree(packaged_model_path(), folder)
-    (folder / TRAINING_INFO_FILE).write_text(json.dumps({"cut": recipe.cut, "max_seq_length": recipe.max_seq_length}))
-    return str(folder)
+    return record_shape(folder, Recipe())
 
 
 def untrained_student(folder: Path) -> str:
-    recipe = STUDENT
-    model = student_model(None, recipe.layers, recipe.max_seq_length)
-    model.save(str(folder))
+    student_model(None, STUDENT.layers, STUDENT.max_seq_length).save(str(folder))
+    return record_shape(folder, STUDENT)
+
+
+def record_shape(folder: Path, recipe) -> str:
+    """Record a recipe's cut and length in the model folder, as a tuning run does: the embedder reads them."""
     (folder / TRAINING_INFO_FILE).write_text(json.dumps({"cut": recipe.cut, "max_seq_length": recipe.max_seq_length}))
     return str(folder)
 
